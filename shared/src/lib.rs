@@ -1,0 +1,22 @@
+//! ferry: migrates actor SQLite databases from the v1 chunked layout to the v2 page store.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map, and `../shared/DESIGN.md` for the
+//! contract (byte layouts, keyspace, outcomes, reasons, queue semantics).
+
+pub mod actor;
+pub mod checksum;
+pub mod clock;
+pub mod keys;
+pub mod metrics;
+pub mod migrate;
+pub mod reason;
+pub mod recovery;
+pub mod store;
+pub mod synth;
+pub mod testing;
+pub mod v1;
+pub mod v2;
+
+pub use actor::ActorId;
+pub use reason::DeadLetterReason;
+pub use recovery::Recovery;

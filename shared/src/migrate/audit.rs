@@ -1,0 +1,96 @@
+//! The audit record at `ferry/audit/{actor}`: JSON, the last outcome for the actor (DESIGN.md
+//! section 2). Written in the same transaction as the state change it reports.
+
+use serde::{Deserialize, Serialize};
+
+use crate::actor::ActorId;
+use crate::reason::DeadLetterReason;
+use crate::recovery::Recovery;
+use crate::v1::V1Files;
+
+/// What happened to an actor, as recorded and counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeKind {
+    Migrated,
+    SkippedNoV1,
+    SkippedNativeV2,
+    SkippedAlreadyMigrated,
+    DeadLettered,
+}
+
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 5] = [
+        OutcomeKind::Migrated,
+        OutcomeKind::SkippedNoV1,
+        OutcomeKind::SkippedNativeV2,
+        OutcomeKind::SkippedAlreadyMigrated,
+        OutcomeKind::DeadLettered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Migrated => "migrated",
+            OutcomeKind::SkippedNoV1 => "skipped_no_v1",
+            OutcomeKind::SkippedNativeV2 => "skipped_native_v2",
+            OutcomeKind::SkippedAlreadyMigrated => "skipped_already_migrated",
+            OutcomeKind::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+impl std::fmt::Display for OutcomeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The audit record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub actor_id: ActorId,
+    pub campaign: String,
+    pub outcome: OutcomeKind,
+    pub reason: Option<DeadLetterReason>,
+    pub phase: Option<String>,
+    pub error: Option<String>,
+    pub recovery: Option<Recovery>,
+    pub pages: Option<u32>,
+    pub v1_bytes: Option<u64>,
+    pub checksum: Option<String>,
+    pub generation: Option<u64>,
+    pub worker: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// The v1 files seen (sizes), for triage.
+    #[serde(default)]
+    pub v1_files: Option<V1Files>,
+    /// Attempts this job took (1 on the first delivery).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+}
+
+impl AuditRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        // Plain data; serde_json does not fail on it.
+        serde_json::to_vec(self).expect("audit record serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<AuditRecord> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// This record turned into a skip of an already-migrated actor: the migration's fields
+    /// stay, the outcome and times change (DESIGN.md section 2).
+    pub fn as_skip(mut self, campaign: &str, worker: &str, started_at_ms: i64, finished_at_ms: i64) -> AuditRecord {
+        self.outcome = OutcomeKind::SkippedAlreadyMigrated;
+        self.campaign = campaign.to_string();
+        self.worker = worker.to_string();
+        self.reason = None;
+        self.phase = None;
+        self.error = None;
+        self.started_at_ms = started_at_ms;
+        self.finished_at_ms = finished_at_ms;
+        self
+    }
+}

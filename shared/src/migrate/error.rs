@@ -1,0 +1,135 @@
+//! Why a migration did not complete, and the one exhaustive mapping from each cause to what the
+//! worker does with the job: retry it later or dead-letter it with a reason. (Success is an
+//! [`Outcome`](super::Outcome) and is acked.)
+
+use std::fmt;
+
+use crate::actor::ActorId;
+use crate::reason::DeadLetterReason;
+use crate::store::StoreError;
+use crate::v1::{V1Files, V1Rejection};
+
+/// The step of a migration that failed, recorded in audits and dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Inspect,
+    Read,
+    Validate,
+    Begin,
+    Stage,
+    Finalize,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Inspect => "inspect",
+            Phase::Read => "read",
+            Phase::Validate => "validate",
+            Phase::Begin => "begin",
+            Phase::Stage => "stage",
+            Phase::Finalize => "finalize",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do with a job whose migration failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// A passing condition: try again later (until the retry budget runs out).
+    Retry,
+    /// Permanent: dead-letter with this reason.
+    DeadLetter(DeadLetterReason),
+}
+
+/// The cause of a failed migration.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    #[error("{0}")]
+    Rejected(V1Rejection),
+    #[error("v2 head does not decode ({0}); left as it is")]
+    CorruptV2Meta(String),
+    #[error("migration in progress elsewhere (holder {holder}, lease expires at {expires_at_ms} ms)")]
+    InProgressElsewhere { holder: String, expires_at_ms: i64 },
+    #[error("v1 changed while it was being migrated")]
+    V1Changed,
+    #[error("lost the migration to another holder (generation or lease changed)")]
+    Fenced,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Cause {
+    /// The single place a failure's fate is decided.
+    pub fn fate(&self) -> Fate {
+        match self {
+            Cause::Rejected(r) => Fate::DeadLetter(r.reason()),
+            Cause::CorruptV2Meta(_) => Fate::DeadLetter(DeadLetterReason::CorruptV2Meta),
+            Cause::InProgressElsewhere { .. } => Fate::Retry,
+            Cause::V1Changed => Fate::Retry,
+            Cause::Fenced => Fate::Retry,
+            Cause::Store(_) => Fate::Retry,
+            Cause::Internal(_) => Fate::Retry,
+        }
+    }
+
+    /// A short stable name for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Cause::Rejected(r) => r.reason().as_str(),
+            Cause::CorruptV2Meta(_) => "corrupt_v2_meta",
+            Cause::InProgressElsewhere { .. } => "in_progress_elsewhere",
+            Cause::V1Changed => "v1_changed",
+            Cause::Fenced => "fenced",
+            Cause::Store(_) => "store_unavailable",
+            Cause::Internal(_) => "internal",
+        }
+    }
+}
+
+/// A failed migration: which actor, in which phase, why, and the v1 files it saw.
+#[derive(Debug, thiserror::Error)]
+#[error("actor {actor}: {phase}: {cause}")]
+pub struct MigrateError {
+    pub actor: ActorId,
+    pub phase: Phase,
+    #[source]
+    pub cause: Cause,
+    pub files: Option<V1Files>,
+}
+
+impl MigrateError {
+    pub fn fate(&self) -> Fate {
+        self.cause.fate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_and_corrupt_heads_are_dead_lettered_everything_else_retried() {
+        let rejected = Cause::Rejected(V1Rejection::JournalSidecar { size: 512 });
+        assert_eq!(rejected.fate(), Fate::DeadLetter(DeadLetterReason::JournalSidecar));
+        assert_eq!(Cause::CorruptV2Meta("x".into()).fate(), Fate::DeadLetter(DeadLetterReason::CorruptV2Meta));
+        for transient in [
+            Cause::InProgressElsewhere { holder: "w".into(), expires_at_ms: 0 },
+            Cause::V1Changed,
+            Cause::Fenced,
+            Cause::Store(StoreError::Unavailable { backend: "sqlite", message: "busy".into() }),
+            Cause::Internal("x".into()),
+        ] {
+            assert_eq!(transient.fate(), Fate::Retry, "{transient}");
+        }
+    }
+}

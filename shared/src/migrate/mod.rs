@@ -1,0 +1,437 @@
+//! Migrating one actor: the state machine of DESIGN.md section 3.
+//!
+//! ```text
+//! inspect ─ no v1 ──────────────────────────────► skipped_no_v1
+//!    │      v2 Native / MigratedFromV1 ─────────► skipped_native_v2 / skipped_already_migrated
+//!    │      v2 MigratingFromV1, live lease ─────► in_progress_elsewhere (retry)
+//!    ▼      (stale or no lease: take over)
+//! read v1 ─ validate ─ begin ─ stage* ─ finalize ► migrated
+//! ```
+//!
+//! Invariants kept here:
+//! - nothing is written to v2 before v1 passed every check;
+//! - every state change is one checked transaction: begin checks the head and lease it read,
+//!   stage and finalize check that the head (generation) and lease are exactly ours, and
+//!   finalize checks the digest of v1's SQLite keys, so a stale copy never commits;
+//! - until finalize commits, nothing marks the actor migrated, and finalize writes the PIDX
+//!   rows, the head, the audit record and drops the lease in that one transaction;
+//! - nothing under `v1/` is ever in a mutation built here.
+
+pub mod audit;
+pub mod error;
+pub mod lease;
+pub mod stage;
+
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+
+use crate::actor::ActorId;
+use crate::clock::Clock;
+use crate::keys;
+use crate::metrics as m;
+use crate::recovery::Recovery;
+use crate::store::{DynStore, StoreError, Txn};
+use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
+use crate::v2::head::{DBHead, Origin};
+use crate::v2::keys as v2keys;
+
+pub use self::audit::{AuditRecord, OutcomeKind};
+pub use self::error::{Cause, Fate, MigrateError, Phase};
+use self::lease::Lease;
+use self::stage::Staging;
+
+/// How often inspect-and-begin is retried when another migration's begin races ours.
+const BEGIN_ATTEMPTS: usize = 4;
+/// Default lease time to live: long enough for any stage transaction, short enough that a
+/// dead worker's actors are taken over within a minute.
+pub const DEFAULT_LEASE_TTL_MS: i64 = 60_000;
+
+/// Settings of a migrator.
+#[derive(Clone, Debug)]
+pub struct MigrateConfig {
+    /// Names this process in leases, audits and dead letters.
+    pub worker_id: String,
+    /// Largest main file migrated (bigger ones are `oversize`).
+    pub max_size: u64,
+    pub lease_ttl_ms: i64,
+    /// Run `PRAGMA quick_check` before migrating (on by default).
+    pub quick_check: bool,
+}
+
+impl Default for MigrateConfig {
+    fn default() -> Self {
+        MigrateConfig {
+            worker_id: "ferry".into(),
+            max_size: v1::read::DEFAULT_MAX_SIZE,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            quick_check: true,
+        }
+    }
+}
+
+/// What a job asks for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub actor: ActorId,
+    pub campaign: String,
+    pub recovery: Option<Recovery>,
+    /// 1 on the first delivery.
+    pub attempts: u32,
+}
+
+/// A completed migration or skip; its audit record is already durable.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub audit: AuditRecord,
+    /// DELTA bytes written (0 for skips).
+    pub bytes_written: u64,
+}
+
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        self.audit.outcome
+    }
+}
+
+/// The state of the actor's v2 side, as inspect found it.
+enum V2State {
+    Fresh,
+    Native,
+    Migrated { head: DBHead },
+    /// A MigratingFromV1 head without a live lease: ours to take over.
+    Stale { head: DBHead, head_raw: Vec<u8>, lease_raw: Option<Vec<u8>> },
+}
+
+/// A validated main file, ready to stage.
+struct Validated {
+    main: Vec<u8>,
+    pages: u32,
+    files: V1Files,
+    digest: u128,
+}
+
+/// Migrates actors from v1 to v2 in one store.
+#[derive(Clone)]
+pub struct Migrator {
+    store: DynStore,
+    clock: Arc<dyn Clock>,
+    cfg: Arc<MigrateConfig>,
+}
+
+impl Migrator {
+    pub fn new(store: DynStore, clock: Arc<dyn Clock>, cfg: MigrateConfig) -> Migrator {
+        Migrator { store, clock, cfg: Arc::new(cfg) }
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &MigrateConfig {
+        &self.cfg
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Migrates one actor (or records why it was skipped).
+    #[tracing::instrument(name = "migrate", skip_all, fields(actor = %req.actor, campaign = %req.campaign))]
+    pub async fn migrate(&self, req: &Request) -> Result<Outcome, MigrateError> {
+        let started = self.clock.now_ms();
+        let fail = |phase: Phase, cause: Cause, files: Option<V1Files>| MigrateError {
+            actor: req.actor.clone(),
+            phase,
+            cause,
+            files,
+        };
+        let has_v1 = v1::read::has_sqlite_data(&*self.store, &req.actor)
+            .await
+            .map_err(|e| fail(Phase::Inspect, e.into(), None))?;
+        if !has_v1 {
+            return self.skip(req, OutcomeKind::SkippedNoV1, None, started).await;
+        }
+        let mut validated: Option<Validated> = None;
+        for _ in 0..BEGIN_ATTEMPTS {
+            let state = self.inspect(&req.actor).await.map_err(|c| fail(Phase::Inspect, c, None))?;
+            let (previous_raw, lease_raw, generation, txid) = match state {
+                V2State::Native => return self.skip(req, OutcomeKind::SkippedNativeV2, None, started).await,
+                V2State::Migrated { head } => {
+                    return self.skip(req, OutcomeKind::SkippedAlreadyMigrated, Some(head), started).await;
+                }
+                V2State::Fresh => (None, None, 1, 1),
+                V2State::Stale { head, head_raw, lease_raw } => {
+                    (Some(head_raw), lease_raw, head.generation + 1, head.next_txid.max(1))
+                }
+            };
+            let image = match validated.take() {
+                Some(v) => v,
+                None => match self.read_and_validate(req).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        if let (Some(head_raw), Cause::Rejected(_)) = (&previous_raw, &e.cause) {
+                            self.clear_stage(&req.actor, head_raw, lease_raw.as_deref()).await;
+                        }
+                        return Err(e);
+                    }
+                },
+            };
+            let files = Some(image.files.clone());
+            let begun = self
+                .begin(&req.actor, previous_raw.as_deref(), lease_raw.as_deref(), generation, txid, image.pages, started)
+                .await;
+            match begun {
+                Ok(staging) => {
+                    let result = self.stage_and_finalize(req, staging, image, started).await;
+                    return result.map_err(|(phase, cause)| fail(phase, cause, files));
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    debug!("begin raced another migration; inspecting again");
+                    validated = Some(image);
+                }
+                Err(e) => return Err(fail(Phase::Begin, e.into(), files)),
+            }
+        }
+        Err(fail(
+            Phase::Begin,
+            Cause::InProgressElsewhere { holder: "concurrent begin".into(), expires_at_ms: 0 },
+            None,
+        ))
+    }
+
+    async fn inspect(&self, actor: &ActorId) -> Result<V2State, Cause> {
+        let Some(head_raw) = self.store.get(&v2keys::meta(actor)).await? else {
+            return Ok(V2State::Fresh);
+        };
+        let head = DBHead::decode(&head_raw).map_err(|e| Cause::CorruptV2Meta(e.0))?;
+        match head.origin {
+            Origin::Native => Ok(V2State::Native),
+            Origin::MigratedFromV1 => Ok(V2State::Migrated { head }),
+            Origin::MigratingFromV1 => {
+                let lease_raw = self.store.get(&keys::lease(actor)).await?;
+                if let Some(lease) = lease_raw.as_deref().and_then(Lease::decode)
+                    && lease.is_live(self.clock.now_ms())
+                {
+                    return Err(Cause::InProgressElsewhere { holder: lease.holder, expires_at_ms: lease.expires_at_ms });
+                }
+                info!(generation = head.generation, "taking over a stale migration");
+                Ok(V2State::Stale { head, head_raw, lease_raw })
+            }
+        }
+    }
+
+    async fn read_and_validate(&self, req: &Request) -> Result<Validated, MigrateError> {
+        let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery };
+        let fail = |phase, cause, files| MigrateError { actor: req.actor.clone(), phase, cause, files };
+        let image = match v1::read_v1(&*self.store, &req.actor, opts).await {
+            Ok(image) => image,
+            Err(ReadError::Rejected(r)) => {
+                let files = v1::read::Probe::run(&*self.store, &req.actor).await.ok().map(|p| p.files());
+                return Err(fail(Phase::Read, Cause::Rejected(r), files));
+            }
+            Err(ReadError::Changed) => return Err(fail(Phase::Read, Cause::V1Changed, None)),
+            Err(ReadError::Store(e)) => return Err(fail(Phase::Read, e.into(), None)),
+        };
+        let files = image.files.clone();
+        let quick_check = self.cfg.quick_check && req.recovery != Some(Recovery::Force);
+        let checked = tokio::task::spawn_blocking(move || validate(image, quick_check))
+            .await
+            .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
+        checked.map_err(|r| fail(Phase::Validate, Cause::Rejected(r), Some(files)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn begin(
+        &self,
+        actor: &ActorId,
+        previous_raw: Option<&[u8]>,
+        lease_raw: Option<&[u8]>,
+        generation: u64,
+        txid: u64,
+        pages: u32,
+        started: i64,
+    ) -> Result<Staging, StoreError> {
+        let head = DBHead::staging(generation, txid, pages, started);
+        let lease = Lease {
+            holder: format!("{}#{:016x}", self.cfg.worker_id, rand::random::<u64>()),
+            generation,
+            expires_at_ms: self.clock.now_ms() + self.cfg.lease_ttl_ms,
+        };
+        let (head_raw, new_lease_raw) = (head.encode(), lease.encode());
+        let mut txn = Txn::new();
+        txn.check_value(v2keys::meta(actor), previous_raw.map(<[u8]>::to_vec));
+        txn.check_value(keys::lease(actor), lease_raw.map(<[u8]>::to_vec));
+        if previous_raw.is_some() {
+            for range in v2keys::page_ranges(actor) {
+                txn.clear_range(range);
+            }
+        }
+        txn.set(v2keys::meta(actor), head_raw.clone());
+        txn.set(keys::lease(actor), new_lease_raw.clone());
+        self.store.commit(txn).await?;
+        debug!(generation, txid, pages, "migration begun");
+        Ok(Staging { actor: actor.clone(), txid, head, head_raw, lease, lease_raw: new_lease_raw })
+    }
+
+    async fn stage_and_finalize(
+        &self,
+        req: &Request,
+        mut staging: Staging,
+        image: Validated,
+        started: i64,
+    ) -> Result<Outcome, (Phase, Cause)> {
+        let clock = self.clock.clone();
+        let staged = stage::stage(
+            &*self.store,
+            &mut staging,
+            image.main,
+            started,
+            move || clock.now_ms(),
+            self.cfg.lease_ttl_ms,
+        )
+        .await;
+        let staged = match staged {
+            Ok(s) => s,
+            Err(cause) => return Err(self.abandon(&staging, Phase::Stage, cause).await),
+        };
+        let audit = AuditRecord {
+            actor_id: req.actor.clone(),
+            campaign: req.campaign.clone(),
+            outcome: OutcomeKind::Migrated,
+            reason: None,
+            phase: None,
+            error: None,
+            recovery: req.recovery,
+            pages: Some(image.pages),
+            v1_bytes: Some(staged.main.len() as u64),
+            checksum: Some(staged.checksum.hex()),
+            generation: Some(staging.head.generation),
+            worker: self.cfg.worker_id.clone(),
+            started_at_ms: started,
+            finished_at_ms: self.clock.now_ms(),
+            v1_files: Some(image.files.clone()),
+            attempts: Some(req.attempts),
+        };
+        let mut txn = Txn::new();
+        staging.fence(&mut txn);
+        txn.check_range_digest(v1::keys::sqlite_range(&req.actor), image.digest);
+        let txid_bytes = staging.txid.to_be_bytes();
+        for pgno in 1..=image.pages {
+            txn.set(v2keys::pidx(&req.actor, pgno), txid_bytes.to_vec());
+        }
+        let head = DBHead {
+            origin: Origin::MigratedFromV1,
+            head_txid: staging.txid,
+            next_txid: staging.txid + 1,
+            sqlite_storage_used: staged.storage_used,
+            ..staging.head.clone()
+        };
+        txn.set(v2keys::meta(&req.actor), head.encode());
+        txn.set(keys::audit(&req.actor), audit.encode());
+        txn.clear(keys::lease(&req.actor));
+        match self.store.commit(txn).await {
+            Ok(()) => {}
+            // Checks 0 and 1 are the fence; 2 is the v1 digest.
+            Err(StoreError::Conflict { index: 2, .. }) => {
+                return Err(self.abandon(&staging, Phase::Finalize, Cause::V1Changed).await);
+            }
+            Err(StoreError::Conflict { .. }) => return Err((Phase::Finalize, Cause::Fenced)),
+            Err(e) => return Err(self.abandon(&staging, Phase::Finalize, e.into()).await),
+        }
+        let elapsed = (self.clock.now_ms() - started).max(0) as f64 / 1000.0;
+        metrics::histogram!(m::MIGRATION_SECONDS).record(elapsed);
+        metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(image.pages));
+        metrics::counter!(m::V1_BYTES_MIGRATED).increment(staged.main.len() as u64);
+        metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(staged.storage_used);
+        info!(pages = image.pages, bytes = staged.main.len(), checksum = %staged.checksum.hex(), "migrated");
+        Ok(Outcome { audit, bytes_written: staged.storage_used })
+    }
+
+    /// After a failure past begin: if the migration is still ours, clear what it staged so the
+    /// actor is back where it started (no head left MigratingFromV1 without a live lease).
+    async fn abandon(&self, staging: &Staging, phase: Phase, cause: Cause) -> (Phase, Cause) {
+        if !matches!(cause, Cause::Fenced) {
+            self.clear_stage(&staging.actor, &staging.head_raw, Some(&staging.lease_raw)).await;
+        }
+        (phase, cause)
+    }
+
+    /// Clears a MigratingFromV1 head, its pages and its lease, if they are still exactly
+    /// `head_raw` and `lease_raw`. Best effort: a failure leaves a stale stage that the next
+    /// attempt takes over.
+    async fn clear_stage(&self, actor: &ActorId, head_raw: &[u8], lease_raw: Option<&[u8]>) {
+        let mut txn = Txn::new();
+        txn.check_value(v2keys::meta(actor), Some(head_raw.to_vec()));
+        txn.check_value(keys::lease(actor), lease_raw.map(<[u8]>::to_vec));
+        for range in v2keys::page_ranges(actor) {
+            txn.clear_range(range);
+        }
+        txn.clear(v2keys::meta(actor));
+        txn.clear(keys::lease(actor));
+        if let Err(e) = self.store.commit(txn).await {
+            warn!(error = %e, "could not clear an abandoned stage; the next attempt takes it over");
+        }
+    }
+
+    async fn skip(
+        &self,
+        req: &Request,
+        kind: OutcomeKind,
+        head: Option<DBHead>,
+        started: i64,
+    ) -> Result<Outcome, MigrateError> {
+        let fail = |cause: Cause| MigrateError { actor: req.actor.clone(), phase: Phase::Inspect, cause, files: None };
+        let now = self.clock.now_ms();
+        let previous = match kind {
+            OutcomeKind::SkippedAlreadyMigrated => {
+                self.store.get(&keys::audit(&req.actor)).await.map_err(|e| fail(e.into()))?
+            }
+            _ => None,
+        };
+        let audit = match previous.as_deref().and_then(AuditRecord::decode) {
+            Some(prev) if prev.outcome == OutcomeKind::Migrated || prev.outcome == OutcomeKind::SkippedAlreadyMigrated => {
+                prev.as_skip(&req.campaign, &self.cfg.worker_id, started, now)
+            }
+            _ => AuditRecord {
+                actor_id: req.actor.clone(),
+                campaign: req.campaign.clone(),
+                outcome: kind,
+                reason: None,
+                phase: None,
+                error: None,
+                recovery: None,
+                pages: head.as_ref().map(|h| h.db_size_pages),
+                v1_bytes: None,
+                checksum: None,
+                generation: head.as_ref().map(|h| h.generation),
+                worker: self.cfg.worker_id.clone(),
+                started_at_ms: started,
+                finished_at_ms: now,
+                v1_files: None,
+                attempts: Some(req.attempts),
+            },
+        };
+        let mut txn = Txn::new();
+        txn.set(keys::audit(&req.actor), audit.encode());
+        self.store.commit(txn).await.map_err(|e| fail(e.into()))?;
+        debug!(outcome = %kind, "skipped");
+        Ok(Outcome { audit, bytes_written: 0 })
+    }
+}
+
+/// The SQLite-level checks on a read image (blocking).
+fn validate(image: V1Image, quick_check: bool) -> Result<Validated, V1Rejection> {
+    let V1Image { mut main, sidecar, files, digest } = image;
+    if let Some((tag, bytes)) = sidecar {
+        main = v1::recover::recover(&main, tag, &bytes)?;
+        if tag == FileTag::Journal {
+            metrics::counter!(m::JOURNALS_ROLLED_BACK).increment(1);
+        }
+    }
+    let pages = v1::check::check_header(&main)?;
+    if quick_check {
+        v1::check::quick_check(&mut main)?;
+    }
+    Ok(Validated { main, pages, files, digest })
+}

@@ -1,0 +1,157 @@
+//! Staging: the LTX blob is encoded on a blocking thread and streamed into DELTA rows over as
+//! many transactions as the store limits need.
+//!
+//! Invariants: every stage transaction checks that the head (generation) and the lease are
+//! still exactly ours and renews the lease (the heartbeat); the blob is never whole in memory
+//! (at most two transaction batches are in flight); the checksum is computed from the v1
+//! pages as they are encoded.
+
+use tokio::sync::mpsc;
+
+use crate::actor::ActorId;
+use crate::checksum::DatabaseChecksum;
+use crate::keys;
+use crate::store::{Store, StoreError, Txn};
+use crate::v2::head::{DBHead, PAGE_SIZE};
+use crate::v2::keys as v2keys;
+use crate::v2::ltx::{LtxEncoder, LtxHeader};
+
+use super::error::Cause;
+use super::lease::Lease;
+
+/// Largest DELTA value: one slice of an LTX blob (under the 100,000-byte value limit).
+pub const DELTA_CHUNK_SIZE: usize = 65_536;
+/// DELTA bytes per stage transaction (under the 10 MB transaction limit, with room for keys,
+/// the head check and the lease).
+pub const STAGE_TXN_BYTES: usize = 8 * 1024 * 1024;
+
+/// A migration that has begun: what its transactions check and renew.
+#[derive(Clone, Debug)]
+pub struct Staging {
+    pub actor: ActorId,
+    pub txid: u64,
+    pub head: DBHead,
+    pub head_raw: Vec<u8>,
+    pub lease: Lease,
+    pub lease_raw: Vec<u8>,
+}
+
+impl Staging {
+    /// Adds the fence (head and lease exactly ours) to a transaction.
+    pub fn fence(&self, txn: &mut Txn) {
+        txn.check_value(v2keys::meta(&self.actor), Some(self.head_raw.clone()));
+        txn.check_value(keys::lease(&self.actor), Some(self.lease_raw.clone()));
+    }
+
+    /// Renews the lease inside `txn` (after [`Staging::fence`]); call
+    /// [`Staging::renewed`] once the transaction committed.
+    fn renew(&self, txn: &mut Txn, now_ms: i64, ttl_ms: i64) -> (Lease, Vec<u8>) {
+        let lease = Lease { expires_at_ms: now_ms + ttl_ms, ..self.lease.clone() };
+        let raw = lease.encode();
+        txn.set(keys::lease(&self.actor), raw.clone());
+        (lease, raw)
+    }
+}
+
+/// What staging produced.
+#[derive(Debug)]
+pub struct Staged {
+    pub main: Vec<u8>,
+    pub checksum: DatabaseChecksum,
+    pub storage_used: u64,
+}
+
+/// A batch of DELTA values the encoder hands to the committer.
+type Batch = Vec<Vec<u8>>;
+
+/// Encodes `main` (whose header checks passed) as an LTX blob on a blocking thread, sending
+/// DELTA-sized slices in transaction-sized batches.
+fn spawn_encoder(
+    main: Vec<u8>,
+    header: LtxHeader,
+    tx: mpsc::Sender<Batch>,
+) -> tokio::task::JoinHandle<(Vec<u8>, DatabaseChecksum)> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(STAGE_TXN_BYTES + DELTA_CHUNK_SIZE);
+        let mut encoder = LtxEncoder::new(&header, &mut out);
+        let mut checksum = DatabaseChecksum::new();
+        for (i, page) in main.chunks(PAGE_SIZE as usize).enumerate() {
+            // Page counts were checked to fit u32 by the header check.
+            let pgno = u32::try_from(i + 1).expect("pgno fits u32");
+            checksum.add_page(pgno, page);
+            encoder.push_page(pgno, page, &mut out);
+            if out.len() >= STAGE_TXN_BYTES && tx.blocking_send(take_full_chunks(&mut out)).is_err() {
+                // The committer stopped (a failed stage); nothing more to encode.
+                return (main, checksum);
+            }
+        }
+        encoder.finish(&mut out);
+        let mut last = take_full_chunks(&mut out);
+        if !out.is_empty() {
+            last.push(out);
+        }
+        let _ = tx.blocking_send(last);
+        (main, checksum)
+    })
+}
+
+/// Splits off every whole DELTA chunk at the front of `out`, leaving the remainder.
+fn take_full_chunks(out: &mut Vec<u8>) -> Batch {
+    let whole = out.len() / DELTA_CHUNK_SIZE * DELTA_CHUNK_SIZE;
+    let batch = out[..whole].chunks(DELTA_CHUNK_SIZE).map(<[u8]>::to_vec).collect();
+    out.drain(..whole);
+    batch
+}
+
+/// Streams the blob into DELTA rows. Each transaction is fenced and renews the lease.
+pub async fn stage(
+    store: &dyn Store,
+    staging: &mut Staging,
+    main: Vec<u8>,
+    timestamp_ms: i64,
+    now: impl Fn() -> i64,
+    lease_ttl_ms: i64,
+) -> Result<Staged, Cause> {
+    let header = LtxHeader {
+        page_size: PAGE_SIZE,
+        commit: staging.head.db_size_pages,
+        min_txid: staging.txid,
+        max_txid: staging.txid,
+        timestamp_ms,
+    };
+    let (tx, mut rx) = mpsc::channel::<Batch>(1);
+    let encoder = spawn_encoder(main, header, tx);
+    let mut next_chunk: u32 = 0;
+    let mut storage_used: u64 = 0;
+    let mut failure = None;
+    while let Some(batch) = rx.recv().await {
+        let mut txn = Txn::new();
+        staging.fence(&mut txn);
+        for value in batch {
+            storage_used += value.len() as u64;
+            txn.set(v2keys::delta_chunk(&staging.actor, staging.txid, next_chunk), value);
+            next_chunk += 1;
+        }
+        let (lease, raw) = staging.renew(&mut txn, now(), lease_ttl_ms);
+        match store.commit(txn).await {
+            Ok(()) => {
+                staging.lease = lease;
+                staging.lease_raw = raw;
+            }
+            Err(StoreError::Conflict { .. }) => {
+                failure = Some(Cause::Fenced);
+                break;
+            }
+            Err(e) => {
+                failure = Some(Cause::Store(e));
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let (main, checksum) = encoder.await.map_err(|e| Cause::Internal(format!("encoder task: {e}")))?;
+    match failure {
+        Some(cause) => Err(cause),
+        None => Ok(Staged { main, checksum, storage_used }),
+    }
+}

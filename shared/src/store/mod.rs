@@ -1,0 +1,261 @@
+//! The storage interface: one ordered byte-key map with atomic, checked transactions.
+//!
+//! Every backend (`sqlite:PATH`, `postgres://...`) implements [`Store`]. The contract, which
+//! the shared suite in `shared/tests/store_contract.rs` checks against every backend:
+//!
+//! - keys sort bytewise (memcmp; a shorter key sorts before any key it prefixes);
+//! - [`Store::scan`] returns keys of a half-open [`KeyRange`] in ascending order, at most
+//!   `limit` of them;
+//! - [`Store::commit`] is atomic: either every [`Check`] holds and every [`Mutation`] is
+//!   applied, or nothing is written and the first failing check is reported as
+//!   [`StoreError::Conflict`];
+//! - the FoundationDB-shaped [`limits`] are enforced before anything is sent, in every backend,
+//!   so a write that would not fit a third backend fails in tests and not in production.
+//!
+//! Transactions are optimistic: a caller reads, decides, then commits with checks on what it
+//! read (the value of a key, or the digest of a whole range). This is how generation fencing,
+//! lease ownership and v1 change detection are made atomic without holding a transaction open
+//! across async work.
+
+pub mod limits;
+pub mod postgres;
+pub mod sqlite;
+mod url;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use xxhash_rust::xxh3::Xxh3;
+
+pub use self::url::StoreUrl;
+
+/// One key and its value, as returned by a scan.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// A shared handle on any backend.
+pub type DynStore = Arc<dyn Store>;
+
+/// A half-open key range `[start, end)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+}
+
+impl KeyRange {
+    pub fn new(start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        KeyRange { start: start.into(), end: end.into() }
+    }
+
+    /// Every key that starts with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> Self {
+        KeyRange { start: prefix.to_vec(), end: prefix_end(prefix) }
+    }
+
+    /// The same range, starting just after `key` (to continue a scan that stopped at `key`).
+    pub fn after(&self, key: &[u8]) -> Self {
+        let mut start = key.to_vec();
+        start.push(0);
+        KeyRange { start, end: self.end.clone() }
+    }
+
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && key < self.end.as_slice()
+    }
+}
+
+/// The first key after every key that starts with `prefix` (FoundationDB's `strinc`).
+///
+/// An all-`0xff` prefix has no such key inside the keyspace ferry uses, so it maps to a
+/// key no ferry key reaches.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last != 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; 16]
+}
+
+/// A condition a transaction checks, atomically with its writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The key holds exactly this value (`None`: the key is absent).
+    Value { key: Vec<u8>, expected: Option<Vec<u8>> },
+    /// The rows of the range hash to this digest (see [`RangeDigest`]).
+    RangeDigest { range: KeyRange, expected: u128 },
+}
+
+/// A write inside a transaction, applied in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    Set { key: Vec<u8>, value: Vec<u8> },
+    Clear { key: Vec<u8> },
+    ClearRange { range: KeyRange },
+}
+
+/// Checks and writes committed atomically by [`Store::commit`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub checks: Vec<Check>,
+    pub mutations: Vec<Mutation>,
+}
+
+impl Txn {
+    pub fn new() -> Self {
+        Txn::default()
+    }
+
+    pub fn check_value(&mut self, key: impl Into<Vec<u8>>, expected: Option<Vec<u8>>) -> &mut Self {
+        self.checks.push(Check::Value { key: key.into(), expected });
+        self
+    }
+
+    pub fn check_range_digest(&mut self, range: KeyRange, expected: u128) -> &mut Self {
+        self.checks.push(Check::RangeDigest { range, expected });
+        self
+    }
+
+    pub fn set(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+        self.mutations.push(Mutation::Set { key: key.into(), value: value.into() });
+        self
+    }
+
+    pub fn clear(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.mutations.push(Mutation::Clear { key: key.into() });
+        self
+    }
+
+    pub fn clear_range(&mut self, range: KeyRange) -> &mut Self {
+        self.mutations.push(Mutation::ClearRange { range });
+        self
+    }
+
+    /// Bytes this transaction writes, counted as FoundationDB counts them (keys and values).
+    pub fn write_bytes(&self) -> usize {
+        self.mutations
+            .iter()
+            .map(|m| match m {
+                Mutation::Set { key, value } => key.len() + value.len(),
+                Mutation::Clear { key } => key.len(),
+                Mutation::ClearRange { range } => range.start.len() + range.end.len(),
+            })
+            .sum()
+    }
+}
+
+/// A digest of the rows of a range: xxh3-128 over `u32 BE key length ++ key ++ u32 BE value
+/// length ++ value` for each row in key order. Used to detect that v1 changed between the
+/// read and the finalize of a migration; not a security boundary.
+#[derive(Default)]
+pub struct RangeDigest(Xxh3);
+
+impl RangeDigest {
+    pub fn new() -> Self {
+        RangeDigest(Xxh3::new())
+    }
+
+    pub fn update(&mut self, key: &[u8], value: &[u8]) {
+        // Lengths fit u32: keys and values are bounded by `limits` far below 4 GiB.
+        self.0.update(&(key.len() as u32).to_be_bytes());
+        self.0.update(key);
+        self.0.update(&(value.len() as u32).to_be_bytes());
+        self.0.update(value);
+    }
+
+    pub fn finish(&self) -> u128 {
+        self.0.digest128()
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A check of the transaction did not hold; nothing was written.
+    #[error("transaction check {index} failed on key {}", crate::keys::printable(key))]
+    Conflict { index: usize, key: Vec<u8> },
+    /// The backend could not be reached or refused for a passing reason (busy, restarting,
+    /// serialization failure, dropped connection).
+    #[error("{backend} store unavailable: {message}")]
+    Unavailable { backend: &'static str, message: String },
+    /// The backend failed in a way that retrying will not fix (schema, permissions, corrupt
+    /// file).
+    #[error("{backend} store failed: {message}")]
+    Failed { backend: &'static str, message: String },
+    #[error("value of {} bytes for key {} is over the {max}-byte limit", size, crate::keys::printable(key))]
+    ValueTooLarge { key: Vec<u8>, size: usize, max: usize },
+    #[error("key of {size} bytes is over the {max}-byte limit")]
+    KeyTooLarge { size: usize, max: usize },
+    #[error("transaction writes {size} bytes, over the {max}-byte limit")]
+    TransactionTooLarge { size: usize, max: usize },
+    #[error("invalid store URL: {0}")]
+    InvalidUrl(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Conflict { .. } | StoreError::Unavailable { .. } => true,
+            StoreError::Failed { .. }
+            | StoreError::ValueTooLarge { .. }
+            | StoreError::KeyTooLarge { .. }
+            | StoreError::TransactionTooLarge { .. }
+            | StoreError::InvalidUrl(_) => false,
+        }
+    }
+}
+
+/// The ordered key-value store every part of ferry runs on. See the module docs for the
+/// contract each implementation keeps.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The value of `key`, if present.
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` rows of `range`, in ascending key order.
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// The first key inside `range` (at or after its start), for skip-scans.
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Applies `txn` atomically, or reports the first check that failed.
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError>;
+
+    /// The URL this store was opened with, password removed, for logs.
+    fn describe(&self) -> String;
+}
+
+/// Opens the backend a URL names (`sqlite:PATH` or `postgres://...`).
+pub async fn open(url: &str, pool_size: usize) -> Result<DynStore, StoreError> {
+    match StoreUrl::parse(url)? {
+        StoreUrl::Sqlite { path } => Ok(Arc::new(sqlite::SqliteStore::open(&path, pool_size).await?)),
+        StoreUrl::Postgres(cfg) => Ok(Arc::new(postgres::PostgresStore::connect(cfg, pool_size).await?)),
+    }
+}
+
+/// Reads every row of `range` in batches of `batch` rows, calling `visit` on each, without
+/// holding more than one batch in memory.
+pub async fn for_each_row(
+    store: &dyn Store,
+    range: &KeyRange,
+    batch: usize,
+    mut visit: impl FnMut(&[u8], Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut cursor = range.clone();
+    loop {
+        let rows = store.scan(&cursor, batch).await?;
+        let full = rows.len() == batch;
+        let mut last = None;
+        for (key, value) in rows {
+            visit(&key, value)?;
+            last = Some(key);
+        }
+        match last {
+            Some(key) if full => cursor = cursor.after(&key),
+            _ => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The embedded backend: `sqlite:PATH`, table `kv(key BLOB PRIMARY KEY, value BLOB NOT NULL)
+//! WITHOUT ROWID` in WAL mode.
+//!
+//! Invariant: no SQLite call runs on an async worker thread. Every call goes through
+//! `spawn_blocking`, on one of a few reader connections or the single writer connection
+//! (SQLite has one writer at a time anyway; `BEGIN IMMEDIATE` makes other processes on the
+//! same file wait for the busy timeout instead of failing a commit half-way).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{Check, KeyRange, KeyValue, Mutation, RangeDigest, Store, StoreError, Txn, limits};
+
+const BACKEND: &str = "sqlite";
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The SQLite store. Cheap to share: clone the `Arc` it is opened into.
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: String,
+    readers: Vec<Mutex<Connection>>,
+    writer: Mutex<Connection>,
+    next_reader: AtomicUsize,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`, with `readers` reader connections.
+    pub async fn open(path: &str, readers: usize) -> Result<SqliteStore, StoreError> {
+        let path = path.to_string();
+        let readers = readers.clamp(1, 16);
+        let inner = tokio::task::spawn_blocking(move || -> Result<Inner, StoreError> {
+            let writer = open_connection(&path)?;
+            writer
+                .execute_batch(
+                    "CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+                )
+                .map_err(map_err)?;
+            let readers = (0..readers)
+                .map(|_| open_connection(&path).map(Mutex::new))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Inner { path, readers, writer: Mutex::new(writer), next_reader: AtomicUsize::new(0) })
+        })
+        .await
+        .map_err(join_err)??;
+        Ok(SqliteStore { inner: Arc::new(inner) })
+    }
+
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
+            let conn = inner.readers[i].lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn).map_err(map_err)
+        })
+        .await
+        .map_err(join_err)?
+    }
+}
+
+fn open_connection(path: &str) -> Result<Connection, StoreError> {
+    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Failed {
+            backend: BACKEND,
+            message: format!("creating {}: {e}", dir.display()),
+        })?;
+    }
+    let conn = Connection::open(path).map_err(map_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(map_err)?;
+    Ok(conn)
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    let transient = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::SystemIoFailure | ErrorCode::DiskFull)
+    );
+    let message = e.to_string();
+    if transient {
+        StoreError::Unavailable { backend: BACKEND, message }
+    } else {
+        StoreError::Failed { backend: BACKEND, message }
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Failed { backend: BACKEND, message: format!("blocking task failed: {e}") }
+}
+
+fn scan_rows(conn: &Connection, range: &KeyRange, limit: usize) -> rusqlite::Result<Vec<KeyValue>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![range.start, range.end, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+fn range_digest(conn: &Connection, range: &KeyRange) -> rusqlite::Result<u128> {
+    let mut stmt = conn.prepare_cached("SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+    let mut rows = stmt.query(params![range.start, range.end])?;
+    let mut digest = RangeDigest::new();
+    while let Some(row) = rows.next()? {
+        let key = row.get_ref(0)?.as_blob()?;
+        let value = row.get_ref(1)?.as_blob()?;
+        digest.update(key, value);
+    }
+    Ok(digest.finish())
+}
+
+/// Runs the checks; `Some(index)` names the first that failed.
+fn failed_check(tx: &Transaction<'_>, checks: &[Check]) -> rusqlite::Result<Option<(usize, Vec<u8>)>> {
+    for (index, check) in checks.iter().enumerate() {
+        let (holds, key) = match check {
+            Check::Value { key, expected } => {
+                let actual: Option<Vec<u8>> = tx
+                    .prepare_cached("SELECT value FROM kv WHERE key = ?1")?
+                    .query_row([key], |r| r.get(0))
+                    .optional()?;
+                (actual == *expected, key)
+            }
+            Check::RangeDigest { range, expected } => (range_digest(tx, range)? == *expected, &range.start),
+        };
+        if !holds {
+            return Ok(Some((index, key.clone())));
+        }
+    }
+    Ok(None)
+}
+
+fn apply(tx: &Transaction<'_>, mutations: &[Mutation]) -> rusqlite::Result<()> {
+    for m in mutations {
+        match m {
+            Mutation::Set { key, value } => {
+                tx.prepare_cached(
+                    "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![key, value])?;
+            }
+            Mutation::Clear { key } => {
+                tx.prepare_cached("DELETE FROM kv WHERE key = ?1")?.execute([key])?;
+            }
+            Mutation::ClearRange { range } => {
+                tx.prepare_cached("DELETE FROM kv WHERE key >= ?1 AND key < ?2")?
+                    .execute(params![range.start, range.end])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_vec();
+        self.with_reader(move |c| {
+            c.prepare_cached("SELECT value FROM kv WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let range = range.clone();
+        self.with_reader(move |c| scan_rows(c, &range, limit)).await
+    }
+
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        let range = range.clone();
+        self.with_reader(move |c| {
+            c.prepare_cached("SELECT key FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT 1")?
+                .query_row(params![range.start, range.end], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        limits::check_txn(&txn)?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+            if let Some((index, key)) = failed_check(&tx, &txn.checks).map_err(map_err)? {
+                return Err(StoreError::Conflict { index, key });
+            }
+            apply(&tx, &txn.mutations).map_err(map_err)?;
+            tx.commit().map_err(map_err)
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.inner.path)
+    }
+}

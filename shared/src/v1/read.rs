@@ -1,0 +1,285 @@
+//! Reads one actor's v1 SQLite files out of the store and rebuilds the main file.
+//!
+//! Invariants: nothing here writes; a file's buffer is allocated only after its declared size
+//! passed the size limit (an absurd meta costs nothing); the main file is assembled in place
+//! from one streaming pass over the actor's SQLite keys, one scan batch at a time, so reading
+//! a database costs its size in memory and no more; the digest of every key read is returned
+//! so finalize can prove v1 did not change.
+
+use crate::actor::ActorId;
+use crate::recovery::Recovery;
+use crate::store::{RangeDigest, Store, StoreError, for_each_row};
+
+use super::keys::{self, CHUNK_SIZE, FileTag, SqliteKey};
+use super::reject::V1Rejection;
+
+/// Rows per scan batch while streaming chunks (about 1 MiB of chunk values).
+pub const SCAN_BATCH: usize = 256;
+/// Default largest main file migrated (DESIGN.md: 128 MiB).
+pub const DEFAULT_MAX_SIZE: u64 = 128 * 1024 * 1024;
+
+/// Sizes of the v1 files seen for an actor (the meta's size, or the bytes of its chunks when
+/// it has no meta); `None` when the file is absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct V1Files {
+    pub main: Option<u64>,
+    pub journal: Option<u64>,
+    pub wal: Option<u64>,
+    pub shm: Option<u64>,
+}
+
+impl V1Files {
+    pub fn get(&self, tag: FileTag) -> Option<u64> {
+        match tag {
+            FileTag::Main => self.main,
+            FileTag::Journal => self.journal,
+            FileTag::Wal => self.wal,
+            FileTag::Shm => self.shm,
+        }
+    }
+
+    fn slot(&mut self, tag: FileTag) -> &mut Option<u64> {
+        match tag {
+            FileTag::Main => &mut self.main,
+            FileTag::Journal => &mut self.journal,
+            FileTag::Wal => &mut self.wal,
+            FileTag::Shm => &mut self.shm,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        FileTag::ALL.iter().filter_map(|t| self.get(*t)).sum()
+    }
+}
+
+/// What was read for one actor.
+#[derive(Debug)]
+pub struct V1Image {
+    /// The main file, byte for byte as v1 holds it.
+    pub main: Vec<u8>,
+    /// The journal or WAL, only when the requested recovery needs it.
+    pub sidecar: Option<(FileTag, Vec<u8>)>,
+    pub files: V1Files,
+    /// Digest of every row under `v1/{actor}/08`, as read.
+    pub digest: u128,
+}
+
+/// Why reading failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Rejected(#[from] V1Rejection),
+    /// v1 changed while it was being read (a meta differed between probe and stream).
+    #[error("v1 changed while it was read")]
+    Changed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Options of a read.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadOptions {
+    pub max_size: u64,
+    pub recovery: Option<Recovery>,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { max_size: DEFAULT_MAX_SIZE, recovery: None }
+    }
+}
+
+/// Whether the actor has v1 SQLite data (some key under `v1/{actor}/08`).
+pub async fn has_sqlite_data(store: &dyn Store, actor: &ActorId) -> Result<bool, StoreError> {
+    Ok(store.first_key(&keys::sqlite_range(actor)).await?.is_some())
+}
+
+/// The metas (raw values) and which files are present, without reading any chunk.
+#[derive(Debug, Default)]
+pub struct Probe {
+    metas: [Option<Vec<u8>>; 4],
+    has_chunks: [bool; 4],
+}
+
+impl Probe {
+    pub async fn run(store: &dyn Store, actor: &ActorId) -> Result<Probe, StoreError> {
+        let mut probe = Probe::default();
+        for (key, value) in store.scan(&keys::meta_range(actor), 16).await? {
+            let user_key = &key[keys::actor_prefix(actor).len()..];
+            if let SqliteKey::Meta(tag) = keys::classify(user_key) {
+                probe.metas[tag as usize] = Some(value);
+            }
+        }
+        for tag in FileTag::ALL {
+            probe.has_chunks[tag as usize] = store.first_key(&keys::chunk_range(actor, tag)).await?.is_some();
+        }
+        Ok(probe)
+    }
+
+    pub fn present(&self, tag: FileTag) -> bool {
+        self.metas[tag as usize].is_some() || self.has_chunks[tag as usize]
+    }
+
+    /// File sizes as the metas declare them (0 for a present file whose meta is unreadable or
+    /// missing: its chunks are not counted without reading them).
+    pub fn files(&self) -> V1Files {
+        let mut files = V1Files::default();
+        for tag in FileTag::ALL {
+            if self.present(tag) {
+                let size = self.metas[tag as usize].as_deref().and_then(|m| keys::decode_meta(m).ok());
+                *files.slot(tag) = Some(size.unwrap_or(0));
+            }
+        }
+        files
+    }
+
+    /// The sidecar rejections, in the order DESIGN.md lists them, minus what the recovery
+    /// takes care of.
+    pub fn sidecar_rejection(&self, recovery: Option<Recovery>) -> Option<V1Rejection> {
+        let files = self.files();
+        let size = |t| files.get(t).unwrap_or(0);
+        if self.present(FileTag::Journal) && recovery != Some(Recovery::RollbackJournal) {
+            return Some(V1Rejection::JournalSidecar { size: size(FileTag::Journal) });
+        }
+        if self.present(FileTag::Wal) && recovery != Some(Recovery::CheckpointWal) {
+            return Some(V1Rejection::WalSidecar { size: size(FileTag::Wal) });
+        }
+        let shm_ignored = matches!(recovery, Some(Recovery::DiscardShm | Recovery::CheckpointWal));
+        if self.present(FileTag::Shm) && !shm_ignored {
+            return Some(V1Rejection::ShmSidecar { size: size(FileTag::Shm) });
+        }
+        None
+    }
+
+    /// The main file's size, checked: present, readable meta, within the limit.
+    fn main_size(&self, max: u64) -> Result<u64, V1Rejection> {
+        let Some(meta) = &self.metas[FileTag::Main as usize] else {
+            let detail = if self.has_chunks[FileTag::Main as usize] {
+                "main chunks exist without a meta".to_string()
+            } else {
+                "only sidecar files are present".to_string()
+            };
+            return Err(V1Rejection::MissingMain { detail });
+        };
+        sized(FileTag::Main, meta, max)
+    }
+}
+
+fn sized(tag: FileTag, meta: &[u8], max: u64) -> Result<u64, V1Rejection> {
+    let size = keys::decode_meta(meta).map_err(|detail| V1Rejection::BadMeta { file: tag.name(), detail })?;
+    if size > max {
+        return Err(V1Rejection::Oversize { file: tag.name(), size, max });
+    }
+    Ok(size)
+}
+
+/// Rebuilds one file from its chunks: exactly `ceil(size / CHUNK_SIZE)` chunks with indexes
+/// `0..n`, none longer than `CHUNK_SIZE` and none past `size`; uncovered bytes stay zero.
+struct Assembler {
+    tag: FileTag,
+    buf: Vec<u8>,
+    expected: u64,
+    next: u64,
+}
+
+impl Assembler {
+    fn new(tag: FileTag, size: u64) -> Assembler {
+        // `size` passed the size limit (far below usize::MAX on 64-bit targets).
+        let len = usize::try_from(size).expect("checked against the size limit");
+        Assembler { tag, buf: vec![0u8; len], expected: size.div_ceil(CHUNK_SIZE as u64), next: 0 }
+    }
+
+    fn mismatch(&self, detail: String) -> V1Rejection {
+        V1Rejection::ChunkMismatch { file: self.tag.name(), detail }
+    }
+
+    fn place(&mut self, index: u32, bytes: &[u8]) -> Result<(), V1Rejection> {
+        let index = u64::from(index);
+        if index >= self.expected {
+            return Err(self.mismatch(format!("chunk {index} is out of range ({} chunks expected)", self.expected)));
+        }
+        if index != self.next {
+            // Keys arrive in ascending order, so a gap means chunk `next` is missing.
+            return Err(self.mismatch(format!("chunk {} is missing", self.next)));
+        }
+        if bytes.len() > CHUNK_SIZE {
+            return Err(self.mismatch(format!("chunk {index} is {} bytes, over {CHUNK_SIZE}", bytes.len())));
+        }
+        let start = index as usize * CHUNK_SIZE;
+        let end = start + bytes.len();
+        if end > self.buf.len() {
+            return Err(self.mismatch(format!("chunk {index} reaches byte {end}, past the size {}", self.buf.len())));
+        }
+        self.buf[start..end].copy_from_slice(bytes);
+        self.next += 1;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<u8>, V1Rejection> {
+        if self.next != self.expected {
+            return Err(self.mismatch(format!("chunk {} is missing ({} chunks expected)", self.next, self.expected)));
+        }
+        Ok(self.buf)
+    }
+}
+
+/// Reads the actor's main file (and the sidecar a recovery needs), applying every check of
+/// the v1 layout. The SQLite-level checks (header, page size, quick_check) are `v1::check`'s.
+pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> Result<V1Image, ReadError> {
+    let probe = Probe::run(store, actor).await?;
+    if let Some(rejection) = probe.sidecar_rejection(opts.recovery) {
+        return Err(rejection.into());
+    }
+    let main_size = probe.main_size(opts.max_size)?;
+    let mut main = Assembler::new(FileTag::Main, main_size);
+    let sidecar_tag = match opts.recovery {
+        Some(Recovery::RollbackJournal) if probe.present(FileTag::Journal) => Some(FileTag::Journal),
+        Some(Recovery::CheckpointWal) if probe.present(FileTag::Wal) => Some(FileTag::Wal),
+        _ => None,
+    };
+    let mut sidecar = match sidecar_tag {
+        Some(tag) => {
+            let Some(meta) = &probe.metas[tag as usize] else {
+                return Err(V1Rejection::BadMeta { file: tag.name(), detail: "chunks exist without a meta".into() }.into());
+            };
+            Some(Assembler::new(tag, sized(tag, meta, opts.max_size)?))
+        }
+        None => None,
+    };
+
+    let prefix_len = keys::actor_prefix(actor).len();
+    let mut digest = RangeDigest::new();
+    let mut failure: Option<ReadError> = None;
+    for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, |key, value| {
+        digest.update(key, &value);
+        if failure.is_some() {
+            return Ok(());
+        }
+        let step = match keys::classify(&key[prefix_len..]) {
+            SqliteKey::Meta(tag) if probe.metas[tag as usize].as_deref() != Some(&value[..]) => Err(ReadError::Changed),
+            SqliteKey::Chunk(FileTag::Main, i) => main.place(i, &value).map_err(ReadError::from),
+            SqliteKey::MalformedChunk(FileTag::Main) => {
+                Err(main.mismatch("a chunk key's index is not 4 bytes".into()).into())
+            }
+            SqliteKey::Chunk(tag, i) if Some(tag) == sidecar_tag => {
+                // `sidecar` is Some exactly when `sidecar_tag` is.
+                sidecar.as_mut().expect("sidecar assembler").place(i, &value).map_err(ReadError::from)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = step {
+            failure = Some(e);
+        }
+        Ok(())
+    })
+    .await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let main = main.finish()?;
+    let sidecar = match (sidecar_tag, sidecar) {
+        (Some(tag), Some(a)) => Some((tag, a.finish()?)),
+        _ => None,
+    };
+    Ok(V1Image { main, sidecar, files: probe.files(), digest: digest.finish() })
+}
