@@ -4,15 +4,22 @@
 //! contract (byte layouts, keyspace, outcomes, reasons, queue semantics).
 
 pub mod actor;
+pub mod budget;
 pub mod checksum;
 pub mod clock;
+pub mod embedded;
+pub mod import;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod migrate;
+pub mod progress;
 pub mod reason;
+pub mod scan;
 pub mod recovery;
 pub mod store;
 pub mod synth;
+pub mod telemetry;
 pub mod testing;
 pub mod v1;
 pub mod v2;

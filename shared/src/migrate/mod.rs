@@ -344,7 +344,7 @@ impl Migrator {
         metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(image.pages));
         metrics::counter!(m::V1_BYTES_MIGRATED).increment(staged.main.len() as u64);
         metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(staged.storage_used);
-        info!(pages = image.pages, bytes = staged.main.len(), checksum = %staged.checksum.hex(), "migrated");
+        debug!(pages = image.pages, bytes = staged.main.len(), checksum = %staged.checksum.hex(), "migrated");
         Ok(Outcome { audit, bytes_written: staged.storage_used })
     }
 

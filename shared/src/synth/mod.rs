@@ -1,6 +1,7 @@
 //! The synthetic v1 keyspace: real SQLite databases laid out as v1 actors, for the demo, the
 //! benchmarks and the tests. Writes only under `v1/` of actors it creates.
 
+pub mod keyspace;
 pub mod sqlite;
 
 use crate::actor::ActorId;

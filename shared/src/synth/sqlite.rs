@@ -209,3 +209,9 @@ pub fn integrity_check(main: &[u8]) -> SynthResult<String> {
         .map_err(err("integrity_check"))?;
     Ok(lines.join("; "))
 }
+
+/// The main file of a WAL database with its WAL left out, plus its SHM: an actor whose only
+/// sidecar is the SHM index.
+pub fn checkpointed_main(files: &DbFiles) -> SynthResult<DbFiles> {
+    Ok(DbFiles { main: files.main.clone(), journal: None, wal: None, shm: files.shm.clone() })
+}

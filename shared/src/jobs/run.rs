@@ -1,0 +1,219 @@
+//! Running one job: parse, reserve memory, migrate, and decide the job's fate. The same code
+//! path serves the embedded runner and the AMQP worker; they differ only in what they do with
+//! the [`Disposition`].
+//!
+//! Invariants: every job ends in exactly one disposition (ack, retry later, dead-letter); a
+//! dead letter's audit record (and, embedded, its `ferry/dead/` record) is durable before the
+//! disposition is returned; a job's fate is decided by [`Cause::fate`], never by error text.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use tracing::{info, warn};
+
+use crate::budget::MemoryBudget;
+use crate::keys;
+use crate::metrics as m;
+use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Request};
+use crate::reason::DeadLetterReason;
+use crate::store::Txn;
+use crate::v1::FileTag;
+use crate::v1::keys::{decode_meta, meta_key};
+
+use super::dead::{DeadLetter, kept_body};
+use super::message::{BadMessage, Job};
+
+/// How transient failures are retried.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; past it a job is `retries_exhausted`.
+    pub max_attempts: u32,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 8, min_delay: Duration::from_secs(1), max_delay: Duration::from_secs(120) }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempts + 1`: exponential with jitter.
+    pub fn delay(&self, attempts: u32) -> Duration {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(attempts.saturating_sub(1) as usize)
+            .unwrap_or(self.max_delay)
+    }
+}
+
+/// Where dead letters are kept besides the audit record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterSink {
+    /// Embedded mode: `ferry/dead/{actor}`, in the audit's transaction.
+    Store,
+    /// Fleet mode: the broker's dead-letter queue (the worker publishes it).
+    Broker,
+}
+
+/// What to do with a job.
+#[derive(Debug)]
+pub enum Disposition {
+    /// Done (migrated or skipped); the audit record is durable.
+    Ack(Outcome),
+    /// A transient failure: try again after `delay`.
+    Retry { delay: Duration, error: String },
+    /// Permanent (or out of retries): the dead letter to keep.
+    DeadLetter(DeadLetter),
+}
+
+/// Runs jobs against one store.
+#[derive(Clone)]
+pub struct JobRunner {
+    pub migrator: Migrator,
+    pub retry: RetryPolicy,
+    pub sink: DeadLetterSink,
+    pub budget: MemoryBudget,
+}
+
+impl JobRunner {
+    /// Runs the job in `body`, delivered for the `attempts`-th time.
+    pub async fn run(&self, body: &[u8], attempts: u32) -> Disposition {
+        match Job::parse(body) {
+            Ok(job) => self.run_job(&job, attempts).await,
+            Err(bad) => self.bad_message(body, &bad, attempts),
+        }
+    }
+
+    pub async fn run_job(&self, job: &Job, attempts: u32) -> Disposition {
+        metrics::counter!(m::ATTEMPTS).increment(1);
+        metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
+        let _reservation = self.budget.reserve(self.footprint(job).await).await;
+        let req = Request { actor: job.actor_id.clone(), campaign: job.campaign.clone(), recovery: job.recovery, attempts };
+        let result = self.migrator.migrate(&req).await;
+        metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
+        match result {
+            Ok(outcome) => {
+                metrics::counter!(m::OUTCOMES, "outcome" => outcome.kind().as_str()).increment(1);
+                if let Some(bytes) = outcome.audit.v1_bytes.filter(|_| outcome.kind() == OutcomeKind::Migrated) {
+                    metrics::histogram!(m::JOB_V1_BYTES).record(bytes as f64);
+                }
+                Disposition::Ack(outcome)
+            }
+            Err(e) => self.failed(job, e, attempts).await,
+        }
+    }
+
+    /// The bytes this job will hold: its main file (and sidecar, under a recovery).
+    async fn footprint(&self, job: &Job) -> u64 {
+        let store = self.migrator.store();
+        let mut bytes = 0;
+        let tags: &[FileTag] = if job.recovery.is_some() { &FileTag::ALL } else { &[FileTag::Main] };
+        for tag in tags {
+            if let Ok(Some(meta)) = store.get(&meta_key(&job.actor_id, *tag)).await {
+                bytes += decode_meta(&meta).unwrap_or(0).min(self.migrator.config().max_size);
+            }
+        }
+        MemoryBudget::footprint(bytes)
+    }
+
+    async fn failed(&self, job: &Job, e: MigrateError, attempts: u32) -> Disposition {
+        metrics::counter!(m::FAILURES, "phase" => e.phase.as_str(), "kind" => e.cause.kind()).increment(1);
+        let reason = match e.fate() {
+            Fate::DeadLetter(reason) => reason,
+            Fate::Retry if attempts < self.retry.max_attempts => {
+                let delay = self.retry.delay(attempts);
+                metrics::counter!(m::RETRIES).increment(1);
+                info!(actor = %job.actor_id, attempts, ?delay, error = %e, "transient failure; retrying later");
+                return Disposition::Retry { delay, error: e.to_string() };
+            }
+            Fate::Retry => DeadLetterReason::RetriesExhausted,
+        };
+        if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
+            metrics::counter!(m::JOURNALS_REJECTED).increment(1);
+        }
+        let dead = DeadLetter {
+            actor_id: job.actor_id.to_string(),
+            campaign: job.campaign.clone(),
+            reason,
+            phase: e.phase.as_str().to_string(),
+            error: e.to_string(),
+            attempts,
+            worker: self.migrator.config().worker_id.clone(),
+            at_ms: self.migrator.now_ms(),
+            v1_files: e.files.clone(),
+            recovery: job.recovery,
+            message: kept_body(&job.encode()),
+        };
+        match self.record(job, &dead).await {
+            Ok(()) => {}
+            // Out of retries and the store is down: the broker's dead letter is the record.
+            Err(err) if reason == DeadLetterReason::RetriesExhausted && self.sink == DeadLetterSink::Broker => {
+                warn!(actor = %job.actor_id, error = %err, "could not write the audit of an exhausted job");
+            }
+            Err(err) => {
+                let delay = self.retry.delay(attempts);
+                return Disposition::Retry { delay, error: format!("recording dead letter: {err}") };
+            }
+        }
+        metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+        metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
+        warn!(actor = %job.actor_id, %reason, error = %e, "dead-lettered");
+        Disposition::DeadLetter(dead)
+    }
+
+    /// Writes the dead letter's audit record (and its `ferry/dead/` record, embedded) in one
+    /// transaction.
+    async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<(), crate::store::StoreError> {
+        let audit = AuditRecord {
+            actor_id: job.actor_id.clone(),
+            campaign: job.campaign.clone(),
+            outcome: OutcomeKind::DeadLettered,
+            reason: Some(dead.reason),
+            phase: Some(dead.phase.clone()),
+            error: Some(dead.error.clone()),
+            recovery: job.recovery,
+            pages: None,
+            v1_bytes: dead.v1_files.as_ref().and_then(|f| f.main),
+            checksum: None,
+            generation: None,
+            worker: dead.worker.clone(),
+            started_at_ms: job.enqueued_at_ms,
+            finished_at_ms: dead.at_ms,
+            v1_files: dead.v1_files.clone(),
+            attempts: Some(dead.attempts),
+        };
+        let mut txn = Txn::new();
+        txn.set(keys::audit(&job.actor_id), audit.encode());
+        if self.sink == DeadLetterSink::Store {
+            txn.set(keys::dead(&job.actor_id), dead.encode());
+        }
+        self.migrator.store().commit(txn).await
+    }
+
+    fn bad_message(&self, body: &[u8], bad: &BadMessage, attempts: u32) -> Disposition {
+        metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
+        metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
+        warn!(error = %bad, "bad message dead-lettered");
+        let raw: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        let field = |name: &str| raw.get(name).and_then(|v| v.as_str()).unwrap_or("").chars().take(80).collect();
+        Disposition::DeadLetter(DeadLetter {
+            actor_id: field("actor_id"),
+            campaign: field("campaign"),
+            reason: DeadLetterReason::BadMessage,
+            phase: "parse".into(),
+            error: bad.to_string(),
+            attempts,
+            worker: self.migrator.config().worker_id.clone(),
+            at_ms: self.migrator.now_ms(),
+            v1_files: None,
+            recovery: None,
+            message: kept_body(body),
+        })
+    }
+}

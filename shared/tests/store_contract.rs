@@ -1,0 +1,720 @@
+//! The `Store` contract (DESIGN.md section 1, `store/mod.rs`), one suite run against every
+//! backend: each test below is instantiated once for SQLite and once for PostgreSQL by
+//! `contract!`. PostgreSQL must be running (`ferry::testing::postgres_url()`); a test against
+//! it fails, never skips, when it is not.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use ferry::store::limits::{MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES};
+use ferry::store::{
+    DynStore, KeyRange, KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end,
+};
+
+/// Instantiates every listed `async fn name(store: DynStore)` once per backend, in modules
+/// `sqlite` and `postgres`, each on a fresh isolated store.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Sqlite).await;
+                    super::$name(ts.store()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Postgres).await;
+                    super::$name(ts.store()).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    get_set_clear_round_trip_binary_values,
+    keys_sort_bytewise_shorter_prefix_first_with_zero_and_ff_bytes,
+    scan_is_half_open_ascending_and_honours_limit,
+    prefix_range_holds_exactly_the_keys_with_that_prefix,
+    after_continues_a_scan_just_past_a_key,
+    first_key_is_the_smallest_key_inside_the_range,
+    for_each_row_visits_every_row_in_order_one_batch_per_scan,
+    for_each_row_stops_at_the_first_visitor_error,
+    failing_second_value_check_writes_nothing_and_reports_index_1,
+    failing_second_range_digest_check_writes_nothing_and_reports_index_1,
+    value_check_on_an_absent_key,
+    range_digest_check_passes_unchanged_and_fails_after_any_change,
+    clear_range_removes_exactly_the_half_open_range,
+    mutations_apply_in_order_within_a_transaction,
+    value_over_the_limit_is_refused_and_nothing_is_written,
+    key_over_the_limit_is_refused_and_nothing_is_written,
+    transaction_over_the_write_limit_is_refused_and_nothing_is_written,
+    transaction_at_the_limits_commits,
+    racing_inserts_on_the_same_absent_key_exactly_one_wins,
+    optimistic_increments_from_concurrent_tasks_are_never_lost,
+);
+
+/// Every row of the store (the tests only use keys below `[0xff; 8]`).
+fn everything() -> KeyRange {
+    KeyRange::new(Vec::new(), vec![0xff; 8])
+}
+
+async fn all_rows(store: &dyn Store) -> Vec<KeyValue> {
+    store.scan(&everything(), usize::MAX).await.expect("scan everything")
+}
+
+async fn set_all(store: &dyn Store, rows: &[(Vec<u8>, Vec<u8>)]) {
+    let mut txn = Txn::new();
+    for (k, v) in rows {
+        txn.set(k.clone(), v.clone());
+    }
+    store.commit(txn).await.expect("seed rows");
+}
+
+fn keys_of(rows: &[KeyValue]) -> Vec<Vec<u8>> {
+    rows.iter().map(|(k, _)| k.clone()).collect()
+}
+
+fn digest_of(rows: &[KeyValue]) -> u128 {
+    let mut d = RangeDigest::new();
+    for (k, v) in rows {
+        d.update(k, v);
+    }
+    d.finish()
+}
+
+fn numbered(prefix: &str, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..n).map(|i| (format!("{prefix}{i:03}").into_bytes(), format!("value {i}").into_bytes())).collect()
+}
+
+async fn get_set_clear_round_trip_binary_values(store: DynStore) {
+    let key = b"k\x00\xff".to_vec();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+
+    let binary: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let mut txn = Txn::new();
+    txn.set(key.clone(), binary.clone());
+    store.commit(txn).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), Some(binary));
+
+    // Overwrite; an empty value is a value, not an absence.
+    let mut txn = Txn::new();
+    txn.set(key.clone(), Vec::new());
+    store.commit(txn).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), Some(Vec::new()));
+
+    // A key differing only after a 0x00 byte is another key.
+    assert_eq!(store.get(b"k\x00").await.unwrap(), None);
+    assert_eq!(store.get(b"k\x00\xff\x00").await.unwrap(), None);
+
+    let mut txn = Txn::new();
+    txn.clear(key.clone());
+    store.commit(txn).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), None);
+
+    // Clearing an absent key is not an error, and an empty transaction commits.
+    let mut txn = Txn::new();
+    txn.clear(key.clone());
+    store.commit(txn).await.unwrap();
+    store.commit(Txn::new()).await.unwrap();
+    assert!(all_rows(&*store).await.is_empty());
+}
+
+async fn keys_sort_bytewise_shorter_prefix_first_with_zero_and_ff_bytes(store: DynStore) {
+    let sorted: Vec<Vec<u8>> = vec![
+        vec![0x00],
+        vec![0x00, 0x00],
+        vec![0x00, 0x01],
+        vec![0x01],
+        b"a".to_vec(),
+        b"a\x00".to_vec(),
+        b"a\x00\x00".to_vec(),
+        b"a\x00\xff".to_vec(),
+        b"a\x01".to_vec(),
+        b"ab".to_vec(),
+        b"abc".to_vec(),
+        b"a\x7f".to_vec(),
+        b"a\x80".to_vec(), // unsigned: 0x80 sorts after 0x7f
+        b"a\xff".to_vec(),
+        b"a\xff\xff".to_vec(),
+        b"b".to_vec(),
+        vec![0x7f],
+        vec![0x80],
+        vec![0xfe, 0xff],
+        vec![0xff],
+        vec![0xff, 0x00],
+        vec![0xff, 0xff],
+        vec![0xff, 0xff, 0xff],
+    ];
+    assert!(sorted.windows(2).all(|w| w[0] < w[1]), "the expected order itself is not memcmp order");
+    // Insert in a scrambled order, in two transactions.
+    let mut scrambled: Vec<Vec<u8>> = sorted.clone();
+    scrambled.reverse();
+    scrambled.rotate_left(7);
+    let (first, second) = scrambled.split_at(10);
+    for part in [first, second] {
+        let mut txn = Txn::new();
+        for k in part {
+            txn.set(k.clone(), k.iter().rev().copied().collect::<Vec<u8>>());
+        }
+        store.commit(txn).await.unwrap();
+    }
+
+    let rows = all_rows(&*store).await;
+    assert_eq!(keys_of(&rows), sorted, "scan order is not memcmp order");
+    for (k, v) in &rows {
+        assert_eq!(v, &k.iter().rev().copied().collect::<Vec<u8>>(), "value of {k:?}");
+        assert_eq!(store.get(k).await.unwrap().as_ref(), Some(v), "point get of {k:?}");
+    }
+
+    // Range bounds compare the same way: [a, a\x01) holds a and the keys a\x00...
+    let rows = store.scan(&KeyRange::new(b"a".to_vec(), b"a\x01".to_vec()), 100).await.unwrap();
+    assert_eq!(
+        keys_of(&rows),
+        vec![b"a".to_vec(), b"a\x00".to_vec(), b"a\x00\x00".to_vec(), b"a\x00\xff".to_vec()]
+    );
+    // ... and [ff, ff ff) holds ff and ff 00 only.
+    let rows = store.scan(&KeyRange::new(vec![0xff], vec![0xff, 0xff]), 100).await.unwrap();
+    assert_eq!(keys_of(&rows), vec![vec![0xff], vec![0xff, 0x00]]);
+}
+
+async fn scan_is_half_open_ascending_and_honours_limit(store: DynStore) {
+    let rows = numbered("k", 10);
+    set_all(&*store, &rows).await;
+    let key = |i: usize| format!("k{i:03}").into_bytes();
+
+    let got = store.scan(&KeyRange::new(key(2), key(5)), 100).await.unwrap();
+    assert_eq!(got, rows[2..5].to_vec(), "start inclusive, end exclusive, values with keys");
+
+    let got = store.scan(&KeyRange::new(key(2), key(5)), 2).await.unwrap();
+    assert_eq!(got, rows[2..4].to_vec(), "limit keeps the first rows");
+
+    let got = store.scan(&KeyRange::new(key(0), key(9)), 9).await.unwrap();
+    assert_eq!(got, rows[..9].to_vec());
+
+    // Bounds between keys.
+    let got = store.scan(&KeyRange::new(b"k002x".to_vec(), b"k004\x00".to_vec()), 100).await.unwrap();
+    assert_eq!(got, rows[3..5].to_vec());
+
+    assert!(store.scan(&KeyRange::new(key(3), key(3)), 100).await.unwrap().is_empty(), "empty range");
+    assert!(store.scan(&KeyRange::new(key(5), key(2)), 100).await.unwrap().is_empty(), "inverted range");
+    assert!(store.scan(&KeyRange::new(key(0), key(9)), 0).await.unwrap().is_empty(), "limit 0");
+    assert_eq!(store.scan(&everything(), 1).await.unwrap(), rows[..1].to_vec());
+    assert_eq!(store.scan(&everything(), usize::MAX).await.unwrap(), rows);
+}
+
+async fn prefix_range_holds_exactly_the_keys_with_that_prefix(store: DynStore) {
+    let keys: Vec<Vec<u8>> = vec![
+        b"a".to_vec(),
+        b"aa\xff".to_vec(),
+        b"ab".to_vec(),
+        b"ab\x00".to_vec(),
+        b"ab\xff\xff".to_vec(),
+        b"abc".to_vec(),
+        b"ac".to_vec(),
+        b"b".to_vec(),
+        b"q\xff".to_vec(),
+        b"q\xff\x00".to_vec(),
+        b"q\xff\xff".to_vec(),
+        b"r".to_vec(),
+        b"r\x00".to_vec(),
+    ];
+    set_all(&*store, &keys.iter().map(|k| (k.clone(), b"v".to_vec())).collect::<Vec<_>>()).await;
+
+    let range = KeyRange::prefix(b"ab");
+    assert_eq!(range.end, b"ac".to_vec());
+    let got = keys_of(&store.scan(&range, 100).await.unwrap());
+    assert_eq!(got, vec![b"ab".to_vec(), b"ab\x00".to_vec(), b"abc".to_vec(), b"ab\xff\xff".to_vec()]);
+    for k in &keys {
+        assert_eq!(range.contains(k), k.starts_with(b"ab"), "contains({k:?})");
+    }
+
+    // A prefix ending in 0xff carries into the byte before it.
+    let range = KeyRange::prefix(b"q\xff");
+    assert_eq!(range.end, b"r".to_vec());
+    assert_eq!(prefix_end(b"q\xff\xff"), b"r".to_vec());
+    let got = keys_of(&store.scan(&range, 100).await.unwrap());
+    assert_eq!(got, vec![b"q\xff".to_vec(), b"q\xff\x00".to_vec(), b"q\xff\xff".to_vec()]);
+
+    assert!(store.scan(&KeyRange::prefix(b"abd"), 100).await.unwrap().is_empty());
+}
+
+async fn after_continues_a_scan_just_past_a_key(store: DynStore) {
+    let keys: Vec<Vec<u8>> = vec![
+        b"p".to_vec(),
+        b"p\x00".to_vec(),
+        b"p\x00\x00".to_vec(),
+        b"p\x01".to_vec(),
+        b"pz".to_vec(),
+        b"p\xff".to_vec(),
+        b"q".to_vec(),
+    ];
+    set_all(&*store, &keys.iter().map(|k| (k.clone(), k.clone())).collect::<Vec<_>>()).await;
+    let range = KeyRange::prefix(b"p");
+
+    // after(k) excludes k itself but not k ++ 0x00, and keeps the end.
+    let after = range.after(b"p");
+    assert_eq!(after.end, range.end);
+    assert!(!after.contains(b"p"));
+    assert!(after.contains(b"p\x00"));
+    assert_eq!(store.first_key(&after).await.unwrap(), Some(b"p\x00".to_vec()));
+
+    // Paging with after() visits every key of the range once, in order, for any page size.
+    for page in 1..=4 {
+        let mut cursor = range.clone();
+        let mut seen = Vec::new();
+        loop {
+            let rows = store.scan(&cursor, page).await.unwrap();
+            assert!(rows.len() <= page);
+            let Some((last, _)) = rows.last().cloned() else { break };
+            seen.extend(keys_of(&rows));
+            cursor = cursor.after(&last);
+        }
+        assert_eq!(seen, keys[..6].to_vec(), "page size {page}");
+    }
+}
+
+async fn first_key_is_the_smallest_key_inside_the_range(store: DynStore) {
+    assert_eq!(store.first_key(&everything()).await.unwrap(), None, "empty store");
+    set_all(
+        &*store,
+        &[(b"m\x00".to_vec(), b"1".to_vec()), (b"m\x05".to_vec(), b"2".to_vec()), (b"n".to_vec(), b"3".to_vec())],
+    )
+    .await;
+    assert_eq!(store.first_key(&everything()).await.unwrap(), Some(b"m\x00".to_vec()));
+    assert_eq!(store.first_key(&KeyRange::prefix(b"m")).await.unwrap(), Some(b"m\x00".to_vec()));
+    // Start between keys: the next key at or after it.
+    assert_eq!(store.first_key(&KeyRange::new(b"m\x01".to_vec(), b"z".to_vec())).await.unwrap(), Some(b"m\x05".to_vec()));
+    // Start exactly on a key: that key.
+    assert_eq!(store.first_key(&KeyRange::new(b"m\x05".to_vec(), b"z".to_vec())).await.unwrap(), Some(b"m\x05".to_vec()));
+    // The end is exclusive.
+    assert_eq!(store.first_key(&KeyRange::new(b"m\x06".to_vec(), b"n".to_vec())).await.unwrap(), None);
+    assert_eq!(store.first_key(&KeyRange::new(b"m\x06".to_vec(), b"n\x00".to_vec())).await.unwrap(), Some(b"n".to_vec()));
+    assert_eq!(store.first_key(&KeyRange::prefix(b"mm")).await.unwrap(), None);
+}
+
+/// Wraps a store and records every scan (limit asked, rows returned).
+struct ScanCounter {
+    inner: DynStore,
+    scans: Mutex<Vec<(usize, usize)>>,
+}
+
+#[async_trait]
+impl Store for ScanCounter {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let rows = self.inner.scan(range, limit).await?;
+        self.scans.lock().unwrap().push((limit, rows.len()));
+        Ok(rows)
+    }
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.first_key(range).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.inner.commit(txn).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+async fn for_each_row_visits_every_row_in_order_one_batch_per_scan(store: DynStore) {
+    let rows = numbered("r", 25);
+    set_all(&*store, &rows).await;
+    // Rows outside the range are not visited.
+    set_all(&*store, &[(b"q".to_vec(), b"x".to_vec()), (b"s".to_vec(), b"x".to_vec())]).await;
+    let counter = ScanCounter { inner: store.clone(), scans: Mutex::new(Vec::new()) };
+
+    for batch in [1usize, 5, 7, 25, 26, 1000] {
+        counter.scans.lock().unwrap().clear();
+        let mut seen = Vec::new();
+        for_each_row(&counter, &KeyRange::prefix(b"r"), batch, |k, v| {
+            seen.push((k.to_vec(), v));
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen, rows, "batch {batch}");
+        let scans = counter.scans.lock().unwrap().clone();
+        assert!(scans.iter().all(|&(limit, got)| limit == batch && got <= batch), "batch {batch}: {scans:?}");
+        // Full batches continue; the first short batch ends the walk (an exact multiple needs
+        // one more, empty, scan to see the end).
+        let expected_scans = 25 / batch + 1;
+        assert_eq!(scans.len(), expected_scans, "batch {batch}: {scans:?}");
+    }
+
+    let mut visited = 0;
+    for_each_row(&counter, &KeyRange::prefix(b"nothing"), 4, |_, _| {
+        visited += 1;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(visited, 0);
+}
+
+async fn for_each_row_stops_at_the_first_visitor_error(store: DynStore) {
+    set_all(&*store, &numbered("r", 12)).await;
+    let mut visited = 0;
+    let result = for_each_row(&*store, &KeyRange::prefix(b"r"), 5, |k, _| {
+        visited += 1;
+        if k == b"r006" {
+            return Err(StoreError::Failed { backend: "test", message: "visitor says stop".into() });
+        }
+        Ok(())
+    })
+    .await;
+    assert!(matches!(result, Err(StoreError::Failed { ref message, .. }) if message == "visitor says stop"), "{result:?}");
+    assert_eq!(visited, 7, "rows after the failing one were visited");
+}
+
+async fn failing_second_value_check_writes_nothing_and_reports_index_1(store: DynStore) {
+    set_all(&*store, &[(b"guard".to_vec(), b"ok".to_vec()), (b"other".to_vec(), b"old".to_vec())]).await;
+    let before = all_rows(&*store).await;
+
+    let mut txn = Txn::new();
+    txn.check_value(b"guard".to_vec(), Some(b"ok".to_vec())); // holds
+    txn.check_value(b"other".to_vec(), Some(b"not what is there".to_vec())); // fails
+    txn.set(b"new".to_vec(), b"1".to_vec());
+    txn.set(b"other".to_vec(), b"new".to_vec());
+    txn.clear(b"guard".to_vec());
+    txn.clear_range(KeyRange::prefix(b"o"));
+    let err = store.commit(txn).await.unwrap_err();
+    match &err {
+        StoreError::Conflict { index, key } => {
+            assert_eq!(*index, 1);
+            assert_eq!(key, b"other");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert!(err.is_transient());
+    assert_eq!(all_rows(&*store).await, before, "a failed check wrote something");
+
+    // The first failing check is the one reported, even when a later one fails too.
+    let mut txn = Txn::new();
+    txn.check_value(b"guard".to_vec(), None);
+    txn.check_value(b"other".to_vec(), None);
+    txn.set(b"new".to_vec(), b"1".to_vec());
+    assert!(matches!(store.commit(txn).await, Err(StoreError::Conflict { index: 0, .. })));
+    assert_eq!(all_rows(&*store).await, before);
+}
+
+async fn failing_second_range_digest_check_writes_nothing_and_reports_index_1(store: DynStore) {
+    let rows = numbered("d", 5);
+    set_all(&*store, &rows).await;
+    set_all(&*store, &[(b"guard".to_vec(), b"ok".to_vec())]).await;
+    let before = all_rows(&*store).await;
+    let range = KeyRange::prefix(b"d");
+    let stale = digest_of(&rows[..4]); // a digest of what the range no longer is
+
+    let mut txn = Txn::new();
+    txn.check_value(b"guard".to_vec(), Some(b"ok".to_vec()));
+    txn.check_range_digest(range.clone(), stale);
+    txn.set(b"new".to_vec(), b"1".to_vec());
+    txn.clear_range(range.clone());
+    let err = store.commit(txn).await.unwrap_err();
+    match &err {
+        StoreError::Conflict { index, key } => {
+            assert_eq!(*index, 1);
+            assert_eq!(key, &range.start, "a digest check reports its range start");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(all_rows(&*store).await, before, "a failed digest check wrote something");
+}
+
+async fn value_check_on_an_absent_key(store: DynStore) {
+    // Expecting a value on an absent key fails; expecting absence holds.
+    let mut txn = Txn::new();
+    txn.check_value(b"absent".to_vec(), Some(Vec::new()));
+    txn.set(b"x".to_vec(), b"1".to_vec());
+    assert!(matches!(store.commit(txn).await, Err(StoreError::Conflict { index: 0, .. })));
+    assert_eq!(store.get(b"x").await.unwrap(), None);
+
+    let mut txn = Txn::new();
+    txn.check_value(b"absent".to_vec(), None);
+    txn.set(b"x".to_vec(), b"1".to_vec());
+    store.commit(txn).await.unwrap();
+    assert_eq!(store.get(b"x").await.unwrap(), Some(b"1".to_vec()));
+
+    // An empty value is present: expecting absence fails on it.
+    set_all(&*store, &[(b"empty".to_vec(), Vec::new())]).await;
+    let mut txn = Txn::new();
+    txn.check_value(b"empty".to_vec(), None);
+    assert!(matches!(store.commit(txn).await, Err(StoreError::Conflict { index: 0, .. })));
+    let mut txn = Txn::new();
+    txn.check_value(b"empty".to_vec(), Some(Vec::new()));
+    store.commit(txn).await.unwrap();
+}
+
+async fn range_digest_check_passes_unchanged_and_fails_after_any_change(store: DynStore) {
+    let range = KeyRange::prefix(b"v1/a/\x08");
+    let rows: Vec<KeyValue> = (0..6u8).map(|i| ([b"v1/a/\x08".as_slice(), &[i]].concat(), vec![i; 100])).collect();
+    set_all(&*store, &rows).await;
+    // Neighbours outside the range.
+    set_all(&*store, &[(b"v1/a/\x07".to_vec(), b"n".to_vec()), (b"v1/a/\x09".to_vec(), b"n".to_vec())]).await;
+
+    let digest = |rows: &[KeyValue]| digest_of(rows);
+    let current = digest(&store.scan(&range, usize::MAX).await.unwrap());
+    assert_eq!(current, digest(&rows));
+
+    let check = |expected: u128| {
+        let mut txn = Txn::new();
+        txn.check_range_digest(range.clone(), expected);
+        txn.set(b"marker".to_vec(), expected.to_be_bytes().to_vec());
+        txn
+    };
+    store.commit(check(current)).await.expect("unchanged range passes");
+    assert!(store.get(b"marker").await.unwrap().is_some());
+
+    // Writes outside the range do not change its digest.
+    set_all(&*store, &[(b"v1/a/\x07".to_vec(), b"changed".to_vec()), (b"v1/a/\x09\x00".to_vec(), b"new".to_vec())]).await;
+    store.commit(check(current)).await.expect("changes outside the range do not count");
+
+    // Any change inside fails it: a value, a new key, a removed key.
+    let changes: Vec<Txn> = {
+        let mut value = Txn::new();
+        value.set(rows[3].0.clone(), vec![3; 101]);
+        let mut added = Txn::new();
+        added.set([rows[5].0.as_slice(), b"\x00"].concat(), Vec::new());
+        let mut removed = Txn::new();
+        removed.clear(rows[0].0.clone());
+        vec![value, added, removed]
+    };
+    for change in changes {
+        let before_change = store.scan(&range, usize::MAX).await.unwrap();
+        let expected = digest(&before_change);
+        store.commit(check(expected)).await.expect("digest of the current rows passes");
+        store.commit(change.clone()).await.unwrap();
+        let err = store.commit(check(expected)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { index: 0, .. }), "{change:?}: {err:?}");
+    }
+
+    // An empty range digests to the empty digest.
+    let mut txn = Txn::new();
+    txn.check_range_digest(KeyRange::prefix(b"nothing here"), RangeDigest::new().finish());
+    store.commit(txn).await.unwrap();
+}
+
+async fn clear_range_removes_exactly_the_half_open_range(store: DynStore) {
+    let rows = numbered("c", 10);
+    set_all(&*store, &rows).await;
+    set_all(&*store, &[(b"c004\x00".to_vec(), b"x".to_vec()), (b"c007".to_vec(), b"value 7".to_vec())]).await;
+
+    let mut txn = Txn::new();
+    txn.clear_range(KeyRange::new(b"c003".to_vec(), b"c007".to_vec()));
+    store.commit(txn).await.unwrap();
+    let left = keys_of(&all_rows(&*store).await);
+    let expected: Vec<Vec<u8>> =
+        [0, 1, 2, 7, 8, 9].iter().map(|i| format!("c{i:03}").into_bytes()).collect();
+    assert_eq!(left, expected, "start cleared, end kept");
+
+    // An empty or inverted range clears nothing.
+    let mut txn = Txn::new();
+    txn.clear_range(KeyRange::new(b"c008".to_vec(), b"c008".to_vec()));
+    txn.clear_range(KeyRange::new(b"c009".to_vec(), b"c000".to_vec()));
+    store.commit(txn).await.unwrap();
+    assert_eq!(keys_of(&all_rows(&*store).await), expected);
+}
+
+async fn mutations_apply_in_order_within_a_transaction(store: DynStore) {
+    set_all(&*store, &[(b"pre".to_vec(), b"existing".to_vec()), (b"r/1".to_vec(), b"x".to_vec())]).await;
+
+    let mut txn = Txn::new();
+    // set then clear: absent
+    txn.set(b"a".to_vec(), b"1".to_vec());
+    txn.clear(b"a".to_vec());
+    // clear then set: present
+    txn.clear(b"pre".to_vec());
+    txn.set(b"pre".to_vec(), b"replaced".to_vec());
+    // set twice: the last wins
+    txn.set(b"b".to_vec(), b"first".to_vec());
+    txn.set(b"b".to_vec(), b"second".to_vec());
+    // set, clear-range over it, set again: the last set wins, others in the range go
+    txn.set(b"r/2".to_vec(), b"y".to_vec());
+    txn.set(b"r/3".to_vec(), b"z".to_vec());
+    txn.clear_range(KeyRange::prefix(b"r/"));
+    txn.set(b"r/3".to_vec(), b"after".to_vec());
+    // set, clear, set: present with the last value
+    txn.set(b"c".to_vec(), b"1".to_vec());
+    txn.clear(b"c".to_vec());
+    txn.set(b"c".to_vec(), b"3".to_vec());
+    // clear, set, clear: absent
+    txn.clear(b"d".to_vec());
+    txn.set(b"d".to_vec(), b"1".to_vec());
+    txn.clear(b"d".to_vec());
+    store.commit(txn).await.unwrap();
+
+    let rows = all_rows(&*store).await;
+    assert_eq!(
+        rows,
+        vec![
+            (b"b".to_vec(), b"second".to_vec()),
+            (b"c".to_vec(), b"3".to_vec()),
+            (b"pre".to_vec(), b"replaced".to_vec()),
+            (b"r/3".to_vec(), b"after".to_vec()),
+        ]
+    );
+}
+
+async fn value_over_the_limit_is_refused_and_nothing_is_written(store: DynStore) {
+    // Exactly the limit is fine.
+    let mut txn = Txn::new();
+    txn.set(b"max".to_vec(), vec![7u8; MAX_VALUE_BYTES]);
+    store.commit(txn).await.unwrap();
+    assert_eq!(store.get(b"max").await.unwrap().map(|v| v.len()), Some(MAX_VALUE_BYTES));
+    let before = all_rows(&*store).await;
+
+    let mut txn = Txn::new();
+    txn.set(b"small".to_vec(), b"fits".to_vec());
+    txn.set(b"big".to_vec(), vec![1u8; MAX_VALUE_BYTES + 1]);
+    txn.clear(b"max".to_vec());
+    match store.commit(txn).await {
+        Err(StoreError::ValueTooLarge { key, size, max }) => {
+            assert_eq!(key, b"big");
+            assert_eq!(size, MAX_VALUE_BYTES + 1);
+            assert_eq!(max, MAX_VALUE_BYTES);
+        }
+        other => panic!("expected ValueTooLarge, got {other:?}"),
+    }
+    assert_eq!(all_rows(&*store).await, before, "a refused transaction wrote something");
+}
+
+async fn key_over_the_limit_is_refused_and_nothing_is_written(store: DynStore) {
+    let mut txn = Txn::new();
+    txn.set(vec![b'k'; MAX_KEY_BYTES], b"max key".to_vec());
+    store.commit(txn).await.unwrap();
+    let before = all_rows(&*store).await;
+
+    let mut txn = Txn::new();
+    txn.set(b"small".to_vec(), b"fits".to_vec());
+    txn.set(vec![b'k'; MAX_KEY_BYTES + 1], b"v".to_vec());
+    assert!(
+        matches!(store.commit(txn).await, Err(StoreError::KeyTooLarge { size, .. }) if size == MAX_KEY_BYTES + 1),
+        "key over the limit accepted"
+    );
+    assert_eq!(all_rows(&*store).await, before);
+}
+
+/// Sets of `n` values of `value_len` bytes under 8-byte keys `t{i:07}`.
+fn big_txn(n: usize, value_len: usize) -> Txn {
+    let mut txn = Txn::new();
+    for i in 0..n {
+        txn.set(format!("t{i:07}").into_bytes(), vec![(i % 251) as u8; value_len]);
+    }
+    txn
+}
+
+async fn transaction_over_the_write_limit_is_refused_and_nothing_is_written(store: DynStore) {
+    set_all(&*store, &[(b"keep".to_vec(), b"me".to_vec())]).await;
+    let before = all_rows(&*store).await;
+
+    // Every value is within its limit; together they are over the transaction limit.
+    let n = MAX_TXN_WRITE_BYTES / MAX_VALUE_BYTES + 1;
+    let mut txn = big_txn(n, MAX_VALUE_BYTES);
+    txn.clear(b"keep".to_vec());
+    let size = txn.write_bytes();
+    assert!(size > MAX_TXN_WRITE_BYTES);
+    match store.commit(txn).await {
+        Err(StoreError::TransactionTooLarge { size: reported, max }) => {
+            assert_eq!(reported, size);
+            assert_eq!(max, MAX_TXN_WRITE_BYTES);
+        }
+        other => panic!("expected TransactionTooLarge, got {other:?}"),
+    }
+    assert_eq!(all_rows(&*store).await, before, "a refused transaction wrote something");
+}
+
+async fn transaction_at_the_limits_commits(store: DynStore) {
+    // Values of exactly MAX_VALUE_BYTES, filled up to exactly MAX_TXN_WRITE_BYTES.
+    let key_len = 8;
+    let n = MAX_TXN_WRITE_BYTES / (key_len + MAX_VALUE_BYTES);
+    let mut txn = big_txn(n, MAX_VALUE_BYTES);
+    let rest = MAX_TXN_WRITE_BYTES - txn.write_bytes() - key_len;
+    assert!(rest <= MAX_VALUE_BYTES);
+    txn.set(b"t_rest__".to_vec(), vec![9u8; rest]);
+    assert_eq!(txn.write_bytes(), MAX_TXN_WRITE_BYTES);
+    store.commit(txn).await.expect("a transaction exactly at the limits commits");
+
+    let rows = store.scan(&KeyRange::prefix(b"t"), usize::MAX).await.unwrap();
+    assert_eq!(rows.len(), n + 1);
+    let total: usize = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert_eq!(total, MAX_TXN_WRITE_BYTES);
+    assert_eq!(rows[3].1, vec![3u8; MAX_VALUE_BYTES]);
+}
+
+async fn racing_inserts_on_the_same_absent_key_exactly_one_wins(store: DynStore) {
+    const TASKS: usize = 8;
+    for round in 0..4 {
+        let key = format!("race/{round}").into_bytes();
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let handles: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let mut txn = Txn::new();
+                    txn.check_value(key.clone(), None);
+                    txn.set(key.clone(), vec![task as u8]);
+                    // A second key written by the same transaction: winners write both or none.
+                    txn.set([key.as_slice(), b"/by"].concat(), vec![task as u8]);
+                    (task, store.commit(txn).await)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for h in handles {
+            let (task, result) = h.await.unwrap();
+            match result {
+                Ok(()) => winners.push(task),
+                Err(StoreError::Conflict { index: 0, key: k }) => assert_eq!(k, key),
+                Err(e) => panic!("round {round}, task {task}: expected Ok or a conflict, got {e:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+        let w = winners[0] as u8;
+        assert_eq!(store.get(&key).await.unwrap(), Some(vec![w]));
+        assert_eq!(store.get(&[key.as_slice(), b"/by"].concat()).await.unwrap(), Some(vec![w]));
+    }
+}
+
+async fn optimistic_increments_from_concurrent_tasks_are_never_lost(store: DynStore) {
+    const TASKS: u64 = 4;
+    const EACH: u64 = 5;
+    set_all(&*store, &[(b"counter".to_vec(), 0u64.to_be_bytes().to_vec())]).await;
+    let handles: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut conflicts = 0u32;
+                for _ in 0..EACH {
+                    loop {
+                        let raw = store.get(b"counter").await.unwrap().unwrap();
+                        let n = u64::from_be_bytes(raw.as_slice().try_into().unwrap());
+                        let mut txn = Txn::new();
+                        txn.check_value(b"counter".to_vec(), Some(raw));
+                        txn.set(b"counter".to_vec(), (n + 1).to_be_bytes().to_vec());
+                        match store.commit(txn).await {
+                            Ok(()) => break,
+                            Err(StoreError::Conflict { .. }) => conflicts += 1,
+                            Err(e) => panic!("increment failed: {e:?}"),
+                        }
+                        assert!(conflicts < 10_000, "livelock");
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let raw = store.get(b"counter").await.unwrap().unwrap();
+    assert_eq!(u64::from_be_bytes(raw.as_slice().try_into().unwrap()), TASKS * EACH);
+}
