@@ -8,6 +8,24 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, params};
 
+/// Serializes the builders that depend on SQLite's process-wide PRNG (journal nonces, WAL
+/// salts), so a seeded PRNG gives the same bytes every time.
+static PRNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeds SQLite's PRNG: journal nonces and WAL salts come from it, and the generator promises
+/// the same keyspace for the same seed.
+fn seed_sqlite_prng(seed: u64) {
+    // SAFETY: SQLITE_TESTCTRL_PRNG_SEED takes an int and a (null) connection pointer; it only
+    // resets SQLite's internal PRNG state.
+    unsafe {
+        rusqlite::ffi::sqlite3_test_control(
+            rusqlite::ffi::SQLITE_TESTCTRL_PRNG_SEED,
+            (seed as u32 as i32) | 1,
+            std::ptr::null_mut::<rusqlite::ffi::sqlite3>(),
+        );
+    }
+}
+
 /// What goes into a database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DbSpec {
@@ -135,6 +153,8 @@ pub fn database(spec: &DbSpec) -> SynthResult<Vec<u8>> {
 /// commit; the journal holds the originals. `committed` rows are committed, `uncommitted`
 /// more are in flight.
 pub fn hot_journal(spec: &DbSpec, uncommitted: u32) -> SynthResult<DbFiles> {
+    let _prng = PRNG.lock().unwrap_or_else(|p| p.into_inner());
+    seed_sqlite_prng(spec.seed);
     let s = Scratch::new()?;
     let conn = Connection::open(&s.db).map_err(err("open"))?;
     create_schema(&conn, spec)?;
@@ -157,6 +177,8 @@ pub fn hot_journal(spec: &DbSpec, uncommitted: u32) -> SynthResult<DbFiles> {
 /// A WAL-mode database whose last `in_wal` rows are committed only in the WAL (never
 /// checkpointed), with its SHM file, as a crash leaves them.
 pub fn wal(spec: &DbSpec, in_wal: u32) -> SynthResult<DbFiles> {
+    let _prng = PRNG.lock().unwrap_or_else(|p| p.into_inner());
+    seed_sqlite_prng(spec.seed);
     let s = Scratch::new()?;
     let conn = Connection::open(&s.db).map_err(err("open"))?;
     create_schema(&conn, spec)?;
