@@ -97,7 +97,8 @@ async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|a| serde_json::json!({"actor_id": a.id, "case": a.case, "expected": a.case.expected()}))
             .collect();
-        std::fs::write(path, serde_json::to_vec_pretty(&manifest)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&manifest)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let progress = Progress::new("seeding", Some(cfg.actors));
     let mut last = 0;
@@ -112,7 +113,13 @@ async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("seeded {} actors ({:.1} MiB of v1 main files) in {:.1} s into {}", report.actors, report.v1_bytes as f64 / 1048576.0, report.seconds, store.describe());
+        println!(
+            "seeded {} actors ({:.1} MiB of v1 main files) in {:.1} s into {}",
+            report.actors,
+            report.v1_bytes as f64 / 1048576.0,
+            report.seconds,
+            store.describe()
+        );
         for (case, n) in &report.by_case {
             println!("  {case:<16} {n:>8}");
         }

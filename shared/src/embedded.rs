@@ -122,7 +122,11 @@ impl LocalSummary {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("  {k:<28} {v:>14}\n"));
-        out.push_str(&format!("ferry local run on {}{}\n", self.store, if self.completed { "" } else { " (INTERRUPTED)" }));
+        out.push_str(&format!(
+            "ferry local run on {}{}\n",
+            self.store,
+            if self.completed { "" } else { " (INTERRUPTED)" }
+        ));
         line(&mut out, "actors scanned", self.actors.to_string());
         out.push_str("outcomes\n");
         for kind in OutcomeKind::ALL {
@@ -163,7 +167,9 @@ async fn run_actor(runner: Arc<JobRunner>, job: Job) -> Finished {
                 tokio::time::sleep(delay).await;
                 attempts += 1;
             }
-            disposition => return Finished { disposition, attempts },
+            disposition => {
+                return Finished { disposition, attempts };
+            }
         }
     }
 }

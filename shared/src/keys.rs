@@ -37,12 +37,6 @@ pub fn campaign(name: &str) -> Vec<u8> {
 /// A key as text for logs: printable ASCII kept, other bytes as `\xNN`.
 pub fn printable(key: &[u8]) -> String {
     key.iter()
-        .flat_map(|&b| {
-            if b.is_ascii_graphic() {
-                vec![b as char]
-            } else {
-                format!("\\x{b:02x}").chars().collect()
-            }
-        })
+        .flat_map(|&b| if b.is_ascii_graphic() { vec![b as char] } else { format!("\\x{b:02x}").chars().collect() })
         .collect()
 }

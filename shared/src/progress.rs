@@ -59,7 +59,9 @@ impl Progress {
             *last = Instant::now();
             let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
             match self.total {
-                Some(total) => tracing::info!(done, total, rate = format!("{rate:.0}/s"), "{}", self.what),
+                Some(total) => {
+                    tracing::info!(done, total, rate = format!("{rate:.0}/s"), "{}", self.what)
+                }
                 None => tracing::info!(done, rate = format!("{rate:.0}/s"), "{}", self.what),
             }
         }

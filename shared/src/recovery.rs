@@ -39,9 +39,8 @@ impl fmt::Display for Recovery {
 impl std::str::FromStr for Recovery {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Recovery::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown recovery {s:?} (expected rollback_journal, checkpoint_wal, discard_shm or force)"))
+        Recovery::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
+            format!("unknown recovery {s:?} (expected rollback_journal, checkpoint_wal, discard_shm or force)")
+        })
     }
 }

@@ -77,7 +77,9 @@ impl Drop for TestStore {
 }
 
 fn drop_schema(url: &str, schema: &str) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return;
+    };
     rt.block_on(async {
         if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
             tokio::spawn(conn);

@@ -31,13 +31,37 @@ async fn local_run_ends_every_actor_as_planted_and_a_second_run_changes_nothing(
     let url = format!("sqlite:{}", dir.path().join("ferry.db").display());
     let actors = 240u64;
     let mix = "journal=0.05,wal=0.05,shm=0.03,corrupt=0.03,page_size=0.03,missing_chunk=0.03,oversize=0.02,bad_header=0.02,bad_meta=0.02,missing_main=0.02,not_aligned=0.02,native=0.03,no_v1=0.03";
-    run(Command::new(bin("ferry-producer")).args(["seed", "--store", &url, "--json", "--seed", "7", "--mix", mix, "--max-mib", "3", "--large-share", "0.02", "--actors"]).arg(actors.to_string()))?;
-    let summary = run(Command::new(bin("ferry-worker")).args(["local", "--store", &url, "--concurrency", "4", "--json"]))?;
+    run(Command::new(bin("ferry-producer"))
+        .args([
+            "seed",
+            "--store",
+            &url,
+            "--json",
+            "--seed",
+            "7",
+            "--mix",
+            mix,
+            "--max-mib",
+            "3",
+            "--large-share",
+            "0.02",
+            "--actors",
+        ])
+        .arg(actors.to_string()))?;
+    let summary =
+        run(Command::new(bin("ferry-worker")).args(["local", "--store", &url, "--concurrency", "4", "--json"]))?;
     assert_eq!(summary["completed"], true);
     assert_eq!(summary["actors"], actors);
 
     let store = store::open(&url, 2).await?;
-    let cfg = SeedConfig { actors, seed: 7, mix: Mix::parse(mix).map_err(anyhow::Error::msg)?, max_mib: 3, large_share: 0.02, ..SeedConfig::default() };
+    let cfg = SeedConfig {
+        actors,
+        seed: 7,
+        mix: Mix::parse(mix).map_err(anyhow::Error::msg)?,
+        max_mib: 3,
+        large_share: 0.02,
+        ..SeedConfig::default()
+    };
     let planted = plan(&cfg);
     let mut by_outcome: BTreeMap<String, u64> = BTreeMap::new();
     for actor in &planted {
@@ -45,7 +69,9 @@ async fn local_run_ends_every_actor_as_planted_and_a_second_run_changes_nothing(
         let audit = AuditRecord::decode(&raw).context("audit decodes")?;
         *by_outcome.entry(audit.outcome.as_str().into()).or_default() += 1;
         match actor.case.expected() {
-            Expected::Outcome(kind) => assert_eq!(audit.outcome, kind, "{} ({:?})", actor.id, actor.case),
+            Expected::Outcome(kind) => {
+                assert_eq!(audit.outcome, kind, "{} ({:?})", actor.id, actor.case)
+            }
             Expected::DeadLetter(reason) => {
                 assert_eq!(audit.outcome, OutcomeKind::DeadLettered, "{} ({:?})", actor.id, actor.case);
                 assert_eq!(audit.reason, Some(reason), "{}", actor.id);

@@ -90,14 +90,18 @@ mod tests {
         assert_eq!(job.actor_id.as_str(), "a1b2c3");
         assert_eq!(job.message_id(), "nov-backfill/a1b2c3");
         assert_eq!(Job::parse(&job.encode()).unwrap(), job);
-        let with_recovery = br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":"rollback_journal"}"#;
+        let with_recovery =
+            br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":"rollback_journal"}"#;
         assert_eq!(Job::parse(with_recovery).unwrap().recovery, Some(Recovery::RollbackJournal));
     }
 
     #[test]
     fn hostile_messages_are_bad_messages() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        let huge = format!(r#"{{"version":1,"campaign":"c","actor_id":"{}","enqueued_at_ms":0,"recovery":null}}"#, "a".repeat(20_000));
+        let huge = format!(
+            r#"{{"version":1,"campaign":"c","actor_id":"{}","enqueued_at_ms":0,"recovery":null}}"#,
+            "a".repeat(20_000)
+        );
         let cases: Vec<Vec<u8>> = vec![
             b"".to_vec(),
             b"not json".to_vec(),

@@ -94,7 +94,8 @@ impl JobRunner {
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
         let _reservation = self.budget.reserve(self.footprint(job).await).await;
-        let req = Request { actor: job.actor_id.clone(), campaign: job.campaign.clone(), recovery: job.recovery, attempts };
+        let req =
+            Request { actor: job.actor_id.clone(), campaign: job.campaign.clone(), recovery: job.recovery, attempts };
         let result = self.migrator.migrate(&req).await;
         metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
         match result {

@@ -98,9 +98,15 @@ impl Outcome {
 enum V2State {
     Fresh,
     Native,
-    Migrated { head: DBHead },
+    Migrated {
+        head: DBHead,
+    },
     /// A MigratingFromV1 head without a live lease: ours to take over.
-    Stale { head: DBHead, head_raw: Vec<u8>, lease_raw: Option<Vec<u8>> },
+    Stale {
+        head: DBHead,
+        head_raw: Vec<u8>,
+        lease_raw: Option<Vec<u8>>,
+    },
 }
 
 /// A validated main file, ready to stage.
@@ -156,7 +162,9 @@ impl Migrator {
         for _ in 0..BEGIN_ATTEMPTS {
             let state = self.inspect(&req.actor).await.map_err(|c| fail(Phase::Inspect, c, None))?;
             let (previous_raw, lease_raw, generation, txid) = match state {
-                V2State::Native => return self.skip(req, OutcomeKind::SkippedNativeV2, None, started).await,
+                V2State::Native => {
+                    return self.skip(req, OutcomeKind::SkippedNativeV2, None, started).await;
+                }
                 V2State::Migrated { head } => {
                     return self.skip(req, OutcomeKind::SkippedAlreadyMigrated, Some(head), started).await;
                 }
@@ -179,7 +187,15 @@ impl Migrator {
             };
             let files = Some(image.files.clone());
             let begun = self
-                .begin(&req.actor, previous_raw.as_deref(), lease_raw.as_deref(), generation, txid, image.pages, started)
+                .begin(
+                    &req.actor,
+                    previous_raw.as_deref(),
+                    lease_raw.as_deref(),
+                    generation,
+                    txid,
+                    image.pages,
+                    started,
+                )
                 .await;
             match begun {
                 Ok(staging) => {
@@ -213,7 +229,10 @@ impl Migrator {
                 if let Some(lease) = lease_raw.as_deref().and_then(Lease::decode)
                     && lease.is_live(self.clock.now_ms())
                 {
-                    return Err(Cause::InProgressElsewhere { holder: lease.holder, expires_at_ms: lease.expires_at_ms });
+                    return Err(Cause::InProgressElsewhere {
+                        holder: lease.holder,
+                        expires_at_ms: lease.expires_at_ms,
+                    });
                 }
                 info!(generation = head.generation, "taking over a stale migration");
                 Ok(V2State::Stale { head, head_raw, lease_raw })
@@ -390,7 +409,9 @@ impl Migrator {
             _ => None,
         };
         let audit = match previous.as_deref().and_then(AuditRecord::decode) {
-            Some(prev) if prev.outcome == OutcomeKind::Migrated || prev.outcome == OutcomeKind::SkippedAlreadyMigrated => {
+            Some(prev)
+                if prev.outcome == OutcomeKind::Migrated || prev.outcome == OutcomeKind::SkippedAlreadyMigrated =>
+            {
                 prev.as_skip(&req.campaign, &self.cfg.worker_id, started, now)
             }
             _ => AuditRecord {

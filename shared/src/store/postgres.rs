@@ -61,10 +61,8 @@ impl PostgresStore {
     /// Connects a pool of `pool_size` connections and creates the schema and table if missing.
     pub async fn connect(url: PostgresUrl, pool_size: usize) -> Result<PostgresStore, StoreError> {
         let described = redact(&url.conninfo);
-        let config: tokio_postgres::Config = url
-            .conninfo
-            .parse()
-            .map_err(|e| StoreError::InvalidUrl(format!("{described}: {e}")))?;
+        let config: tokio_postgres::Config =
+            url.conninfo.parse().map_err(|e| StoreError::InvalidUrl(format!("{described}: {e}")))?;
         let mgr_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let manager = if url.tls {
             Manager::from_config(config, tls_connector(), mgr_config)
@@ -111,7 +109,9 @@ impl PostgresStore {
     async fn try_commit(&self, txn: &Txn) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
         let mut client = match self.pool.get().await {
             Ok(c) => c,
-            Err(e) => return Ok(Err(StoreError::Unavailable { backend: BACKEND, message: e.to_string() })),
+            Err(e) => {
+                return Ok(Err(StoreError::Unavailable { backend: BACKEND, message: e.to_string() }));
+            }
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
         for (index, check) in txn.checks.iter().enumerate() {
@@ -135,7 +135,11 @@ impl PostgresStore {
         Ok(Ok(()))
     }
 
-    async fn range_digest(&self, tx: &deadpool_postgres::Transaction<'_>, range: &KeyRange) -> Result<u128, tokio_postgres::Error> {
+    async fn range_digest(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        range: &KeyRange,
+    ) -> Result<u128, tokio_postgres::Error> {
         let stmt = tx.prepare_cached(&self.sql.range_rows).await?;
         let rows = tx.query_raw(&stmt, [&range.start, &range.end]).await?;
         futures::pin_mut!(rows);
@@ -146,7 +150,11 @@ impl PostgresStore {
         Ok(digest.finish())
     }
 
-    async fn apply(&self, tx: &deadpool_postgres::Transaction<'_>, mutations: &[Mutation]) -> Result<(), tokio_postgres::Error> {
+    async fn apply(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        mutations: &[Mutation],
+    ) -> Result<(), tokio_postgres::Error> {
         let mut i = 0;
         while i < mutations.len() {
             let run = mutations[i..].iter().take_while(|m| same_kind(m, &mutations[i])).count();

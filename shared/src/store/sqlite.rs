@@ -43,9 +43,8 @@ impl SqliteStore {
                     "CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
                 )
                 .map_err(map_err)?;
-            let readers = (0..readers)
-                .map(|_| open_connection(&path).map(Mutex::new))
-                .collect::<Result<Vec<_>, _>>()?;
+            let readers =
+                (0..readers).map(|_| open_connection(&path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
             Ok(Inner { path, readers, writer: Mutex::new(writer), next_reader: AtomicUsize::new(0) })
         })
         .await
@@ -100,9 +99,8 @@ fn join_err(e: tokio::task::JoinError) -> StoreError {
 }
 
 fn scan_rows(conn: &Connection, range: &KeyRange, limit: usize) -> rusqlite::Result<Vec<KeyValue>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3")?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = stmt.query_map(params![range.start, range.end, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()

@@ -43,10 +43,7 @@ impl StoreUrl {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return parse_postgres(url).map(StoreUrl::Postgres);
         }
-        Err(StoreError::InvalidUrl(format!(
-            "{}: expected sqlite:PATH or postgres://...",
-            redact(url)
-        )))
+        Err(StoreError::InvalidUrl(format!("{}: expected sqlite:PATH or postgres://...", redact(url))))
     }
 }
 
@@ -63,9 +60,7 @@ fn parse_postgres(url: &str) -> Result<PostgresUrl, StoreError> {
         match k {
             "schema" => {
                 if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                    return Err(StoreError::InvalidUrl(format!(
-                        "schema {v:?}: use letters, digits and _"
-                    )));
+                    return Err(StoreError::InvalidUrl(format!("schema {v:?}: use letters, digits and _")));
                 }
                 schema = Some(v.to_ascii_lowercase());
             }
@@ -84,7 +79,9 @@ fn parse_postgres(url: &str) -> Result<PostgresUrl, StoreError> {
 
 /// The URL with any password replaced by `***`, for logs and errors.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
     let (authority, tail) = match rest.find(['/', '?']) {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
@@ -122,8 +119,7 @@ mod tests {
 
     #[test]
     fn ferry_parameters_are_taken_out_of_postgres_urls() {
-        let StoreUrl::Postgres(p) =
-            StoreUrl::parse("postgres://u:p@h/db?schema=camp_1&sslmode=verify-full").unwrap()
+        let StoreUrl::Postgres(p) = StoreUrl::parse("postgres://u:p@h/db?schema=camp_1&sslmode=verify-full").unwrap()
         else {
             panic!("not postgres")
         };

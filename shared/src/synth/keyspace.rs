@@ -264,7 +264,9 @@ pub struct SeedReport {
 
 fn spec_for(size: Size, cfg: &SeedConfig) -> DbSpec {
     match size {
-        Size::Small(v) => DbSpec { rows: 2 + u32::from(v) * 6, payload: 40 + u32::from(v) * 30, page_size: 4096, seed: u64::from(v) },
+        Size::Small(v) => {
+            DbSpec { rows: 2 + u32::from(v) * 6, payload: 40 + u32::from(v) * 30, page_size: 4096, seed: u64::from(v) }
+        }
         Size::Medium(v) => DbSpec::sized((64 << 10) << v, 100 + u64::from(v)),
         Size::Large(v) => {
             let max = cfg.max_mib.max(2) << 20;

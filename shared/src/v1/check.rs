@@ -46,7 +46,7 @@ pub fn check_header(file: &[u8]) -> Result<u32, V1Rejection> {
     if page_size != PAGE_SIZE {
         return Err(V1Rejection::UnsupportedPageSize { page_size });
     }
-    if file.len() % PAGE_SIZE as usize != 0 {
+    if !file.len().is_multiple_of(PAGE_SIZE as usize) {
         return Err(V1Rejection::NotPageAligned { size: file.len() as u64 });
     }
     // A main file is at most the size limit, far below 2^32 pages.
@@ -71,8 +71,9 @@ pub fn quick_check(file: &mut [u8]) -> Result<(), V1Rejection> {
 
 fn run_quick_check(file: &[u8]) -> Result<(), V1Rejection> {
     let failed = |detail: String| V1Rejection::IntegrityCheckFailed { detail };
-    let conn = Connection::open_with_flags(":memory:", OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| failed(format!("opening an in-memory connection: {e}")))?;
+    let conn =
+        Connection::open_with_flags(":memory:", OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| failed(format!("opening an in-memory connection: {e}")))?;
     let size = i64::try_from(file.len()).map_err(|_| failed("file too large".into()))?;
     // SAFETY: with SQLITE_DESERIALIZE_READONLY (and without FREEONCLOSE or RESIZEABLE) SQLite
     // only reads the buffer and never frees it. `conn` is dropped at the end of this function,

@@ -240,7 +240,9 @@ pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> R
     let mut sidecar = match sidecar_tag {
         Some(tag) => {
             let Some(meta) = &probe.metas[tag as usize] else {
-                return Err(V1Rejection::BadMeta { file: tag.name(), detail: "chunks exist without a meta".into() }.into());
+                return Err(
+                    V1Rejection::BadMeta { file: tag.name(), detail: "chunks exist without a meta".into() }.into()
+                );
             };
             Some(Assembler::new(tag, sized(tag, meta, opts.max_size)?))
         }

@@ -11,14 +11,15 @@ use rusqlite::{Connection, OpenFlags};
 use super::keys::FileTag;
 use super::reject::V1Rejection;
 
-
 /// Applies the recovery that `sidecar` calls for and returns the recovered main file.
 pub fn recover(main: &[u8], sidecar: FileTag, bytes: &[u8]) -> Result<Vec<u8>, V1Rejection> {
     let (suffix, name) = match sidecar {
         FileTag::Journal => ("-journal", "rollback_journal"),
         FileTag::Wal => ("-wal", "checkpoint_wal"),
         // The reader only hands over a journal or a WAL.
-        FileTag::Main | FileTag::Shm => unreachable!("no recovery replays a {} file", sidecar.name()),
+        FileTag::Main | FileTag::Shm => {
+            unreachable!("no recovery replays a {} file", sidecar.name())
+        }
     };
     run(main, suffix, bytes, sidecar == FileTag::Wal).map_err(|detail| V1Rejection::IntegrityCheckFailed {
         detail: format!("{name} could not recover the database: {detail}"),

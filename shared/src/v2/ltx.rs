@@ -115,7 +115,9 @@ fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
 fn get_uvarint(b: &[u8], pos: &mut usize) -> Result<u64, LtxError> {
     let mut v: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let Some(&byte) = b.get(*pos) else { return Err(LtxError::new(*pos, "page index ends inside a varint")) };
+        let Some(&byte) = b.get(*pos) else {
+            return Err(LtxError::new(*pos, "page index ends inside a varint"));
+        };
         *pos += 1;
         v |= u64::from(byte & 0x7f) << shift;
         if byte < 0x80 {
@@ -216,7 +218,9 @@ pub fn decode(b: &[u8]) -> Result<DecodedLtx, LtxError> {
     let mut pages: Vec<(u32, Vec<u8>)> = Vec::new();
     let mut frames = Vec::new();
     loop {
-        let Some(fh) = b.get(pos..pos + 6) else { return Err(LtxError::new(pos, "blob ends inside the frames")) };
+        let Some(fh) = b.get(pos..pos + 6) else {
+            return Err(LtxError::new(pos, "blob ends inside the frames"));
+        };
         let pgno = be_u32(&fh[0..4]);
         let flags = u16::from_be_bytes([fh[4], fh[5]]);
         if pgno == 0 {
@@ -242,7 +246,9 @@ pub fn decode(b: &[u8]) -> Result<DecodedLtx, LtxError> {
         let mut page = vec![0u8; page_size];
         match lz4_flex::block::decompress_into(data, &mut page) {
             Ok(n) if n == page_size => {}
-            Ok(n) => return Err(LtxError::new(data_start, format!("page {pgno} decompresses to {n} bytes"))),
+            Ok(n) => {
+                return Err(LtxError::new(data_start, format!("page {pgno} decompresses to {n} bytes")));
+            }
             Err(e) => return Err(LtxError::new(data_start, format!("page {pgno}: {e}"))),
         }
         frames.push(PageIndexEntry { pgno, offset: pos as u64, size: (FRAME_HEADER_SIZE + size as usize) as u64 });
@@ -265,7 +271,9 @@ pub fn decode(b: &[u8]) -> Result<DecodedLtx, LtxError> {
         return Err(LtxError::new(index_start, "page index does not match the frames"));
     }
     let index_size = (pos - index_start) as u64;
-    let Some(size_bytes) = b.get(pos..pos + 8) else { return Err(LtxError::new(pos, "blob ends before the index size")) };
+    let Some(size_bytes) = b.get(pos..pos + 8) else {
+        return Err(LtxError::new(pos, "blob ends before the index size"));
+    };
     if be_u64(size_bytes) != index_size {
         return Err(LtxError::new(pos, format!("index size {} does not match {index_size}", be_u64(size_bytes))));
     }

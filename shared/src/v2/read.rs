@@ -55,10 +55,8 @@ pub async fn read_v2(store: &dyn Store, actor: &ActorId) -> Result<V2Database, V
     let mut file = vec![0u8; head.db_size_pages as usize * page_size];
     for pgno in 1..=head.db_size_pages {
         let txid = *owners.get(&pgno).ok_or(V2ReadError::MissingPidx { pgno })?;
-        let page = blobs
-            .get(&txid)
-            .and_then(|pages| pages.get(&pgno))
-            .ok_or(V2ReadError::MissingPage { txid, pgno })?;
+        let page =
+            blobs.get(&txid).and_then(|pages| pages.get(&pgno)).ok_or(V2ReadError::MissingPage { txid, pgno })?;
         let start = (pgno as usize - 1) * page_size;
         file[start..start + page_size].copy_from_slice(page);
     }
