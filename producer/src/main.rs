@@ -7,10 +7,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use ferry::campaign::CampaignFilters;
 use ferry::progress::Progress;
+use ferry::queue::Topology;
+use ferry::queue::enqueue::{EnqueueConfig, enqueue};
+use ferry::queue::topology;
 use ferry::store;
 use ferry::synth::keyspace::{Mix, SeedConfig, plan, seed};
-use ferry::telemetry::{LogFormat, init_tracing};
+use ferry::telemetry::{LogFormat, init_tracing, shutdown_signal};
 
 #[derive(Parser)]
 #[command(name = "ferry-producer", version, about = "Plan, enqueue and triage ferry campaigns")]
@@ -28,6 +32,191 @@ enum Command {
     Seed(SeedArgs),
     /// Load real SQLite files (and their sidecars) from a directory into the v1 layout.
     Import(ImportArgs),
+    /// Census of the keyspace before a campaign: sizes and predicted outcomes (no broker).
+    Scan(ScanArgs),
+    /// Publish one job per actor for a campaign (resumable).
+    Enqueue(EnqueueArgs),
+    /// Queue depths, outcome counts, rate and ETA of a campaign.
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "FERRY_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
+    /// Prefix of the exchange and queue names.
+    #[arg(long, env = "FERRY_QUEUE_PREFIX", default_value = topology::DEFAULT_PREFIX)]
+    queue_prefix: String,
+    /// Work-queue delivery limit (must match the workers').
+    #[arg(long, env = "FERRY_DELIVERY_LIMIT", default_value_t = topology::DEFAULT_DELIVERY_LIMIT)]
+    delivery_limit: i64,
+}
+
+impl BrokerArgs {
+    fn topology(&self) -> Topology {
+        Topology { prefix: self.queue_prefix.clone(), delivery_limit: self.delivery_limit }
+    }
+}
+
+#[derive(Args)]
+struct ScanArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Only actors whose id starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Campaign name (also the resume key: the same name resumes).
+    #[arg(long, env = "FERRY_CAMPAIGN")]
+    campaign: String,
+    /// Only actors whose id starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Only the actor ids in this file (one per line).
+    #[arg(long)]
+    ids_file: Option<PathBuf>,
+    /// Publish at most this many jobs.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Also enqueue actors whose v2 is already migrated or native.
+    #[arg(long)]
+    include_migrated: bool,
+    /// Jobs per second at most.
+    #[arg(long, env = "FERRY_ENQUEUE_RATE")]
+    rate: Option<f64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[arg(long, env = "FERRY_CAMPAIGN")]
+    campaign: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+async fn scan_cmd(args: ScanArgs) -> anyhow::Result<ExitCode> {
+    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let progress = Progress::new("scanning", None);
+    let census = ferry::census::census(&*store, args.prefix.as_deref(), || progress.inc(1)).await?;
+    progress.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&census)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("census of {}", store.describe());
+    println!("  actors under v1/            {:>12}", census.actors);
+    println!("  with v1 SQLite data         {:>12}", census.with_v1_sqlite);
+    println!("  invalid actor ids           {:>12}", census.invalid_actor_ids);
+    println!("  v1 main bytes               {:>12.1} MiB", census.total_v1_bytes as f64 / 1048576.0);
+    if let Some((actor, size)) = &census.largest {
+        println!("  largest                     {actor} ({:.1} MiB)", *size as f64 / 1048576.0);
+    }
+    println!("size histogram");
+    for (_, name) in ferry::census::SIZE_BUCKETS {
+        println!("  {name:<27} {:>12}", census.size_histogram.get(name).copied().unwrap_or(0));
+    }
+    println!("predicted outcomes");
+    for (outcome, n) in &census.predicted {
+        let mib = census.predicted_bytes.get(outcome).copied().unwrap_or(0) as f64 / 1048576.0;
+        println!("  {outcome:<27} {n:>12}   {mib:>10.1} MiB");
+    }
+    println!("note: {}", census.note);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
+    let ids = match &args.ids_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let mut ids = Vec::new();
+            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                ids.push(ferry::ActorId::parse(line.trim()).with_context(|| format!("{}:{}", path.display(), n + 1))?);
+            }
+            Some(ids)
+        }
+        None => None,
+    };
+    let cfg = EnqueueConfig {
+        store_url: args.store.store,
+        amqp_url: args.broker.amqp.clone(),
+        topology: args.broker.topology(),
+        campaign: args.campaign,
+        filters: CampaignFilters {
+            actor_prefix: args.prefix,
+            ids_file: args.ids_file.map(|p| p.display().to_string()),
+            limit: args.limit,
+            include_migrated: args.include_migrated,
+        },
+        ids,
+        rate: args.rate,
+        recovery: None,
+        progress: !args.json,
+    };
+    let summary = enqueue(cfg, shutdown_signal()).await.context("enqueue failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "campaign {}{}: published {} jobs ({:.0}/s), skipped {} without v1, {} already migrated, {} invalid ids{}",
+            summary.campaign,
+            if summary.resumed { " (resumed)" } else { "" },
+            summary.published,
+            summary.jobs_per_second,
+            summary.skipped_no_v1,
+            summary.skipped_migrated,
+            summary.skipped_invalid_id,
+            if summary.completed { "" } else { "; INTERRUPTED, run again to resume" },
+        );
+    }
+    Ok(if summary.completed { ExitCode::SUCCESS } else { ExitCode::from(130) })
+}
+
+async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let s = ferry::queue::status::status(&*store, &args.broker.amqp, &args.broker.topology(), args.campaign.as_deref())
+        .await
+        .context("status")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("campaign {}", s.campaign.as_deref().unwrap_or("(all)"));
+    println!("queues");
+    for q in std::iter::once(&s.work).chain(&s.retry).chain(std::iter::once(&s.dead)) {
+        println!("  {:<32} {:>10} messages {:>4} consumers", q.name, q.messages, q.consumers);
+    }
+    println!("outcomes");
+    for (k, v) in &s.outcomes {
+        println!("  {k:<32} {v:>10}");
+    }
+    for (k, v) in &s.dead_letters {
+        println!("  dead letter: {k:<19} {v:>10}");
+    }
+    if let Some(n) = s.enqueued {
+        println!("  enqueued                         {n:>10}");
+    }
+    println!(
+        "rate {:.1} jobs/s (last 5 min), ETA {}",
+        s.rate_per_second,
+        s.eta_seconds.map_or("unknown".into(), |e| format!("{:.0} s", e))
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -153,6 +342,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Seed(args) => seed_cmd(args).await,
         Command::Import(args) => import_cmd(args).await,
+        Command::Scan(args) => scan_cmd(args).await,
+        Command::Enqueue(args) => enqueue_cmd(args).await,
+        Command::Status(args) => status_cmd(args).await,
     };
     match result {
         Ok(code) => code,

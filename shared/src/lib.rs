@@ -5,15 +5,19 @@
 
 pub mod actor;
 pub mod budget;
+pub mod campaign;
+pub mod census;
 pub mod checksum;
 pub mod clock;
 pub mod embedded;
+pub mod http;
 pub mod import;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod migrate;
 pub mod progress;
+pub mod queue;
 pub mod reason;
 pub mod recovery;
 pub mod scan;

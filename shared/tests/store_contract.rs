@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use ferry::store::limits::{MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES};
-use ferry::store::{
-    DynStore, KeyRange, KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end,
-};
+use ferry::store::{DynStore, KeyRange, KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end};
 
 /// Instantiates every listed `async fn name(store: DynStore)` once per backend, in modules
 /// `sqlite` and `postgres`, each on a fresh isolated store.
@@ -174,10 +172,7 @@ async fn keys_sort_bytewise_shorter_prefix_first_with_zero_and_ff_bytes(store: D
 
     // Range bounds compare the same way: [a, a\x01) holds a and the keys a\x00...
     let rows = store.scan(&KeyRange::new(b"a".to_vec(), b"a\x01".to_vec()), 100).await.unwrap();
-    assert_eq!(
-        keys_of(&rows),
-        vec![b"a".to_vec(), b"a\x00".to_vec(), b"a\x00\x00".to_vec(), b"a\x00\xff".to_vec()]
-    );
+    assert_eq!(keys_of(&rows), vec![b"a".to_vec(), b"a\x00".to_vec(), b"a\x00\x00".to_vec(), b"a\x00\xff".to_vec()]);
     // ... and [ff, ff ff) holds ff and ff 00 only.
     let rows = store.scan(&KeyRange::new(vec![0xff], vec![0xff, 0xff]), 100).await.unwrap();
     assert_eq!(keys_of(&rows), vec![vec![0xff], vec![0xff, 0x00]]);
@@ -271,7 +266,9 @@ async fn after_continues_a_scan_just_past_a_key(store: DynStore) {
         loop {
             let rows = store.scan(&cursor, page).await.unwrap();
             assert!(rows.len() <= page);
-            let Some((last, _)) = rows.last().cloned() else { break };
+            let Some((last, _)) = rows.last().cloned() else {
+                break;
+            };
             seen.extend(keys_of(&rows));
             cursor = cursor.after(&last);
         }
@@ -289,12 +286,21 @@ async fn first_key_is_the_smallest_key_inside_the_range(store: DynStore) {
     assert_eq!(store.first_key(&everything()).await.unwrap(), Some(b"m\x00".to_vec()));
     assert_eq!(store.first_key(&KeyRange::prefix(b"m")).await.unwrap(), Some(b"m\x00".to_vec()));
     // Start between keys: the next key at or after it.
-    assert_eq!(store.first_key(&KeyRange::new(b"m\x01".to_vec(), b"z".to_vec())).await.unwrap(), Some(b"m\x05".to_vec()));
+    assert_eq!(
+        store.first_key(&KeyRange::new(b"m\x01".to_vec(), b"z".to_vec())).await.unwrap(),
+        Some(b"m\x05".to_vec())
+    );
     // Start exactly on a key: that key.
-    assert_eq!(store.first_key(&KeyRange::new(b"m\x05".to_vec(), b"z".to_vec())).await.unwrap(), Some(b"m\x05".to_vec()));
+    assert_eq!(
+        store.first_key(&KeyRange::new(b"m\x05".to_vec(), b"z".to_vec())).await.unwrap(),
+        Some(b"m\x05".to_vec())
+    );
     // The end is exclusive.
     assert_eq!(store.first_key(&KeyRange::new(b"m\x06".to_vec(), b"n".to_vec())).await.unwrap(), None);
-    assert_eq!(store.first_key(&KeyRange::new(b"m\x06".to_vec(), b"n\x00".to_vec())).await.unwrap(), Some(b"n".to_vec()));
+    assert_eq!(
+        store.first_key(&KeyRange::new(b"m\x06".to_vec(), b"n\x00".to_vec())).await.unwrap(),
+        Some(b"n".to_vec())
+    );
     assert_eq!(store.first_key(&KeyRange::prefix(b"mm")).await.unwrap(), None);
 }
 
@@ -371,7 +377,10 @@ async fn for_each_row_stops_at_the_first_visitor_error(store: DynStore) {
         Ok(())
     })
     .await;
-    assert!(matches!(result, Err(StoreError::Failed { ref message, .. }) if message == "visitor says stop"), "{result:?}");
+    assert!(
+        matches!(result, Err(StoreError::Failed { ref message, .. }) if message == "visitor says stop"),
+        "{result:?}"
+    );
     assert_eq!(visited, 7, "rows after the failing one were visited");
 }
 
@@ -475,7 +484,8 @@ async fn range_digest_check_passes_unchanged_and_fails_after_any_change(store: D
     assert!(store.get(b"marker").await.unwrap().is_some());
 
     // Writes outside the range do not change its digest.
-    set_all(&*store, &[(b"v1/a/\x07".to_vec(), b"changed".to_vec()), (b"v1/a/\x09\x00".to_vec(), b"new".to_vec())]).await;
+    set_all(&*store, &[(b"v1/a/\x07".to_vec(), b"changed".to_vec()), (b"v1/a/\x09\x00".to_vec(), b"new".to_vec())])
+        .await;
     store.commit(check(current)).await.expect("changes outside the range do not count");
 
     // Any change inside fails it: a value, a new key, a removed key.
@@ -512,8 +522,7 @@ async fn clear_range_removes_exactly_the_half_open_range(store: DynStore) {
     txn.clear_range(KeyRange::new(b"c003".to_vec(), b"c007".to_vec()));
     store.commit(txn).await.unwrap();
     let left = keys_of(&all_rows(&*store).await);
-    let expected: Vec<Vec<u8>> =
-        [0, 1, 2, 7, 8, 9].iter().map(|i| format!("c{i:03}").into_bytes()).collect();
+    let expected: Vec<Vec<u8>> = [0, 1, 2, 7, 8, 9].iter().map(|i| format!("c{i:03}").into_bytes()).collect();
     assert_eq!(left, expected, "start cleared, end kept");
 
     // An empty or inverted range clears nothing.
@@ -675,7 +684,9 @@ async fn racing_inserts_on_the_same_absent_key_exactly_one_wins(store: DynStore)
             match result {
                 Ok(()) => winners.push(task),
                 Err(StoreError::Conflict { index: 0, key: k }) => assert_eq!(k, key),
-                Err(e) => panic!("round {round}, task {task}: expected Ok or a conflict, got {e:?}"),
+                Err(e) => {
+                    panic!("round {round}, task {task}: expected Ok or a conflict, got {e:?}")
+                }
             }
         }
         assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");

@@ -115,6 +115,8 @@ struct Validated {
     pages: u32,
     files: V1Files,
     digest: u128,
+    /// The recovery that changed something (recorded in the audit), if any.
+    applied: Option<Recovery>,
 }
 
 /// Migrates actors from v1 to v2 in one store.
@@ -253,8 +255,8 @@ impl Migrator {
             Err(ReadError::Store(e)) => return Err(fail(Phase::Read, e.into(), None)),
         };
         let files = image.files.clone();
-        let quick_check = self.cfg.quick_check && req.recovery != Some(Recovery::Force);
-        let checked = tokio::task::spawn_blocking(move || validate(image, quick_check))
+        let (quick_check, recovery) = (self.cfg.quick_check, req.recovery);
+        let checked = tokio::task::spawn_blocking(move || validate(image, quick_check, recovery))
             .await
             .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
         checked.map_err(|r| fail(Phase::Validate, Cause::Rejected(r), Some(files)))
@@ -321,7 +323,7 @@ impl Migrator {
             reason: None,
             phase: None,
             error: None,
-            recovery: req.recovery,
+            recovery: image.applied,
             pages: Some(image.pages),
             v1_bytes: Some(staged.main.len() as u64),
             checksum: Some(staged.checksum.hex()),
@@ -441,18 +443,32 @@ impl Migrator {
     }
 }
 
-/// The SQLite-level checks on a read image (blocking).
-fn validate(image: V1Image, quick_check: bool) -> Result<Validated, V1Rejection> {
+/// The SQLite-level checks on a read image (blocking). Records which recovery actually
+/// changed the outcome: a replayed journal or WAL, an SHM that was present, or `force` on a
+/// file that failed quick_check.
+fn validate(image: V1Image, quick_check: bool, recovery: Option<Recovery>) -> Result<Validated, V1Rejection> {
     let V1Image { mut main, sidecar, files, digest } = image;
+    let mut applied = None;
     if let Some((tag, bytes)) = sidecar {
         main = v1::recover::recover(&main, tag, &bytes)?;
+        applied = recovery;
         if tag == FileTag::Journal {
             metrics::counter!(m::JOURNALS_ROLLED_BACK).increment(1);
         }
     }
+    if recovery == Some(Recovery::DiscardShm) && files.shm.is_some() {
+        applied = recovery;
+    }
     let pages = v1::check::check_header(&main)?;
     if quick_check {
-        v1::check::quick_check(&mut main)?;
+        match v1::check::quick_check(&mut main) {
+            Ok(()) => {}
+            Err(problem) if recovery == Some(Recovery::Force) => {
+                warn!(%problem, "quick_check failed; migrating as it is (force)");
+                applied = recovery;
+            }
+            Err(problem) => return Err(problem),
+        }
     }
-    Ok(Validated { main, pages, files, digest })
+    Ok(Validated { main, pages, files, digest, applied })
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use xxhash_rust::xxh3::Xxh3;
 
-pub use self::url::StoreUrl;
+pub use self::url::{StoreUrl, redact as redact_url};
 
 /// One key and its value, as returned by a scan.
 pub type KeyValue = (Vec<u8>, Vec<u8>);

@@ -152,6 +152,10 @@ impl Probe {
     }
 
     /// The main file's size, checked: present, readable meta, within the limit.
+    pub fn main_size_checked(&self, max: u64) -> Result<u64, V1Rejection> {
+        self.main_size(max)
+    }
+
     fn main_size(&self, max: u64) -> Result<u64, V1Rejection> {
         let Some(meta) = &self.metas[FileTag::Main as usize] else {
             let detail = if self.has_chunks[FileTag::Main as usize] {

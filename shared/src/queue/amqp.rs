@@ -1,0 +1,143 @@
+//! AMQP plumbing over lapin: connecting, publishing with confirms, and the headers ferry
+//! reads and writes. The only module that knows lapin's types beyond `Channel`.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, options::BasicPublishOptions};
+
+/// Header: attempts a job has already used (incremented on every retry publish).
+pub const ATTEMPTS_HEADER: &str = "x-ferry-attempts";
+/// Header: the last transient error of a retried job.
+pub const LAST_ERROR_HEADER: &str = "x-ferry-last-error";
+/// Headers on a dead letter, for `rabbitmqadmin` users and shovels.
+pub const REASON_HEADER: &str = "x-ferry-reason";
+pub const ACTOR_HEADER: &str = "x-ferry-actor";
+pub const CAMPAIGN_HEADER: &str = "x-ferry-campaign";
+/// The broker's redelivery counter on quorum queues.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Why an AMQP operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("broker refused (nacked) a publish to {0}")]
+    Nacked(String),
+    #[error("publish to {0} timed out waiting for its confirm")]
+    ConfirmTimeout(String),
+}
+
+/// How long a publish waits for its confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects, naming the connection after this process.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// The URL with its password hidden, for logs.
+pub fn redacted(url: &str) -> String {
+    crate::store::redact_url(url)
+}
+
+/// Opens a channel in confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, AmqpError> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    Ok(ch)
+}
+
+/// Properties of a persistent JSON message.
+pub fn json_properties(message_id: &str, headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_timestamp((crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000) as u64)
+        .with_headers(headers)
+}
+
+/// Publishes and waits for the broker's confirm; a nack or a timeout is an error.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), AmqpError> {
+    let confirm =
+        ch.basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, props).await?;
+    match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+        Ok(Ok(c)) if c.is_ack() => Ok(()),
+        Ok(Ok(_)) => Err(AmqpError::Nacked(format!("{exchange}/{routing_key}"))),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(AmqpError::ConfirmTimeout(format!("{exchange}/{routing_key}"))),
+    }
+}
+
+/// An integer header (the broker writes them as signed integers of various widths).
+pub fn int_header(props: &BasicProperties, name: &str) -> Option<i64> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// A string header.
+pub fn str_header(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The reason the broker gave for dead-lettering a message (`x-first-death-reason`, or the
+/// first `x-death` entry).
+pub fn death_reason(props: &BasicProperties) -> Option<String> {
+    if let Some(r) = str_header(props, "x-first-death-reason") {
+        return Some(r);
+    }
+    let headers = props.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else { return None };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    match first.inner().get("reason")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Attempts already used by a delivery: retries recorded by ferry plus redeliveries counted
+/// by the broker on this queue.
+pub fn attempts_before(props: &BasicProperties) -> u32 {
+    let retried = int_header(props, ATTEMPTS_HEADER).unwrap_or(0).max(0);
+    let redelivered = int_header(props, DELIVERY_COUNT_HEADER).unwrap_or(0).max(0);
+    u32::try_from(retried + redelivered).unwrap_or(u32::MAX)
+}
+
+/// Builds a header table.
+pub fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+pub fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// Whether a URL names an AMQP broker.
+pub fn is_amqp_url(url: &str) -> bool {
+    url.starts_with("amqp://") || url.starts_with("amqps://")
+}

@@ -1,0 +1,317 @@
+//! `ferry-producer enqueue`: scans the store (or reads a list of ids) and publishes one job per
+//! actor with publisher confirms, pipelined, rate-limited, and resumable from the campaign's
+//! checkpoint.
+//!
+//! The scan runs ahead of the publisher in its own task, so store lookups and broker round
+//! trips overlap; confirms are awaited in order through a bounded window.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use lapin::PublisherConfirm;
+use lapin::types::FieldTable;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::actor::ActorId;
+use crate::campaign::{self, CampaignFilters, CampaignRecord, CampaignStatus};
+use crate::clock::{Clock, SystemClock};
+use crate::jobs::Job;
+use crate::progress::Progress;
+use crate::recovery::Recovery;
+use crate::scan::ActorScan;
+use crate::store::{self, DynStore, StoreError};
+use crate::v1::read::has_sqlite_data;
+use crate::v2::{DBHead, Origin};
+
+use super::amqp::{self, AmqpError};
+use super::topology::{Topology, WORK_KEY};
+
+/// Confirms awaited at once.
+const CONFIRM_WINDOW: usize = 2048;
+/// How often the checkpoint is written, in confirmed jobs.
+const CHECKPOINT_EVERY: u64 = 1000;
+
+/// Settings of an enqueue run.
+#[derive(Clone, Debug)]
+pub struct EnqueueConfig {
+    pub store_url: String,
+    pub amqp_url: String,
+    pub topology: Topology,
+    pub campaign: String,
+    pub filters: CampaignFilters,
+    /// Ids to enqueue instead of a scan (from `--ids-file`).
+    pub ids: Option<Vec<ActorId>>,
+    /// Jobs per second at most.
+    pub rate: Option<f64>,
+    pub recovery: Option<Recovery>,
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("campaign name {0:?} is invalid: 1 to 128 bytes of [A-Za-z0-9_.-]")]
+    BadCampaign(String),
+    #[error("campaign {0} exists with other filters; use another name")]
+    FiltersChanged(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+}
+
+/// What an enqueue run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EnqueueSummary {
+    pub campaign: String,
+    pub resumed: bool,
+    pub scanned: u64,
+    pub published: u64,
+    pub skipped_no_v1: u64,
+    pub skipped_migrated: u64,
+    pub skipped_invalid_id: u64,
+    pub seconds: f64,
+    pub jobs_per_second: f64,
+    pub completed: bool,
+}
+
+/// What the scanner hands the publisher.
+enum Item {
+    Publish { actor: ActorId, resume: Resume },
+    Skipped { kind: SkipKind, resume: Resume },
+}
+
+/// Where to resume after an item.
+#[derive(Clone)]
+enum Resume {
+    After(Vec<u8>),
+    Index(u64),
+}
+
+enum SkipKind {
+    NoV1,
+    Migrated,
+    InvalidId,
+}
+
+/// Whether an actor gets a job: it has v1 SQLite data and, unless asked, no finished v2.
+async fn wanted(store: &DynStore, actor: &ActorId, include_migrated: bool) -> Result<Option<SkipKind>, StoreError> {
+    if !has_sqlite_data(&**store, actor).await? {
+        return Ok(Some(SkipKind::NoV1));
+    }
+    if !include_migrated
+        && let Some(raw) = store.get(&crate::v2::keys::meta(actor)).await?
+        && let Ok(head) = DBHead::decode(&raw)
+        && matches!(head.origin, Origin::Native | Origin::MigratedFromV1)
+    {
+        return Ok(Some(SkipKind::Migrated));
+    }
+    Ok(None)
+}
+
+async fn scan_actors(
+    store: DynStore,
+    record: CampaignRecord,
+    ids: Option<Vec<ActorId>>,
+    tx: mpsc::Sender<Result<Item, StoreError>>,
+) {
+    let include = record.filters.include_migrated;
+    let classify = |actor: ActorId, resume: Resume| {
+        let store = store.clone();
+        async move {
+            Ok(match wanted(&store, &actor, include).await? {
+                None => Item::Publish { actor, resume },
+                Some(kind) => Item::Skipped { kind, resume },
+            })
+        }
+    };
+    if let Some(ids) = ids {
+        for (i, actor) in ids.into_iter().enumerate().skip(record.ids_done as usize) {
+            if tx.send(classify(actor, Resume::Index(i as u64 + 1)).await).await.is_err() {
+                return;
+            }
+        }
+        return;
+    }
+    let checkpoint = record.checkpoint_raw();
+    let mut scan = match &record.filters.actor_prefix {
+        Some(p) => ActorScan::with_prefix(&*store, p, checkpoint.as_deref()),
+        None => ActorScan::new(&*store, checkpoint.as_deref()),
+    };
+    loop {
+        let item = match scan.next().await {
+            Ok(None) => return,
+            Err(e) => Err(e),
+            Ok(Some(found)) => {
+                let resume = Resume::After(found.raw.clone());
+                match found.id {
+                    Ok(actor) => classify(actor, resume).await,
+                    Err(_) => Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }),
+                }
+            }
+        };
+        if tx.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn open_campaign(store: &DynStore, cfg: &EnqueueConfig) -> Result<(CampaignRecord, bool), EnqueueError> {
+    if !crate::jobs::message::valid_campaign(&cfg.campaign) {
+        return Err(EnqueueError::BadCampaign(cfg.campaign.clone()));
+    }
+    let now = SystemClock.now_ms();
+    match campaign::load(&**store, &cfg.campaign).await? {
+        Some(existing) if existing.filters != cfg.filters => Err(EnqueueError::FiltersChanged(cfg.campaign.clone())),
+        Some(existing) => Ok((existing, true)),
+        None => {
+            let record = CampaignRecord {
+                name: cfg.campaign.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+                filters: cfg.filters.clone(),
+                status: CampaignStatus::Enqueueing,
+                checkpoint: None,
+                ids_done: 0,
+                published: 0,
+                skipped: 0,
+            };
+            campaign::save(&**store, &record).await?;
+            Ok((record, false))
+        }
+    }
+}
+
+/// Confirmed progress not yet written to the campaign record.
+struct Checkpointer {
+    record: CampaignRecord,
+    unsaved: u64,
+}
+
+impl Checkpointer {
+    fn advance(&mut self, resume: &Resume) {
+        match resume {
+            Resume::After(raw) => self.record.checkpoint = Some(hex::encode(raw)),
+            Resume::Index(i) => self.record.ids_done = *i,
+        }
+        self.unsaved += 1;
+    }
+
+    async fn save(&mut self, store: &DynStore) -> Result<(), StoreError> {
+        self.record.updated_at_ms = SystemClock.now_ms();
+        campaign::save(&**store, &self.record).await?;
+        self.unsaved = 0;
+        Ok(())
+    }
+
+    async fn maybe_save(&mut self, store: &DynStore) -> Result<(), StoreError> {
+        if self.unsaved >= CHECKPOINT_EVERY { self.save(store).await } else { Ok(()) }
+    }
+}
+
+/// Pending confirms, oldest first, each with the resume point it makes safe. Skipped actors
+/// ride along with no confirm, so the checkpoint never passes an unconfirmed job.
+type Pending = VecDeque<(Option<PublisherConfirm>, Resume)>;
+
+async fn settle_oldest(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
+    let Some((confirm, resume)) = pending.pop_front() else { return Ok(()) };
+    if let Some(confirm) = confirm {
+        let confirmation = tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??;
+        if !confirmation.is_ack() {
+            return Err(AmqpError::Nacked(queue.to_string()).into());
+        }
+        cp.record.published += 1;
+    } else {
+        cp.record.skipped += 1;
+    }
+    cp.advance(&resume);
+    Ok(())
+}
+
+/// Runs an enqueue until the scan ends, the limit is reached, or `shutdown` resolves.
+pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> Result<EnqueueSummary, EnqueueError> {
+    let started = Instant::now();
+    let store = store::open(&cfg.store_url, 4).await?;
+    let (record, resumed) = open_campaign(&store, &cfg).await?;
+    let already = record.published;
+    if resumed {
+        info!(campaign = %cfg.campaign, published = record.published, "resuming from the checkpoint");
+    }
+    let conn = amqp::connect(&cfg.amqp_url, "ferry-producer").await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+    cfg.topology.declare(&ch).await?;
+
+    let (tx, mut rx) = mpsc::channel(4096);
+    let scanner = tokio::spawn(scan_actors(store.clone(), record.clone(), cfg.ids.clone(), tx));
+    let progress =
+        if cfg.progress { Some(Progress::new("enqueueing", cfg.ids.as_ref().map(|i| i.len() as u64))) } else { None };
+    let mut summary = EnqueueSummary { campaign: cfg.campaign.clone(), resumed, ..EnqueueSummary::default() };
+    let mut cp = Checkpointer { record, unsaved: 0 };
+    let mut pending: Pending = VecDeque::new();
+    let exchange = cfg.topology.jobs_exchange();
+    let limit = cfg.filters.limit.unwrap_or(u64::MAX);
+    tokio::pin!(shutdown);
+    let mut interrupted = false;
+    while already + summary.published < limit {
+        let item = tokio::select! {
+            biased;
+            () = &mut shutdown => { interrupted = true; break; }
+            item = rx.recv() => match item { Some(item) => item?, None => break },
+        };
+        summary.scanned += 1;
+        match item {
+            Item::Skipped { kind, resume } => {
+                match kind {
+                    SkipKind::NoV1 => summary.skipped_no_v1 += 1,
+                    SkipKind::Migrated => summary.skipped_migrated += 1,
+                    SkipKind::InvalidId => summary.skipped_invalid_id += 1,
+                }
+                pending.push_back((None, resume));
+            }
+            Item::Publish { actor, resume } => {
+                if let Some(rate) = cfg.rate.filter(|r| *r > 0.0) {
+                    let due = started + Duration::from_secs_f64(summary.published as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let job = Job::new(&cfg.campaign, actor, SystemClock.now_ms(), cfg.recovery);
+                let props = amqp::json_properties(&job.message_id(), FieldTable::default());
+                let confirm = ch
+                    .basic_publish(exchange.as_str().into(), WORK_KEY.into(), Default::default(), &job.encode(), props)
+                    .await?;
+                pending.push_back((Some(confirm), resume));
+                summary.published += 1;
+                if let Some(p) = &progress {
+                    p.inc(1);
+                }
+            }
+        }
+        while pending.len() >= CONFIRM_WINDOW {
+            settle_oldest(&mut pending, &mut cp, &exchange).await?;
+        }
+        cp.maybe_save(&store).await?;
+    }
+    scanner.abort();
+    while !pending.is_empty() {
+        settle_oldest(&mut pending, &mut cp, &exchange).await?;
+    }
+    summary.completed = !interrupted;
+    if summary.completed {
+        cp.record.status = CampaignStatus::Enqueued;
+    } else {
+        warn!("interrupted: the checkpoint holds every confirmed job; run again to resume");
+    }
+    cp.save(&store).await?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    let _ = ch.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.jobs_per_second = summary.published as f64 / summary.seconds.max(1e-9);
+    Ok(summary)
+}

@@ -1,0 +1,289 @@
+//! The fleet worker (`ferry-worker run`): consumes the work queue with prefetch = concurrency,
+//! runs each delivery through the [`JobRunner`], and carries out its disposition.
+//!
+//! Invariants:
+//! - a delivery is acked only after its outcome is durable: the audit record (written by the
+//!   runner), or a retry or dead-letter message confirmed by the broker; if that publish fails
+//!   the delivery is rejected back to the queue, so a job is never in neither queue;
+//! - a lost connection or channel makes the worker unready, lets in-flight jobs finish (their
+//!   acks fail and the broker redelivers them; the redelivered job is then skipped), and
+//!   reconnects with backoff;
+//! - on shutdown the consumer is cancelled first, in-flight jobs get the grace period, and
+//!   whatever is still unacked goes back to the broker when the channel closes.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::http::Readiness;
+use crate::jobs::{DeadLetter, Disposition, JobRunner};
+use crate::metrics as m;
+
+use super::amqp::{self, AmqpError};
+use super::topology::{DEAD_KEY, Topology};
+
+/// Settings of a fleet worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub amqp_url: String,
+    pub topology: Topology,
+    /// Jobs at once; also the prefetch count.
+    pub concurrency: u16,
+    /// How long in-flight jobs may run after SIGTERM before they are handed back.
+    pub shutdown_grace: Duration,
+    /// Declare the topology (off when it is loaded from definitions and the user may not
+    /// configure).
+    pub declare: bool,
+    pub worker_id: String,
+}
+
+/// Why the worker stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("AMQP URL {0}: must start with amqp:// or amqps://")]
+    BadUrl(String),
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Consumes until `shutdown` resolves, reconnecting after broker failures.
+pub async fn run_worker(
+    cfg: WorkerConfig,
+    runner: JobRunner,
+    ready: Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    if !amqp::is_amqp_url(&cfg.amqp_url) {
+        return Err(WorkerError::BadUrl(amqp::redacted(&cfg.amqp_url)));
+    }
+    let runner = Arc::new(runner);
+    tokio::pin!(shutdown);
+    let mut backoff = reconnect_backoff();
+    loop {
+        let end = match session(&cfg, &runner, &ready, &mut shutdown).await {
+            Ok(end) => end,
+            Err(e) => SessionEnd::Lost(e.to_string()),
+        };
+        ready.set(false);
+        match end {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Lost(why) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+                metrics::counter!(m::RECONNECTS).increment(1);
+                warn!(error = %why, ?delay, broker = %amqp::redacted(&cfg.amqp_url), "broker connection lost; reconnecting");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+async fn session(
+    cfg: &WorkerConfig,
+    runner: &Arc<JobRunner>,
+    ready: &Readiness,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<SessionEnd, AmqpError> {
+    let conn = amqp::connect(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id)).await?;
+    let consume = conn.create_channel().await?;
+    if cfg.declare {
+        cfg.topology.declare(&consume).await?;
+    }
+    let publish = amqp::confirm_channel(&conn).await?;
+    consume.basic_qos(cfg.concurrency.max(1), BasicQosOptions::default()).await?;
+    let tag = format!("{}-{:08x}", cfg.worker_id, rand::random::<u32>());
+    let mut consumer = consume
+        .basic_consume(
+            cfg.topology.work_queue().as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    ready.set(true);
+    info!(queue = %cfg.topology.work_queue(), prefetch = cfg.concurrency, "consuming");
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let end = loop {
+        tokio::select! {
+            () = &mut *shutdown => break SessionEnd::Shutdown,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let (runner, publish, topology) = (runner.clone(), publish.clone(), cfg.topology.clone());
+                    tasks.spawn(async move { handle(delivery, &runner, &publish, &topology).await });
+                }
+                Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
+                None => break SessionEnd::Lost("consumer stream ended".into()),
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    };
+    ready.set(false);
+    match &end {
+        SessionEnd::Shutdown => {
+            let _ = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
+            drain(&mut tasks, cfg.shutdown_grace).await;
+        }
+        SessionEnd::Lost(_) => drain(&mut tasks, cfg.shutdown_grace).await,
+    }
+    close(&conn, &consume, &publish).await;
+    Ok(end)
+}
+
+/// Waits for in-flight jobs up to `grace`, then abandons the rest (their deliveries return to
+/// the broker when the channel closes).
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    let finished = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        warn!(handed_back = tasks.len(), "grace period over: handing unfinished jobs back to the broker");
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn close(conn: &Connection, consume: &Channel, publish: &Channel) {
+    let _ = publish.close(200, "bye".into()).await;
+    let _ = consume.close(200, "bye".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Runs one delivery and settles it.
+async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topology: &Topology) {
+    let attempts = amqp::attempts_before(&delivery.properties).saturating_add(1);
+    let disposition = runner.run(&delivery.data, attempts).await;
+    let settled = match disposition {
+        Disposition::Ack(_) => Ok(()),
+        Disposition::Retry { delay, error } => retry(&delivery, publish, topology, attempts, delay, &error).await,
+        Disposition::DeadLetter(dead) => dead_letter(&delivery, publish, topology, &dead).await,
+    };
+    let result = match settled {
+        Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(e) => {
+            error!(error = %e, "could not publish a job's retry or dead letter; handing it back");
+            delivery.acker.reject(BasicRejectOptions { requeue: true }).await
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone: the broker redelivers the job, which is then skipped or redone.
+        warn!(error = %e, "could not settle a delivery");
+    }
+}
+
+async fn retry(
+    delivery: &Delivery,
+    publish: &Channel,
+    topology: &Topology,
+    attempts: u32,
+    delay: Duration,
+    error: &str,
+) -> Result<(), AmqpError> {
+    let queue = topology.retry_queue_for(delay);
+    let headers = amqp::headers(&[
+        (amqp::ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempts))),
+        (amqp::LAST_ERROR_HEADER, amqp::long_string(&error.chars().take(500).collect::<String>())),
+    ]);
+    let id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
+    amqp::publish_confirmed(publish, "", &queue, &delivery.data, amqp::json_properties(&id, headers)).await
+}
+
+async fn dead_letter(
+    delivery: &Delivery,
+    publish: &Channel,
+    topology: &Topology,
+    dead: &DeadLetter,
+) -> Result<(), AmqpError> {
+    let headers = amqp::headers(&[
+        (amqp::REASON_HEADER, amqp::long_string(dead.reason.as_str())),
+        (amqp::ACTOR_HEADER, amqp::long_string(&dead.actor_id)),
+        (amqp::CAMPAIGN_HEADER, amqp::long_string(&dead.campaign)),
+        (amqp::ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(dead.attempts))),
+    ]);
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|| format!("{}/{}", dead.campaign, dead.actor_id));
+    amqp::publish_confirmed(
+        publish,
+        &topology.dead_exchange(),
+        DEAD_KEY,
+        &dead.encode(),
+        amqp::json_properties(&id, headers),
+    )
+    .await
+}
+
+/// Everything `ferry-worker run` needs.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub store_url: String,
+    pub worker: WorkerConfig,
+    pub migrate: crate::migrate::MigrateConfig,
+    pub retry: crate::jobs::RetryPolicy,
+    pub memory_budget: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (none: not served).
+    pub http: Option<std::net::SocketAddr>,
+}
+
+/// Why the fleet worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("HTTP listener: {0}")]
+    Http(#[from] std::io::Error),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+/// Opens the store, serves HTTP, and consumes until `shutdown`.
+pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result<(), FleetError> {
+    let pool = usize::from(cfg.worker.concurrency) + 2;
+    let store = crate::store::open(&cfg.store_url, pool).await?;
+    info!(store = %store.describe(), broker = %amqp::redacted(&cfg.worker.amqp_url), "worker starting");
+    let ready = Readiness::default();
+    let http = match cfg.http {
+        Some(addr) => {
+            let (bound, task) = crate::http::serve(addr, crate::http::install_metrics(), ready.clone()).await?;
+            info!(%bound, "serving /metrics, /healthz, /readyz");
+            Some(task)
+        }
+        None => None,
+    };
+    let runner = JobRunner {
+        migrator: crate::migrate::Migrator::new(store, Arc::new(crate::clock::SystemClock), cfg.migrate),
+        retry: cfg.retry,
+        sink: crate::jobs::DeadLetterSink::Broker,
+        budget: crate::budget::MemoryBudget::new(cfg.memory_budget),
+    };
+    let result = run_worker(cfg.worker, runner, ready, shutdown).await;
+    if let Some(task) = http {
+        task.abort();
+    }
+    info!("worker stopped");
+    Ok(result?)
+}
