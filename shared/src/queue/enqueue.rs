@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
@@ -30,8 +31,9 @@ use super::topology::{Topology, WORK_KEY};
 
 /// Confirms awaited at once.
 const CONFIRM_WINDOW: usize = 2048;
-/// How often the checkpoint is written, in confirmed jobs.
+/// How often the checkpoint is written: every so many confirmed jobs, or this often.
 const CHECKPOINT_EVERY: u64 = 1000;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of an enqueue run.
 #[derive(Clone, Debug)]
@@ -189,6 +191,7 @@ async fn open_campaign(store: &DynStore, cfg: &EnqueueConfig) -> Result<(Campaig
 struct Checkpointer {
     record: CampaignRecord,
     unsaved: u64,
+    saved_at: Instant,
 }
 
 impl Checkpointer {
@@ -204,11 +207,14 @@ impl Checkpointer {
         self.record.updated_at_ms = SystemClock.now_ms();
         campaign::save(&**store, &self.record).await?;
         self.unsaved = 0;
+        self.saved_at = Instant::now();
         Ok(())
     }
 
     async fn maybe_save(&mut self, store: &DynStore) -> Result<(), StoreError> {
-        if self.unsaved >= CHECKPOINT_EVERY { self.save(store).await } else { Ok(()) }
+        let due =
+            self.unsaved >= CHECKPOINT_EVERY || (self.unsaved > 0 && self.saved_at.elapsed() >= CHECKPOINT_INTERVAL);
+        if due { self.save(store).await } else { Ok(()) }
     }
 }
 
@@ -218,18 +224,47 @@ type Pending = VecDeque<(Option<PublisherConfirm>, Resume)>;
 
 async fn settle_oldest(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
     let Some((confirm, resume)) = pending.pop_front() else { return Ok(()) };
-    if let Some(confirm) = confirm {
-        let confirmation = tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??;
-        if !confirmation.is_ack() {
-            return Err(AmqpError::Nacked(queue.to_string()).into());
-        }
-        cp.record.published += 1;
-    } else {
-        cp.record.skipped += 1;
+    let confirmation = match confirm {
+        Some(confirm) => Some(
+            tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
+                .await
+                .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??,
+        ),
+        None => None,
+    };
+    record_settled(cp, confirmation, &resume, queue)
+}
+
+/// Settles the confirms that have already arrived, without waiting, so the checkpoint keeps
+/// up with a slow (rate-limited) run.
+fn settle_ready(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
+    while let Some((confirm, _)) = pending.front_mut() {
+        let confirmation = match confirm {
+            Some(c) => match c.now_or_never() {
+                Some(result) => Some(result?),
+                None => return Ok(()),
+            },
+            None => None,
+        };
+        // The front entry exists: it was just inspected.
+        let (_, resume) = pending.pop_front().expect("front entry");
+        record_settled(cp, confirmation, &resume, queue)?;
     }
-    cp.advance(&resume);
+    Ok(())
+}
+
+fn record_settled(
+    cp: &mut Checkpointer,
+    confirmation: Option<lapin::Confirmation>,
+    resume: &Resume,
+    queue: &str,
+) -> Result<(), EnqueueError> {
+    match confirmation {
+        Some(c) if c.is_ack() => cp.record.published += 1,
+        Some(_) => return Err(AmqpError::Nacked(queue.to_string()).into()),
+        None => cp.record.skipped += 1,
+    }
+    cp.advance(resume);
     Ok(())
 }
 
@@ -251,7 +286,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
     let progress =
         if cfg.progress { Some(Progress::new("enqueueing", cfg.ids.as_ref().map(|i| i.len() as u64))) } else { None };
     let mut summary = EnqueueSummary { campaign: cfg.campaign.clone(), resumed, ..EnqueueSummary::default() };
-    let mut cp = Checkpointer { record, unsaved: 0 };
+    let mut cp = Checkpointer { record, unsaved: 0, saved_at: Instant::now() };
     let mut pending: Pending = VecDeque::new();
     let exchange = cfg.topology.jobs_exchange();
     let limit = cfg.filters.limit.unwrap_or(u64::MAX);
@@ -290,6 +325,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
                 }
             }
         }
+        settle_ready(&mut pending, &mut cp, &exchange)?;
         while pending.len() >= CONFIRM_WINDOW {
             settle_oldest(&mut pending, &mut cp, &exchange).await?;
         }
