@@ -15,6 +15,8 @@ use ferry::queue::topology;
 use ferry::store;
 use ferry::synth::keyspace::{Mix, SeedConfig, plan, seed};
 use ferry::telemetry::{LogFormat, init_tracing, shutdown_signal};
+use ferry::triage::{self, Filter, Source};
+use ferry::verify::Selection;
 
 #[derive(Parser)]
 #[command(name = "ferry-producer", version, about = "Plan, enqueue and triage ferry campaigns")]
@@ -38,6 +40,228 @@ enum Command {
     Enqueue(EnqueueArgs),
     /// Queue depths, outcome counts, rate and ETA of a campaign.
     Status(StatusArgs),
+    /// Dead-letter triage: summary, list, show, requeue with a recovery, export, purge.
+    Dlq(DlqArgs),
+    /// Rebuild migrated actors from v2 and compare with v1 and the migration's checksum.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct DlqArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Work on the embedded dead letters under ferry/dead/ instead of the broker's queue.
+    #[arg(long, global = true)]
+    embedded: bool,
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+#[derive(Args, Clone)]
+struct DlqFilter {
+    /// Only dead letters with this reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this campaign's.
+    #[arg(long)]
+    campaign: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters grouped by reason and campaign.
+    Summary {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per dead letter.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known about one actor's dead letter, and its state in the store now.
+    Show { actor: String },
+    /// Move dead letters back to work (embedded: re-run them), optionally with a recovery.
+    Requeue {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Actors to requeue (default: every dead letter the filter selects).
+        actors: Vec<String>,
+        /// rollback_journal, checkpoint_wal, discard_shm or force.
+        #[arg(long)]
+        recovery: Option<String>,
+        /// Requeue even when the recovery does not fit the reason.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print dead letters for tickets and spreadsheets.
+    Export {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long, value_parser = ["json", "csv"], default_value = "json")]
+        format: String,
+    },
+    /// Drop dead letters (noted in each actor's audit record).
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Confirm the purge.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Only this campaign's migrated actors.
+    #[arg(long, conflicts_with = "actor")]
+    campaign: Option<String>,
+    /// Only these actors.
+    #[arg(long)]
+    actor: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn dlq_filter(f: &DlqFilter, actors: Vec<String>) -> anyhow::Result<Filter> {
+    let reason = match &f.reason {
+        Some(r) => Some(ferry::DeadLetterReason::parse(r).with_context(|| format!("unknown reason {r:?}"))?),
+        None => None,
+    };
+    Ok(Filter { reason, actors, campaign: f.campaign.clone() })
+}
+
+fn when(ms: i64) -> String {
+    format!("{:.0}s ago", (ferry::clock::Clock::now_ms(&ferry::clock::SystemClock) - ms).max(0) as f64 / 1000.0)
+}
+
+async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
+    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let source = if args.embedded {
+        Source::Embedded
+    } else {
+        Source::Broker { amqp_url: args.broker.amqp.clone(), topology: args.broker.topology() }
+    };
+    match args.command {
+        DlqCommand::Summary { json } => {
+            let letters = triage::list(&store, &source, &Filter::default()).await?;
+            let groups = triage::summarize(&letters);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+            } else {
+                println!(
+                    "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12}",
+                    "reason", "campaign", "letters", "actors", "oldest", "newest", "v1 MiB"
+                );
+                for g in &groups {
+                    println!(
+                        "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12.1}",
+                        g.reason,
+                        g.campaign,
+                        g.count,
+                        g.actors,
+                        when(g.oldest_ms),
+                        when(g.newest_ms),
+                        g.v1_bytes as f64 / 1048576.0
+                    );
+                }
+                println!("{} dead letters", letters.len());
+            }
+        }
+        DlqCommand::List { filter, limit, json } => {
+            let mut letters = triage::list(&store, &source, &dlq_filter(&filter, vec![])?).await?;
+            letters.truncate(limit.unwrap_or(usize::MAX));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                for d in &letters {
+                    let size = d.v1_files.as_ref().and_then(|f| f.main).map_or("-".into(), |n| n.to_string());
+                    println!(
+                        "{:<24} {:<20} {:<24} attempts={} main={} {}",
+                        d.actor_id, d.campaign, d.reason, d.attempts, size, d.error
+                    );
+                }
+            }
+        }
+        DlqCommand::Show { actor } => {
+            let actor = ferry::ActorId::parse(&actor).context("actor id")?;
+            let state = triage::show(&store, &source, &actor).await?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
+        }
+        DlqCommand::Requeue { filter, actors, recovery, force, json } => {
+            let recovery = match recovery {
+                Some(r) => Some(r.parse::<ferry::Recovery>().map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            let done = triage::requeue(&store, &source, &dlq_filter(&filter, actors)?, recovery, force).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!("requeued {} actors ({} dead letters removed)", done.actors.len(), done.dead_letters_removed);
+                for (actor, outcome) in &done.outcomes {
+                    println!("  {actor}: {outcome}");
+                }
+                for why in &done.skipped {
+                    println!("  skipped {why}");
+                }
+            }
+        }
+        DlqCommand::Export { filter, format } => {
+            let letters = triage::list(&store, &source, &dlq_filter(&filter, vec![])?).await?;
+            if format == "csv" {
+                print!("{}", triage::to_csv(&letters));
+            } else {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            }
+        }
+        DlqCommand::Purge { filter, yes } => {
+            if !yes {
+                bail!("purge drops dead letters for good: add --yes to confirm");
+            }
+            let n = triage::purge(&store, &source, &dlq_filter(&filter, vec![])?).await?;
+            println!("purged {n} dead letters (noted in each actor's audit record)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_cmd(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store = store::open(&args.store.store, 4).await.context("opening the store")?;
+    let selection = match (args.campaign, args.actor.is_empty()) {
+        (Some(c), _) => Selection::Campaign(c),
+        (None, false) => Selection::Actors(
+            args.actor
+                .iter()
+                .map(|a| ferry::ActorId::parse(a).with_context(|| format!("actor {a:?}")))
+                .collect::<Result<_, _>>()?,
+        ),
+        (None, true) => Selection::All,
+    };
+    let progress = Progress::new("verifying", None);
+    let report = ferry::verify::verify(&*store, &selection, || progress.inc(1)).await?;
+    progress.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("verified {} actors", report.checked);
+        for (verdict, n) in &report.counts {
+            println!("  {verdict:<16} {n:>10}");
+        }
+        for p in &report.problems {
+            println!("  {} {:?}: {}", p.actor, p.verdict, p.detail.as_deref().unwrap_or(""));
+        }
+    }
+    Ok(if report.clean() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
 
 #[derive(Args)]
@@ -345,6 +569,8 @@ async fn main() -> ExitCode {
         Command::Scan(args) => scan_cmd(args).await,
         Command::Enqueue(args) => enqueue_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::Dlq(args) => dlq_cmd(args).await,
+        Command::Verify(args) => verify_cmd(args).await,
     };
     match result {
         Ok(code) => code,

@@ -25,8 +25,10 @@ pub mod store;
 pub mod synth;
 pub mod telemetry;
 pub mod testing;
+pub mod triage;
 pub mod v1;
 pub mod v2;
+pub mod verify;
 
 pub use actor::ActorId;
 pub use reason::DeadLetterReason;

@@ -188,6 +188,7 @@ impl JobRunner {
             finished_at_ms: dead.at_ms,
             v1_files: dead.v1_files.clone(),
             attempts: Some(dead.attempts),
+            purged_at_ms: None,
         };
         let mut txn = Txn::new();
         txn.set(keys::audit(&job.actor_id), audit.encode());

@@ -68,6 +68,9 @@ pub struct AuditRecord {
     /// Attempts this job took (1 on the first delivery).
     #[serde(default)]
     pub attempts: Option<u32>,
+    /// Set when an operator purged the actor's dead letter (`dlq purge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at_ms: Option<i64>,
 }
 
 impl AuditRecord {

@@ -243,7 +243,7 @@ impl Migrator {
     }
 
     async fn read_and_validate(&self, req: &Request) -> Result<Validated, MigrateError> {
-        let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery };
+        let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery, ignore_sidecars: false };
         let fail = |phase, cause, files| MigrateError { actor: req.actor.clone(), phase, cause, files };
         let image = match v1::read_v1(&*self.store, &req.actor, opts).await {
             Ok(image) => image,
@@ -333,6 +333,7 @@ impl Migrator {
             finished_at_ms: self.clock.now_ms(),
             v1_files: Some(image.files.clone()),
             attempts: Some(req.attempts),
+            purged_at_ms: None,
         };
         let mut txn = Txn::new();
         staging.fence(&mut txn);
@@ -433,6 +434,7 @@ impl Migrator {
                 finished_at_ms: now,
                 v1_files: None,
                 attempts: Some(req.attempts),
+                purged_at_ms: None,
             },
         };
         let mut txn = Txn::new();

@@ -81,11 +81,14 @@ pub enum ReadError {
 pub struct ReadOptions {
     pub max_size: u64,
     pub recovery: Option<Recovery>,
+    /// Rebuild the main file even when sidecars are present (verification reads v1 as it is
+    /// now; a migration never sets this).
+    pub ignore_sidecars: bool,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { max_size: DEFAULT_MAX_SIZE, recovery: None }
+        ReadOptions { max_size: DEFAULT_MAX_SIZE, recovery: None, ignore_sidecars: false }
     }
 }
 
@@ -231,7 +234,7 @@ impl Assembler {
 /// the v1 layout. The SQLite-level checks (header, page size, quick_check) are `v1::check`'s.
 pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> Result<V1Image, ReadError> {
     let probe = Probe::run(store, actor).await?;
-    if let Some(rejection) = probe.sidecar_rejection(opts.recovery) {
+    if let Some(rejection) = probe.sidecar_rejection(opts.recovery).filter(|_| !opts.ignore_sidecars) {
         return Err(rejection.into());
     }
     let main_size = probe.main_size(opts.max_size)?;
