@@ -44,6 +44,20 @@ enum Command {
     Dlq(DlqArgs),
     /// Rebuild migrated actors from v2 and compare with v1 and the migration's checksum.
     Verify(VerifyArgs),
+    /// Print the RabbitMQ definitions (topology, worker user and permissions) for deploy/.
+    Definitions(DefinitionsArgs),
+}
+
+#[derive(Args)]
+struct DefinitionsArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Virtual host.
+    #[arg(long, default_value = "/")]
+    vhost: String,
+    /// rabbit_password_hashing_sha256 hash of the worker user's password.
+    #[arg(long, default_value = topology::PLACEHOLDER_PASSWORD_HASH)]
+    worker_password_hash: String,
 }
 
 #[derive(Args)]
@@ -571,6 +585,11 @@ async fn main() -> ExitCode {
         Command::Status(args) => status_cmd(args).await,
         Command::Dlq(args) => dlq_cmd(args).await,
         Command::Verify(args) => verify_cmd(args).await,
+        Command::Definitions(args) => {
+            let defs = args.broker.topology().deploy_definitions(&args.vhost, &args.worker_password_hash);
+            println!("{}", serde_json::to_string_pretty(&defs).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

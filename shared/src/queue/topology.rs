@@ -206,3 +206,36 @@ impl Topology {
         })
     }
 }
+
+/// The least-privilege worker user in the deploy definitions.
+pub const WORKER_USER: &str = "ferry-worker";
+/// rabbit_password_hashing_sha256 of `change-me`: the placeholder the deploy docs tell
+/// operators to replace (`rabbitmqctl change_password ferry-worker ...`).
+pub const PLACEHOLDER_PASSWORD_HASH: &str = "kIoSPJ+KZjeeLWQvlOtsy+yMfT4W10kzrC6Wiu0VtcXtfyNE";
+
+fn regex_of(names: &[String]) -> String {
+    let alts: Vec<String> = names.iter().map(|n| n.replace('.', "\\.")).collect();
+    format!("^({})$", alts.join("|"))
+}
+
+impl Topology {
+    /// The worker's permissions: read the work queue; write the jobs and dead exchanges and
+    /// the default exchange (retry tiers are addressed by queue name); configure nothing, so
+    /// workers run with `--no-declare` against the loaded definitions.
+    pub fn worker_permissions(&self, vhost: &str) -> serde_json::Value {
+        let write = regex_of(&["amq.default".into(), self.jobs_exchange(), self.dead_exchange()]);
+        serde_json::json!({"user": WORKER_USER, "vhost": vhost, "configure": "^$", "write": write,
+                           "read": regex_of(&[self.work_queue()])})
+    }
+
+    /// The whole `deploy/rabbitmq/definitions.json`: vhost, worker user and permissions, and
+    /// the topology.
+    pub fn deploy_definitions(&self, vhost: &str, password_hash: &str) -> serde_json::Value {
+        let mut defs = self.definitions(vhost);
+        defs["vhosts"] = serde_json::json!([{"name": vhost}]);
+        defs["users"] = serde_json::json!([{"name": WORKER_USER, "password_hash": password_hash,
+            "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}]);
+        defs["permissions"] = serde_json::json!([self.worker_permissions(vhost)]);
+        defs
+    }
+}
