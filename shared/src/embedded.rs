@@ -95,6 +95,15 @@ pub struct LocalSummary {
     pub mib_per_second: f64,
     /// False when the run was interrupted before every actor was handled.
     pub completed: bool,
+    /// Peak resident memory of this process (VmHWM), when the OS reports it.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// This process's peak resident memory in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 impl LocalSummary {
@@ -148,6 +157,9 @@ impl LocalSummary {
         line(&mut out, "elapsed", format!("{:.2} s", self.elapsed_seconds));
         line(&mut out, "rate", format!("{:.0} actors/s", self.actors_per_second));
         line(&mut out, "throughput", format!("{:.1} MiB/s", self.mib_per_second));
+        if let Some(rss) = self.peak_rss_mib {
+            line(&mut out, "peak memory (RSS)", format!("{rss:.1} MiB"));
+        }
         out
     }
 }
@@ -251,6 +263,7 @@ pub async fn run_local(cfg: LocalConfig, shutdown: impl Future<Output = ()>) -> 
     summary.elapsed_seconds = secs;
     summary.actors_per_second = summary.actors as f64 / secs.max(1e-9);
     summary.mib_per_second = summary.v1_bytes as f64 / 1048576.0 / secs.max(1e-9);
+    summary.peak_rss_mib = peak_rss_mib();
     Ok(summary)
 }
 

@@ -8,12 +8,18 @@ use crate::actor::{ActorId, InvalidActorId};
 use crate::keys::V1_PREFIX;
 use crate::store::{KeyRange, Store, StoreError, prefix_end};
 
+/// Keys read per scan call: many small actors come back at once; a larger actor costs one
+/// call and a skip past it.
+pub const KEY_BATCH: usize = 1024;
+
 /// One actor found under `v1/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScannedActor {
     /// The raw id bytes, as they appear in keys (the resume point).
     pub raw: Vec<u8>,
     pub id: Result<ActorId, InvalidActorId>,
+    /// Whether it has v1 SQLite data, when the scan saw all of its keys.
+    pub has_sqlite: Option<bool>,
 }
 
 /// The first key after every key of actor `raw`.
@@ -24,11 +30,32 @@ fn after_actor(raw: &[u8]) -> Vec<u8> {
     prefix_end(&p)
 }
 
+/// The actor a `v1/` key belongs to, and where the keys after that actor start.
+fn actor_of(key: &[u8]) -> (Vec<u8>, Vec<u8>, bool) {
+    let rest = &key[V1_PREFIX.len()..];
+    match rest.iter().position(|&b| b == b'/') {
+        Some(i) => {
+            let raw = rest[..i].to_vec();
+            let sqlite = rest.get(i + 1) == Some(&crate::v1::keys::SQLITE_PREFIX);
+            let after = after_actor(&raw);
+            (raw, after, sqlite)
+        }
+        None => {
+            // A key with no '/' after the id: step past just this key, since ids that
+            // extend it (`abc-x/...`) sort after it but before `abc/`.
+            let mut after = key.to_vec();
+            after.push(0);
+            (rest.to_vec(), after, false)
+        }
+    }
+}
+
 /// Walks the actors under `v1/`.
 pub struct ActorScan<'a> {
     store: &'a dyn Store,
     next_start: Vec<u8>,
     end: Vec<u8>,
+    pending: std::collections::VecDeque<ScannedActor>,
 }
 
 impl<'a> ActorScan<'a> {
@@ -38,7 +65,7 @@ impl<'a> ActorScan<'a> {
             Some(raw) => after_actor(raw),
             None => V1_PREFIX.to_vec(),
         };
-        ActorScan { store, next_start, end: prefix_end(V1_PREFIX) }
+        ActorScan { store, next_start, end: prefix_end(V1_PREFIX), pending: Default::default() }
     }
 
     /// Only actors whose id starts with `prefix`.
@@ -50,34 +77,54 @@ impl<'a> ActorScan<'a> {
             Some(raw) => after_actor(raw).max(start),
             None => start,
         };
-        ActorScan { store, next_start, end }
+        ActorScan { store, next_start, end, pending: Default::default() }
     }
 
     pub async fn next(&mut self) -> Result<Option<ScannedActor>, StoreError> {
+        if self.pending.is_empty() {
+            self.fill().await?;
+        }
+        Ok(self.pending.pop_front())
+    }
+
+    /// Reads the next batch of keys and queues the actors it covers.
+    async fn fill(&mut self) -> Result<(), StoreError> {
         if self.next_start >= self.end {
-            return Ok(None);
+            return Ok(());
         }
         let range = KeyRange::new(self.next_start.clone(), self.end.clone());
-        let Some(key) = self.store.first_key(&range).await? else {
+        let keys = self.store.scan_keys(&range, KEY_BATCH).await?;
+        let full = keys.len() == KEY_BATCH;
+        // Consecutive keys of one actor form a group: (raw, after, has_sqlite, first key).
+        let mut groups: Vec<(Vec<u8>, Vec<u8>, bool, Vec<u8>)> = Vec::new();
+        for key in keys {
+            let (raw, after, sqlite) = actor_of(&key);
+            match groups.last_mut() {
+                Some(g) if g.0 == raw && g.1 == after => g.2 |= sqlite,
+                _ => groups.push((raw, after, sqlite, key)),
+            }
+        }
+        let Some(last) = groups.last() else {
             self.next_start = self.end.clone();
-            return Ok(None);
+            return Ok(());
         };
-        let rest = &key[V1_PREFIX.len()..];
-        let raw = match rest.iter().position(|&b| b == b'/') {
-            Some(i) => {
-                let raw = rest[..i].to_vec();
-                self.next_start = after_actor(&raw);
-                raw
-            }
-            None => {
-                // A key with no '/' after the id: step past just this key, since ids that
-                // extend it (`abc-x/...`) sort after it but before `abc/`.
-                self.next_start = key.clone();
-                self.next_start.push(0);
-                rest.to_vec()
-            }
+        let last_complete = !full;
+        self.next_start = match (full, groups.len()) {
+            (false, _) => last.1.clone(),
+            // One actor filled the batch: take it (its SQLite keys may lie beyond) and skip it.
+            (true, 1) => last.1.clone(),
+            // The last actor may be cut off: read it again, whole, next time.
+            (true, _) => last.3.clone(),
         };
-        let id = ActorId::from_bytes(&raw);
-        Ok(Some(ScannedActor { raw, id }))
+        let take = if full && groups.len() > 1 { groups.len() - 1 } else { groups.len() };
+        let n = groups.len();
+        for (i, (raw, _, sqlite, _)) in groups.into_iter().take(take).enumerate() {
+            let complete = i + 1 < n || last_complete;
+            let id = ActorId::from_bytes(&raw);
+            // Without all its keys, a missing 0x08 key in the batch proves nothing.
+            let has_sqlite = if complete || sqlite { Some(sqlite) } else { None };
+            self.pending.push_back(ScannedActor { raw, id, has_sqlite });
+        }
+        Ok(())
     }
 }

@@ -132,8 +132,15 @@ impl Env {
     }
 }
 
+/// A migrator that stages every database (begin, stage, finalize as separate transactions),
+/// so these tests see each step of the protocol; `one_shot.rs` covers the single-transaction
+/// path small databases take by default.
 fn migrator_on(store: DynStore, clock: Arc<ManualClock>, worker: &str) -> Migrator {
-    Migrator::new(store, clock, MigrateConfig { worker_id: worker.into(), ..MigrateConfig::default() })
+    Migrator::new(
+        store,
+        clock,
+        MigrateConfig { worker_id: worker.into(), one_shot_max_pages: 0, ..MigrateConfig::default() },
+    )
 }
 
 fn actor(id: &str) -> ActorId {
@@ -687,7 +694,7 @@ async fn database_over_the_configured_max_size_is_dead_lettered_oversize(backend
     let migrator = Migrator::new(
         env.store.clone(),
         env.clock.clone(),
-        MigrateConfig { worker_id: WORKER.into(), max_size, ..MigrateConfig::default() },
+        MigrateConfig { worker_id: WORKER.into(), max_size, one_shot_max_pages: 0, ..MigrateConfig::default() },
     );
     assert_rejected_by(&env, &migrator, &req(&a), DeadLetterReason::Oversize).await;
 }

@@ -126,6 +126,7 @@ impl MigrateArgs {
             max_size: self.max_size_mib << 20,
             lease_ttl_ms: self.lease_ttl_secs * 1000,
             quick_check: !self.no_quick_check,
+            ..MigrateConfig::default()
         }
     }
 }

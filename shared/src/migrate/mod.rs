@@ -57,6 +57,9 @@ pub struct MigrateConfig {
     pub lease_ttl_ms: i64,
     /// Run `PRAGMA quick_check` before migrating (on by default).
     pub quick_check: bool,
+    /// Databases of at most this many pages migrate in one transaction (begin, stage and
+    /// finalize at once); 0 stages every database. At most [`ONE_SHOT_MAX_PAGES`].
+    pub one_shot_max_pages: u32,
 }
 
 impl Default for MigrateConfig {
@@ -66,6 +69,7 @@ impl Default for MigrateConfig {
             max_size: v1::read::DEFAULT_MAX_SIZE,
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             quick_check: true,
+            one_shot_max_pages: ONE_SHOT_MAX_PAGES,
         }
     }
 }
@@ -86,6 +90,19 @@ pub struct Outcome {
     pub audit: AuditRecord,
     /// DELTA bytes written (0 for skips).
     pub bytes_written: u64,
+    /// Where the time went (zero for skips).
+    pub timings: Timings,
+}
+
+/// Wall time per phase of a migration. Encoding (CPU, on a blocking thread) and writing
+/// (stage transactions) overlap; each is its own total.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    pub read: std::time::Duration,
+    pub validate: std::time::Duration,
+    pub encode: std::time::Duration,
+    pub write: std::time::Duration,
+    pub finalize: std::time::Duration,
 }
 
 impl Outcome {
@@ -117,6 +134,7 @@ struct Validated {
     digest: u128,
     /// The recovery that changed something (recorded in the audit), if any.
     applied: Option<Recovery>,
+    timings: Timings,
 }
 
 /// Migrates actors from v1 to v2 in one store.
@@ -154,12 +172,12 @@ impl Migrator {
             cause,
             files,
         };
-        let has_v1 = v1::read::has_sqlite_data(&*self.store, &req.actor)
-            .await
-            .map_err(|e| fail(Phase::Inspect, e.into(), None))?;
-        if !has_v1 {
+        let first =
+            v1::read::first_batch(&*self.store, &req.actor).await.map_err(|e| fail(Phase::Inspect, e.into(), None))?;
+        if first.is_empty() {
             return self.skip(req, OutcomeKind::SkippedNoV1, None, started).await;
         }
+        let mut first = Some(first);
         let mut validated: Option<Validated> = None;
         for _ in 0..BEGIN_ATTEMPTS {
             let state = self.inspect(&req.actor).await.map_err(|c| fail(Phase::Inspect, c, None))?;
@@ -175,9 +193,11 @@ impl Migrator {
                     (Some(head_raw), lease_raw, head.generation + 1, head.next_txid.max(1))
                 }
             };
-            let image = match validated.take() {
-                Some(v) => v,
-                None => match self.read_and_validate(req).await {
+            let image = match (validated.take(), first.take()) {
+                (Some(v), _) => v,
+                // The image is kept across attempts, so the first batch is read exactly once.
+                (None, None) => unreachable!("no image and no first batch"),
+                (None, Some(first)) => match self.read_and_validate(req, first).await {
                     Ok(v) => v,
                     Err(e) => {
                         if let (Some(head_raw), Cause::Rejected(_)) = (&previous_raw, &e.cause) {
@@ -188,6 +208,18 @@ impl Migrator {
                 },
             };
             let files = Some(image.files.clone());
+            if image.pages <= self.cfg.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES) {
+                let prev = Previous { head_raw: previous_raw.as_deref(), lease_raw: lease_raw.as_deref() };
+                match self.one_shot(req, prev, generation, txid, image, started).await {
+                    Ok(outcome) => return Ok(outcome),
+                    Err(OneShotError::Raced(image)) => {
+                        debug!("migration raced another one; inspecting again");
+                        validated = Some(*image);
+                        continue;
+                    }
+                    Err(OneShotError::Failed(phase, cause)) => return Err(fail(phase, cause, files)),
+                }
+            }
             let begun = self
                 .begin(
                     &req.actor,
@@ -242,10 +274,11 @@ impl Migrator {
         }
     }
 
-    async fn read_and_validate(&self, req: &Request) -> Result<Validated, MigrateError> {
+    async fn read_and_validate(&self, req: &Request, first: v1::read::FirstBatch) -> Result<Validated, MigrateError> {
         let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery, ignore_sidecars: false };
+        let read_started = std::time::Instant::now();
         let fail = |phase, cause, files| MigrateError { actor: req.actor.clone(), phase, cause, files };
-        let image = match v1::read_v1(&*self.store, &req.actor, opts).await {
+        let image = match v1::read::read_v1_from(&*self.store, &req.actor, opts, first).await {
             Ok(image) => image,
             Err(ReadError::Rejected(r)) => {
                 let files = v1::read::Probe::run(&*self.store, &req.actor).await.ok().map(|p| p.files());
@@ -255,11 +288,16 @@ impl Migrator {
             Err(ReadError::Store(e)) => return Err(fail(Phase::Read, e.into(), None)),
         };
         let files = image.files.clone();
+        let read = read_started.elapsed();
+        let validate_started = std::time::Instant::now();
         let (quick_check, recovery) = (self.cfg.quick_check, req.recovery);
         let checked = tokio::task::spawn_blocking(move || validate(image, quick_check, recovery))
             .await
             .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
-        checked.map_err(|r| fail(Phase::Validate, Cause::Rejected(r), Some(files)))
+        let mut validated = checked.map_err(|r| fail(Phase::Validate, Cause::Rejected(r), Some(files)))?;
+        validated.timings.read = read;
+        validated.timings.validate = validate_started.elapsed();
+        Ok(validated)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -299,14 +337,14 @@ impl Migrator {
         &self,
         req: &Request,
         mut staging: Staging,
-        image: Validated,
+        mut image: Validated,
         started: i64,
     ) -> Result<Outcome, (Phase, Cause)> {
         let clock = self.clock.clone();
         let staged = stage::stage(
             &*self.store,
             &mut staging,
-            image.main,
+            std::mem::take(&mut image.main),
             started,
             move || clock.now_ms(),
             self.cfg.lease_ttl_ms,
@@ -316,25 +354,16 @@ impl Migrator {
             Ok(s) => s,
             Err(cause) => return Err(self.abandon(&staging, Phase::Stage, cause).await),
         };
-        let audit = AuditRecord {
-            actor_id: req.actor.clone(),
-            campaign: req.campaign.clone(),
-            outcome: OutcomeKind::Migrated,
-            reason: None,
-            phase: None,
-            error: None,
-            recovery: image.applied,
-            pages: Some(image.pages),
-            v1_bytes: Some(staged.main.len() as u64),
-            checksum: Some(staged.checksum.hex()),
-            generation: Some(staging.head.generation),
-            worker: self.cfg.worker_id.clone(),
-            started_at_ms: started,
-            finished_at_ms: self.clock.now_ms(),
-            v1_files: Some(image.files.clone()),
-            attempts: Some(req.attempts),
-            purged_at_ms: None,
-        };
+        let mut timings = Timings { encode: staged.encode_time, write: staged.write_time, ..image.timings };
+        let finalize_started = std::time::Instant::now();
+        let audit = self.migrated_audit(
+            req,
+            &image,
+            staged.main.len() as u64,
+            staged.checksum,
+            staging.head.generation,
+            started,
+        );
         let mut txn = Txn::new();
         staging.fence(&mut txn);
         txn.check_range_digest(v1::keys::sqlite_range(&req.actor), image.digest);
@@ -361,13 +390,104 @@ impl Migrator {
             Err(StoreError::Conflict { .. }) => return Err((Phase::Finalize, Cause::Fenced)),
             Err(e) => return Err(self.abandon(&staging, Phase::Finalize, e.into()).await),
         }
-        let elapsed = (self.clock.now_ms() - started).max(0) as f64 / 1000.0;
-        metrics::histogram!(m::MIGRATION_SECONDS).record(elapsed);
-        metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(image.pages));
-        metrics::counter!(m::V1_BYTES_MIGRATED).increment(staged.main.len() as u64);
-        metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(staged.storage_used);
-        debug!(pages = image.pages, bytes = staged.main.len(), checksum = %staged.checksum.hex(), "migrated");
-        Ok(Outcome { audit, bytes_written: staged.storage_used })
+        timings.finalize = finalize_started.elapsed();
+        record_success(started, self.clock.now_ms(), image.pages, staged.main.len() as u64, staged.storage_used);
+        Ok(Outcome { audit, bytes_written: staged.storage_used, timings })
+    }
+
+    fn migrated_audit(
+        &self,
+        req: &Request,
+        image: &Validated,
+        v1_bytes: u64,
+        checksum: crate::checksum::DatabaseChecksum,
+        generation: u64,
+        started: i64,
+    ) -> AuditRecord {
+        AuditRecord {
+            actor_id: req.actor.clone(),
+            campaign: req.campaign.clone(),
+            outcome: OutcomeKind::Migrated,
+            reason: None,
+            phase: None,
+            error: None,
+            recovery: image.applied,
+            pages: Some(image.pages),
+            v1_bytes: Some(v1_bytes),
+            checksum: Some(checksum.hex()),
+            generation: Some(generation),
+            worker: self.cfg.worker_id.clone(),
+            started_at_ms: started,
+            finished_at_ms: self.clock.now_ms(),
+            v1_files: Some(image.files.clone()),
+            attempts: Some(req.attempts),
+            purged_at_ms: None,
+        }
+    }
+
+    /// Begin, stage and finalize as one transaction, for a database whose whole blob fits in
+    /// one: the same checks (the head and lease read at inspect, the v1 digest), the same end
+    /// state, and no MigratingFromV1 head ever visible.
+    async fn one_shot(
+        &self,
+        req: &Request,
+        prev: Previous<'_>,
+        generation: u64,
+        txid: u64,
+        image: Validated,
+        started: i64,
+    ) -> Result<Outcome, OneShotError> {
+        let encode_started = std::time::Instant::now();
+        let Validated { main, pages, files, digest, applied, mut timings } = image;
+        let encoded = tokio::task::spawn_blocking(move || stage::encode_whole(main, pages, txid, started)).await;
+        let (main, blob, checksum) =
+            encoded.map_err(|e| OneShotError::Failed(Phase::Stage, Cause::Internal(format!("encoder task: {e}"))))?;
+        timings.encode = encode_started.elapsed();
+        let image = Validated { main, pages, files, digest, applied, timings };
+        let actor = &req.actor;
+        let head = DBHead {
+            origin: Origin::MigratedFromV1,
+            head_txid: txid,
+            next_txid: txid + 1,
+            sqlite_storage_used: blob.len() as u64,
+            ..DBHead::staging(generation, txid, pages, started)
+        };
+        let audit = self.migrated_audit(req, &image, image.main.len() as u64, checksum, generation, started);
+        let mut txn = Txn::new();
+        txn.check_value(v2keys::meta(actor), prev.head_raw.map(<[u8]>::to_vec));
+        txn.check_value(keys::lease(actor), prev.lease_raw.map(<[u8]>::to_vec));
+        txn.check_range_digest(v1::keys::sqlite_range(actor), image.digest);
+        if prev.head_raw.is_some() {
+            for range in v2keys::page_ranges(actor) {
+                txn.clear_range(range);
+            }
+        }
+        for (i, slice) in blob.chunks(stage::DELTA_CHUNK_SIZE).enumerate() {
+            // A one-shot blob is a few MiB: a handful of slices.
+            txn.set(v2keys::delta_chunk(actor, txid, i as u32), slice.to_vec());
+        }
+        let txid_bytes = txid.to_be_bytes();
+        for pgno in 1..=pages {
+            txn.set(v2keys::pidx(actor, pgno), txid_bytes.to_vec());
+        }
+        txn.set(v2keys::meta(actor), head.encode());
+        txn.set(keys::audit(actor), audit.encode());
+        if prev.lease_raw.is_some() {
+            txn.clear(keys::lease(actor));
+        }
+        let finalize_started = std::time::Instant::now();
+        match self.store.commit(txn).await {
+            Ok(()) => {}
+            // Checks 0 and 1 are the head and lease read at inspect; 2 is the v1 digest.
+            Err(StoreError::Conflict { index: 2, .. }) => {
+                return Err(OneShotError::Failed(Phase::Finalize, Cause::V1Changed));
+            }
+            Err(StoreError::Conflict { .. }) => return Err(OneShotError::Raced(Box::new(image))),
+            Err(e) => return Err(OneShotError::Failed(Phase::Finalize, e.into())),
+        }
+        let timings = Timings { finalize: finalize_started.elapsed(), ..image.timings };
+        record_success(started, self.clock.now_ms(), pages, image.main.len() as u64, blob.len() as u64);
+        Ok(Outcome { audit, bytes_written: blob.len() as u64, timings })
     }
 
     /// After a failure past begin: if the migration is still ours, clear what it staged so the
@@ -441,8 +561,34 @@ impl Migrator {
         txn.set(keys::audit(&req.actor), audit.encode());
         self.store.commit(txn).await.map_err(|e| fail(e.into()))?;
         debug!(outcome = %kind, "skipped");
-        Ok(Outcome { audit, bytes_written: 0 })
+        Ok(Outcome { audit, bytes_written: 0, timings: Timings::default() })
     }
+}
+
+/// Largest database migrated in one transaction (begin, stage and finalize at once): its blob
+/// and PIDX rows stay far under the transaction limit even when nothing compresses.
+pub const ONE_SHOT_MAX_PAGES: u32 = 1024;
+
+/// What inspect read: the head and lease a migration's first transaction checks.
+#[derive(Clone, Copy)]
+struct Previous<'a> {
+    head_raw: Option<&'a [u8]>,
+    lease_raw: Option<&'a [u8]>,
+}
+
+enum OneShotError {
+    /// Another migration changed the head or lease since inspect: inspect again.
+    Raced(Box<Validated>),
+    Failed(Phase, Cause),
+}
+
+fn record_success(started: i64, now: i64, pages: u32, v1_bytes: u64, delta_bytes: u64) {
+    let elapsed = (now - started).max(0) as f64 / 1000.0;
+    metrics::histogram!(m::MIGRATION_SECONDS).record(elapsed);
+    metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(pages));
+    metrics::counter!(m::V1_BYTES_MIGRATED).increment(v1_bytes);
+    metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(delta_bytes);
+    debug!(pages, bytes = v1_bytes, "migrated");
 }
 
 /// The SQLite-level checks on a read image (blocking). Records which recovery actually
@@ -472,5 +618,5 @@ fn validate(image: V1Image, quick_check: bool, recovery: Option<Recovery>) -> Re
             Err(problem) => return Err(problem),
         }
     }
-    Ok(Validated { main, pages, files, digest, applied })
+    Ok(Validated { main, pages, files, digest, applied, timings: Timings::default() })
 }

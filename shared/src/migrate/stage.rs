@@ -59,6 +59,10 @@ pub struct Staged {
     pub main: Vec<u8>,
     pub checksum: DatabaseChecksum,
     pub storage_used: u64,
+    /// CPU time of the encoder (checksum and LZ4).
+    pub encode_time: std::time::Duration,
+    /// Time spent committing stage transactions.
+    pub write_time: std::time::Duration,
 }
 
 /// A batch of DELTA values the encoder hands to the committer.
@@ -70,8 +74,10 @@ fn spawn_encoder(
     main: Vec<u8>,
     header: LtxHeader,
     tx: mpsc::Sender<Batch>,
-) -> tokio::task::JoinHandle<(Vec<u8>, DatabaseChecksum)> {
+) -> tokio::task::JoinHandle<(Vec<u8>, DatabaseChecksum, std::time::Duration)> {
     tokio::task::spawn_blocking(move || {
+        let mut busy = std::time::Duration::ZERO;
+        let mut since = std::time::Instant::now();
         let mut out = Vec::with_capacity(STAGE_TXN_BYTES + DELTA_CHUNK_SIZE);
         let mut encoder = LtxEncoder::new(&header, &mut out);
         let mut checksum = DatabaseChecksum::new();
@@ -80,9 +86,14 @@ fn spawn_encoder(
             let pgno = u32::try_from(i + 1).expect("pgno fits u32");
             checksum.add_page(pgno, page);
             encoder.push_page(pgno, page, &mut out);
-            if out.len() >= STAGE_TXN_BYTES && tx.blocking_send(take_full_chunks(&mut out)).is_err() {
-                // The committer stopped (a failed stage); nothing more to encode.
-                return (main, checksum);
+            if out.len() >= STAGE_TXN_BYTES {
+                let batch = take_full_chunks(&mut out);
+                busy += since.elapsed();
+                if tx.blocking_send(batch).is_err() {
+                    // The committer stopped (a failed stage); nothing more to encode.
+                    return (main, checksum, busy);
+                }
+                since = std::time::Instant::now();
             }
         }
         encoder.finish(&mut out);
@@ -90,9 +101,26 @@ fn spawn_encoder(
         if !out.is_empty() {
             last.push(out);
         }
+        busy += since.elapsed();
         let _ = tx.blocking_send(last);
-        (main, checksum)
+        (main, checksum, busy)
     })
+}
+
+/// Encodes a whole (small) database as one LTX blob, with its checksum (blocking).
+pub fn encode_whole(main: Vec<u8>, pages: u32, txid: u64, timestamp_ms: i64) -> (Vec<u8>, Vec<u8>, DatabaseChecksum) {
+    let header = LtxHeader { page_size: PAGE_SIZE, commit: pages, min_txid: txid, max_txid: txid, timestamp_ms };
+    let mut blob = Vec::with_capacity(main.len() / 2 + 256);
+    let mut encoder = LtxEncoder::new(&header, &mut blob);
+    let mut checksum = DatabaseChecksum::new();
+    for (i, page) in main.chunks(PAGE_SIZE as usize).enumerate() {
+        // Page counts were checked to fit u32 by the header check.
+        let pgno = u32::try_from(i + 1).expect("pgno fits u32");
+        checksum.add_page(pgno, page);
+        encoder.push_page(pgno, page, &mut blob);
+    }
+    encoder.finish(&mut blob);
+    (main, blob, checksum)
 }
 
 /// Splits off every whole DELTA chunk at the front of `out`, leaving the remainder.
@@ -124,6 +152,7 @@ pub async fn stage(
     let mut next_chunk: u32 = 0;
     let mut storage_used: u64 = 0;
     let mut failure = None;
+    let mut write_time = std::time::Duration::ZERO;
     while let Some(batch) = rx.recv().await {
         let mut txn = Txn::new();
         staging.fence(&mut txn);
@@ -133,7 +162,10 @@ pub async fn stage(
             next_chunk += 1;
         }
         let (lease, raw) = staging.renew(&mut txn, now(), lease_ttl_ms);
-        match store.commit(txn).await {
+        let commit_started = std::time::Instant::now();
+        let committed = store.commit(txn).await;
+        write_time += commit_started.elapsed();
+        match committed {
             Ok(()) => {
                 staging.lease = lease;
                 staging.lease_raw = raw;
@@ -149,9 +181,9 @@ pub async fn stage(
         }
     }
     drop(rx);
-    let (main, checksum) = encoder.await.map_err(|e| Cause::Internal(format!("encoder task: {e}")))?;
+    let (main, checksum, encode_time) = encoder.await.map_err(|e| Cause::Internal(format!("encoder task: {e}")))?;
     match failure {
         Some(cause) => Err(cause),
-        None => Ok(Staged { main, checksum, storage_used }),
+        None => Ok(Staged { main, checksum, storage_used, encode_time, write_time }),
     }
 }

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
@@ -100,8 +100,17 @@ enum SkipKind {
 }
 
 /// Whether an actor gets a job: it has v1 SQLite data and, unless asked, no finished v2.
-async fn wanted(store: &DynStore, actor: &ActorId, include_migrated: bool) -> Result<Option<SkipKind>, StoreError> {
-    if !has_sqlite_data(&**store, actor).await? {
+async fn wanted(
+    store: &DynStore,
+    actor: &ActorId,
+    has_sqlite: Option<bool>,
+    include_migrated: bool,
+) -> Result<Option<SkipKind>, StoreError> {
+    let has_sqlite = match has_sqlite {
+        Some(known) => known,
+        None => has_sqlite_data(&**store, actor).await?,
+    };
+    if !has_sqlite {
         return Ok(Some(SkipKind::NoV1));
     }
     if !include_migrated
@@ -114,6 +123,15 @@ async fn wanted(store: &DynStore, actor: &ActorId, include_migrated: bool) -> Re
     Ok(None)
 }
 
+/// An actor the scan found: its id (or not a valid one), whether it has v1 SQLite data when
+/// the scan knows, and where to resume after it.
+type Found = (Result<ActorId, ()>, Option<bool>, Resume);
+
+/// Actors whose store checks run at once while scanning (order is kept).
+const CLASSIFY_AHEAD: usize = 32;
+
+/// Scans (or walks the id list) and classifies each actor, a window of actors at a time, in
+/// order, so the checkpoint advances exactly as before.
 async fn scan_actors(
     store: DynStore,
     record: CampaignRecord,
@@ -121,40 +139,45 @@ async fn scan_actors(
     tx: mpsc::Sender<Result<Item, StoreError>>,
 ) {
     let include = record.filters.include_migrated;
-    let classify = |actor: ActorId, resume: Resume| {
+    let classify = |found: Result<Found, StoreError>| {
         let store = store.clone();
         async move {
-            Ok(match wanted(&store, &actor, include).await? {
+            let (id, has_sqlite, resume) = found?;
+            let Ok(actor) = id else { return Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }) };
+            Ok(match wanted(&store, &actor, has_sqlite, include).await? {
                 None => Item::Publish { actor, resume },
                 Some(kind) => Item::Skipped { kind, resume },
             })
         }
     };
-    if let Some(ids) = ids {
-        for (i, actor) in ids.into_iter().enumerate().skip(record.ids_done as usize) {
-            if tx.send(classify(actor, Resume::Index(i as u64 + 1)).await).await.is_err() {
-                return;
-            }
-        }
-        return;
-    }
-    let checkpoint = record.checkpoint_raw();
-    let mut scan = match &record.filters.actor_prefix {
-        Some(p) => ActorScan::with_prefix(&*store, p, checkpoint.as_deref()),
-        None => ActorScan::new(&*store, checkpoint.as_deref()),
-    };
-    loop {
-        let item = match scan.next().await {
-            Ok(None) => return,
-            Err(e) => Err(e),
-            Ok(Some(found)) => {
-                let resume = Resume::After(found.raw.clone());
-                match found.id {
-                    Ok(actor) => classify(actor, resume).await,
-                    Err(_) => Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }),
+    let found: futures::stream::BoxStream<'_, Result<Found, StoreError>> = match ids {
+        Some(ids) => futures::stream::iter(
+            ids.into_iter()
+                .enumerate()
+                .skip(record.ids_done as usize)
+                .map(|(i, a)| Ok((Ok(a), None, Resume::Index(i as u64 + 1)))),
+        )
+        .boxed(),
+        None => {
+            let checkpoint = record.checkpoint_raw();
+            let scan = match &record.filters.actor_prefix {
+                Some(p) => ActorScan::with_prefix(&*store, p, checkpoint.as_deref()),
+                None => ActorScan::new(&*store, checkpoint.as_deref()),
+            };
+            futures::stream::unfold(Some(scan), |scan| async move {
+                let mut scan = scan?;
+                match scan.next().await {
+                    Ok(None) => None,
+                    // Report the error once, then end.
+                    Err(e) => Some((Err(e), None)),
+                    Ok(Some(f)) => Some((Ok((f.id.map_err(|_| ()), f.has_sqlite, Resume::After(f.raw))), Some(scan))),
                 }
-            }
-        };
+            })
+            .boxed()
+        }
+    };
+    let mut items = found.map(classify).buffered(CLASSIFY_AHEAD);
+    while let Some(item) = items.next().await {
         if tx.send(item).await.is_err() {
             return;
         }

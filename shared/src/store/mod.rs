@@ -221,6 +221,13 @@ pub trait Store: Send + Sync + 'static {
     /// The first key inside `range` (at or after its start), for skip-scans.
     async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Up to `limit` keys of `range` in ascending order, without their values (the keyspace
+    /// scan reads many small actors per call this way). Backends override this default to
+    /// avoid reading the values.
+    async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self.scan(range, limit).await?.into_iter().map(|(k, _)| k).collect())
+    }
+
     /// Applies `txn` atomically, or reports the first check that failed.
     async fn commit(&self, txn: Txn) -> Result<(), StoreError>;
 

@@ -34,6 +34,7 @@ struct Statements {
     get: String,
     scan: String,
     first_key: String,
+    scan_keys: String,
     range_rows: String,
     upsert: String,
     delete_keys: String,
@@ -46,6 +47,7 @@ impl Statements {
             get: format!("SELECT value FROM {table} WHERE key = $1"),
             scan: format!("SELECT key, value FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
             first_key: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT 1"),
+            scan_keys: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
             range_rows: format!("SELECT key, value FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key"),
             upsert: format!(
                 "INSERT INTO {table} (key, value) SELECT * FROM UNNEST($1::bytea[], $2::bytea[]) \
@@ -265,6 +267,14 @@ impl Store for PostgresStore {
         let stmt = client.prepare_cached(&self.sql.first_key).await.map_err(map_err)?;
         let row = client.query_opt(&stmt, &[&range.start, &range.end]).await.map_err(map_err)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.scan_keys).await.map_err(map_err)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client.query(&stmt, &[&range.start, &range.end, &limit]).await.map_err(map_err)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {

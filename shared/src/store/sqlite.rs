@@ -184,6 +184,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let range = range.clone();
+        self.with_reader(move |c| {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            c.prepare_cached("SELECT key FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3")?
+                .query_map(params![range.start, range.end, limit], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
+
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
         limits::check_txn(&txn)?;
         let inner = self.inner.clone();

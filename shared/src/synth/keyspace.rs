@@ -185,6 +185,8 @@ pub struct SeedConfig {
     pub max_mib: u64,
     /// Share of normal actors in the long tail (over 1 MiB).
     pub large_share: f64,
+    /// Share of normal actors of 64 KiB to 1 MiB (the rest are a few pages).
+    pub medium_share: f64,
     /// Actor ids are `{prefix}-{index:07}`.
     pub prefix: String,
     /// The size limit oversize actors are planted past.
@@ -199,6 +201,7 @@ impl Default for SeedConfig {
             mix: Mix::default(),
             max_mib: 16,
             large_share: 0.01,
+            medium_share: 0.09,
             prefix: "actor".into(),
             oversize_limit: crate::v1::read::DEFAULT_MAX_SIZE,
         }
@@ -241,7 +244,7 @@ pub fn plan(cfg: &SeedConfig) -> Vec<PlannedActor> {
             let roll: f64 = rng.random();
             let size = if roll < cfg.large_share {
                 Size::Large(rng.random_range(0..3))
-            } else if roll < cfg.large_share + 0.09 {
+            } else if roll < cfg.large_share + cfg.medium_share {
                 Size::Medium(rng.random_range(0..4))
             } else {
                 Size::Small(rng.random_range(0..8))

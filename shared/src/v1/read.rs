@@ -105,6 +105,20 @@ pub struct Probe {
 }
 
 impl Probe {
+    /// The probe of an actor whose whole SQLite range is in `rows`.
+    fn from_rows(actor: &ActorId, rows: &[(Vec<u8>, Vec<u8>)]) -> Probe {
+        let prefix_len = keys::actor_prefix(actor).len();
+        let mut probe = Probe::default();
+        for (key, value) in rows {
+            match keys::classify(&key[prefix_len..]) {
+                SqliteKey::Meta(tag) => probe.metas[tag as usize] = Some(value.clone()),
+                SqliteKey::Chunk(tag, _) | SqliteKey::MalformedChunk(tag) => probe.has_chunks[tag as usize] = true,
+                SqliteKey::Unknown => {}
+            }
+        }
+        probe
+    }
+
     pub async fn run(store: &dyn Store, actor: &ActorId) -> Result<Probe, StoreError> {
         let mut probe = Probe::default();
         for (key, value) in store.scan(&keys::meta_range(actor), 16).await? {
@@ -233,7 +247,39 @@ impl Assembler {
 /// Reads the actor's main file (and the sidecar a recovery needs), applying every check of
 /// the v1 layout. The SQLite-level checks (header, page size, quick_check) are `v1::check`'s.
 pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> Result<V1Image, ReadError> {
-    let probe = Probe::run(store, actor).await?;
+    let first = first_batch(store, actor).await?;
+    read_v1_from(store, actor, opts, first).await
+}
+
+/// The first scan batch of the actor's SQLite range: the whole range for small actors, so
+/// they are read in one query (empty: the actor has no v1 SQLite data).
+pub async fn first_batch(store: &dyn Store, actor: &ActorId) -> Result<FirstBatch, StoreError> {
+    let rows = store.scan(&keys::sqlite_range(actor), SCAN_BATCH).await?;
+    Ok(FirstBatch { whole: rows.len() < SCAN_BATCH, rows })
+}
+
+/// The start of an actor's SQLite range, as [`first_batch`] read it.
+#[derive(Clone, Debug)]
+pub struct FirstBatch {
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The rows are the whole range.
+    whole: bool,
+}
+
+impl FirstBatch {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// [`read_v1`] from a first batch already read.
+pub async fn read_v1_from(
+    store: &dyn Store,
+    actor: &ActorId,
+    opts: ReadOptions,
+    first: FirstBatch,
+) -> Result<V1Image, ReadError> {
+    let probe = if first.whole { Probe::from_rows(actor, &first.rows) } else { Probe::run(store, actor).await? };
     if let Some(rejection) = probe.sidecar_rejection(opts.recovery).filter(|_| !opts.ignore_sidecars) {
         return Err(rejection.into());
     }
@@ -259,7 +305,7 @@ pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> R
     let prefix_len = keys::actor_prefix(actor).len();
     let mut digest = RangeDigest::new();
     let mut failure: Option<ReadError> = None;
-    for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, |key, value| {
+    let visit = |key: &[u8], value: Vec<u8>| -> Result<(), StoreError> {
         digest.update(key, &value);
         if failure.is_some() {
             return Ok(());
@@ -280,8 +326,15 @@ pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> R
             failure = Some(e);
         }
         Ok(())
-    })
-    .await?;
+    };
+    if first.whole {
+        let mut visit = visit;
+        for (key, value) in first.rows {
+            visit(&key, value)?;
+        }
+    } else {
+        for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, visit).await?;
+    }
     if let Some(e) = failure {
         return Err(e);
     }

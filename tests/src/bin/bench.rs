@@ -1,0 +1,509 @@
+//! The benchmark harness: seeds its own keyspaces with the generator and measures ferry next to
+//! the limit each figure is judged against, in the same run on the same machine.
+//!
+//!   cargo run --release -p ferry-tests --bin bench -- [--quick] [--json-out bench.json]
+//!
+//! Needs the local PostgreSQL and RabbitMQ (like the tests). Prints a table and JSON.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use ferry::clock::SystemClock;
+use ferry::keys;
+use ferry::migrate::{MigrateConfig, Migrator, Request};
+use ferry::queue::Topology;
+use ferry::queue::amqp;
+use ferry::store::{DynStore, KeyRange, Txn};
+use ferry::synth::keyspace::{Mix, SeedConfig, seed};
+use ferry::synth::sqlite::{DbSpec, database};
+use ferry::synth::{DbFiles, write_v1};
+use ferry::testing::{Backend, TestStore, amqp_url, unique_name};
+use ferry_tests::bin;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+#[derive(Parser)]
+struct Args {
+    /// Smaller sizes, for a quick look (not for docs/PERFORMANCE.md).
+    #[arg(long)]
+    quick: bool,
+    /// Tiny actors per fleet run.
+    #[arg(long)]
+    tiny: Option<u64>,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    json_out: Option<String>,
+    /// Worker concurrency in the fleet runs.
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+}
+
+#[derive(serde::Serialize, Clone)]
+struct Row {
+    section: String,
+    measure: String,
+    value: f64,
+    unit: String,
+    against: String,
+    limit: f64,
+    ratio: f64,
+    target: Option<f64>,
+}
+
+#[derive(Default, serde::Serialize)]
+struct Report {
+    machine: String,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        section: &str,
+        measure: &str,
+        value: f64,
+        unit: &str,
+        against: &str,
+        limit: f64,
+        target: Option<f64>,
+    ) {
+        let ratio = if limit > 0.0 { value / limit } else { 0.0 };
+        let row = Row {
+            section: section.into(),
+            measure: measure.into(),
+            value,
+            unit: unit.into(),
+            against: against.into(),
+            limit,
+            ratio,
+            target,
+        };
+        let verdict = match target {
+            Some(t) if ratio >= t => format!("(target {:.0}%: met)", t * 100.0),
+            Some(t) => format!("(target {:.0}%: MISSED)", t * 100.0),
+            None => String::new(),
+        };
+        eprintln!("  {measure}: {value:.1} {unit} vs {against} {limit:.1} -> {:.0}% {verdict}", ratio * 100.0);
+        self.rows.push(row);
+    }
+
+    fn table(&self) -> String {
+        let mut out = format!("machine: {}\n", self.machine);
+        out.push_str(&format!(
+            "{:<12} {:<44} {:>12} {:<8} {:<34} {:>12} {:>7} {:>7}\n",
+            "section", "measure", "value", "unit", "against", "limit", "ratio", "target"
+        ));
+        for r in &self.rows {
+            out.push_str(&format!(
+                "{:<12} {:<44} {:>12.1} {:<8} {:<34} {:>12.1} {:>6.0}% {:>7}\n",
+                r.section,
+                r.measure,
+                r.value,
+                r.unit,
+                r.against,
+                r.limit,
+                r.ratio * 100.0,
+                r.target.map_or("-".into(), |t| format!("{:.0}%", t * 100.0))
+            ));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
+        out
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024)
+        })
+        .unwrap_or(0);
+    format!("{} cores ({cpu}), {mem} GiB RAM", std::thread::available_parallelism().map_or(0, |n| n.get()))
+}
+
+async fn count_prefix(store: &DynStore, prefix: &[u8]) -> Result<u64> {
+    let mut n = 0u64;
+    ferry::store::for_each_row(&**store, &KeyRange::prefix(prefix), 4096, |_, _| {
+        n += 1;
+        Ok(())
+    })
+    .await?;
+    Ok(n)
+}
+
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(store: &str, prefix: &str, concurrency: u16, id: &str) -> Result<Worker> {
+    let child = Command::new(bin("ferry-worker"))
+        .args(["run", "--store", store, "--queue-prefix", prefix, "--http", "off", "--worker-id", id])
+        .args(["--concurrency", &concurrency.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning ferry-worker")?;
+    Ok(Worker(child))
+}
+
+async fn delete_topology(prefix: &str) -> Result<()> {
+    let conn = amqp::connect(&amqp_url(), "bench cleanup").await?;
+    let ch = conn.create_channel().await?;
+    Topology::new(prefix).delete(&ch).await?;
+    let _ = conn.close(200, "ok".into()).await;
+    Ok(())
+}
+
+/// Seeds `n` tiny actors (1 to 8 pages) into a store.
+async fn seed_tiny(store: &DynStore, n: u64) -> Result<()> {
+    let cfg = SeedConfig {
+        actors: n,
+        seed: 11,
+        mix: Mix::none(),
+        large_share: 0.0,
+        medium_share: 0.0,
+        ..SeedConfig::default()
+    };
+    seed(&**store, &cfg, |_| {}).await.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// Enqueues every actor and runs `workers` worker processes until every job is audited.
+/// Returns (enqueue jobs/s, end-to-end jobs/s).
+async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) -> Result<(f64, f64)> {
+    let prefix = unique_name("bench");
+    let cfg = ferry::queue::enqueue::EnqueueConfig {
+        store_url: store.url.clone(),
+        amqp_url: amqp_url(),
+        topology: Topology::new(&prefix),
+        campaign: prefix.clone(),
+        filters: Default::default(),
+        ids: None,
+        rate: None,
+        recovery: None,
+        progress: false,
+    };
+    let summary = ferry::queue::enqueue::enqueue(cfg, std::future::pending()).await?;
+    ensure!(summary.published == n, "enqueued {} of {n}", summary.published);
+    let started = Instant::now();
+    let started_ms = ferry::clock::Clock::now_ms(&SystemClock);
+    let procs: Vec<Worker> = (0..workers)
+        .map(|i| spawn_worker(&store.url, &prefix, concurrency, &format!("{prefix}-{i}")))
+        .collect::<Result<_>>()?;
+    let deadline = started + Duration::from_secs(600);
+    // Poll slowly (the poll reads the store the workers write), and take the end time from
+    // the audit records themselves.
+    loop {
+        let done = count_prefix(&store.store, keys::AUDIT_PREFIX).await?;
+        if done >= n {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "fleet run timed out at {done}/{n}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut finished_ms = started_ms;
+    ferry::store::for_each_row(&*store.store, &KeyRange::prefix(keys::AUDIT_PREFIX), 4096, |_, raw| {
+        if let Some(a) = ferry::migrate::AuditRecord::decode(&raw) {
+            finished_ms = finished_ms.max(a.finished_at_ms);
+        }
+        Ok(())
+    })
+    .await?;
+    let secs = ((finished_ms - started_ms) as f64 / 1000.0).max(1e-3);
+    drop(procs);
+    delete_topology(&prefix).await?;
+    Ok((summary.jobs_per_second, n as f64 / secs))
+}
+
+/// The raw broker: `n` persistent messages published with confirms (pipelined), then
+/// consumed and acked with `prefetch`, on a quorum queue like the work queue.
+async fn raw_broker(n: u64, prefetch: u16) -> Result<(f64, f64)> {
+    let conn = amqp::connect(&amqp_url(), "bench raw").await?;
+    let ch = amqp::confirm_channel(&conn).await?;
+    let queue = unique_name("bench_raw");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+    let body = br#"{"version":1,"campaign":"bench","actor_id":"actor-0000001","enqueued_at_ms":1763900000000,"recovery":null}"#;
+    let started = Instant::now();
+    let mut pending = VecDeque::new();
+    for i in 0..n {
+        let props = amqp::json_properties(&format!("bench/{i}"), FieldTable::default());
+        pending.push_back(ch.basic_publish("".into(), queue.as_str().into(), Default::default(), body, props).await?);
+        while pending.len() >= 2048 {
+            ensure!(pending.pop_front().context("confirm")?.await?.is_ack());
+        }
+    }
+    while let Some(c) = pending.pop_front() {
+        ensure!(c.await?.is_ack());
+    }
+    let publish_rate = n as f64 / started.elapsed().as_secs_f64();
+    let consume = conn.create_channel().await?;
+    consume.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume(queue.as_str().into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let started = Instant::now();
+    for _ in 0..n {
+        let d = consumer.next().await.context("consumer ended")??;
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    let consume_rate = n as f64 / started.elapsed().as_secs_f64();
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    let _ = conn.close(200, "ok".into()).await;
+    Ok((publish_rate, consume_rate))
+}
+
+/// Reads every v1 chunk of the actor and writes the same bytes under another prefix, in
+/// transactions as large as the limits allow: the raw cost of moving the bytes.
+async fn raw_copy(store: &DynStore, actor: &ferry::ActorId) -> Result<f64> {
+    let started = Instant::now();
+    let range = ferry::v1::keys::sqlite_range(actor);
+    let mut txn = Txn::new();
+    let mut cursor = range.clone();
+    let mut bytes = 0u64;
+    loop {
+        let rows = store.scan(&cursor, 2000).await?;
+        let full = rows.len() == 2000;
+        let last = rows.last().map(|(k, _)| k.clone());
+        for (k, v) in rows {
+            bytes += v.len() as u64;
+            let mut key = b"bench-copy/".to_vec();
+            key.extend_from_slice(&k);
+            txn.set(key, v);
+            if txn.write_bytes() > 8 << 20 {
+                store.commit(std::mem::take(&mut txn)).await?;
+            }
+        }
+        match last {
+            Some(k) if full => cursor = cursor.after(&k),
+            _ => break,
+        }
+    }
+    if !txn.mutations.is_empty() {
+        store.commit(txn).await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut clear = Txn::new();
+    clear.clear_range(KeyRange::prefix(b"bench-copy/"));
+    store.commit(clear).await?;
+    Ok(bytes as f64 / 1048576.0 / secs)
+}
+
+async fn large(report: &mut Report, backend: Backend, sizes: &[u64], dbs: &[(u64, Vec<u8>)]) -> Result<()> {
+    let name = format!("{backend:?}").to_lowercase();
+    for (mib, main) in dbs.iter().filter(|(m, _)| sizes.contains(m)) {
+        let store = TestStore::new(backend).await;
+        let actor = ferry::ActorId::parse(&format!("large-{mib}"))?;
+        write_v1(&*store.store, &actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await?;
+        let raw = raw_copy(&store.store, &actor).await?;
+        let migrator = Migrator::new(store.store(), Arc::new(SystemClock), MigrateConfig::default());
+        let req = Request { actor: actor.clone(), campaign: "bench".into(), recovery: None, attempts: 1 };
+        let started = Instant::now();
+        let outcome = migrator.migrate(&req).await?;
+        let secs = started.elapsed().as_secs_f64();
+        let rate = main.len() as f64 / 1048576.0 / secs;
+        report.add(
+            "large",
+            &format!("{name} {mib} MiB: migrated MiB/s"),
+            rate,
+            "MiB/s",
+            "raw store copy of the same bytes",
+            raw,
+            Some(0.6),
+        );
+        let t = outcome.timings;
+        let total = secs.max(1e-9);
+        report.notes.push(format!(
+            "{name} {mib} MiB: {secs:.2} s = read {:.0}% / validate (quick_check) {:.0}% / compress {:.0}% / write {:.0}% / finalize {:.0}% (compress and write overlap)",
+            t.read.as_secs_f64() / total * 100.0,
+            t.validate.as_secs_f64() / total * 100.0,
+            t.encode.as_secs_f64() / total * 100.0,
+            t.write.as_secs_f64() / total * 100.0,
+            t.finalize.as_secs_f64() / total * 100.0,
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `ferry-worker local` and returns the peak resident memory it reports.
+fn local_run(dir: &Path, store: &str, concurrency: u16, budget_mib: u64) -> Result<f64> {
+    let out = Command::new(bin("ferry-worker"))
+        .args(["local", "--store", store, "--json", "--concurrency", &concurrency.to_string()])
+        .args(["--memory-budget-mib", &budget_mib.to_string()])
+        .env("RUST_LOG", "warn")
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "ferry-worker local failed");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    summary["peak_rss_mib"].as_f64().context("peak_rss_mib in the summary")
+}
+
+async fn memory(report: &mut Report, db128: &[u8], actors_at_8: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let empty = format!("sqlite:{}", dir.path().join("empty.db").display());
+    ferry::store::open(&empty, 1).await?;
+    let baseline = local_run(dir.path(), &empty, 1, 1024)?;
+    let one = format!("sqlite:{}", dir.path().join("one.db").display());
+    let store = ferry::store::open(&one, 1).await?;
+    let size_mib = db128.len() as f64 / 1048576.0;
+    write_v1(&*store, &ferry::ActorId::parse("mem-0")?, &DbFiles { main: db128.to_vec(), ..DbFiles::default() })
+        .await?;
+    let peak1 = local_run(dir.path(), &one, 1, 1024)?;
+    report.add(
+        "memory",
+        &format!("peak RSS, one {size_mib:.0} MiB db, concurrency 1"),
+        peak1,
+        "MiB",
+        "1.5 x db + 64 MiB overhead",
+        1.5 * size_mib + 64.0,
+        None,
+    );
+    report.notes.push(format!(
+        "memory: idle worker peak {baseline:.1} MiB; one {size_mib:.0} MiB db costs {:.2}x its size above that",
+        (peak1 - baseline) / size_mib
+    ));
+    let many = format!("sqlite:{}", dir.path().join("many.db").display());
+    let store = ferry::store::open(&many, 1).await?;
+    for i in 0..actors_at_8 {
+        write_v1(
+            &*store,
+            &ferry::ActorId::parse(&format!("mem-{i}"))?,
+            &DbFiles { main: db128.to_vec(), ..DbFiles::default() },
+        )
+        .await?;
+    }
+    let budget = (2.5 * size_mib) as u64;
+    let peak8 = local_run(dir.path(), &many, 8, budget)?;
+    report.add(
+        "memory",
+        &format!("peak RSS, {actors_at_8} x {size_mib:.0} MiB, concurrency 8, budget {budget} MiB"),
+        peak8,
+        "MiB",
+        "1.5 x budget-admitted dbs + 64 MiB",
+        1.5 * 2.0 * size_mib + 64.0,
+        None,
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut report = Report { machine: machine(), ..Report::default() };
+    let tiny = args.tiny.unwrap_or(if args.quick { 600 } else { 3000 });
+    let sizes: Vec<u64> = if args.quick { vec![16] } else { vec![16, 64, 128] };
+    eprintln!("ferry bench on {}", report.machine);
+    bin("ferry-worker");
+
+    eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {})", args.concurrency);
+    let (raw_publish, raw_consume) = raw_broker(tiny, args.concurrency).await?;
+    let mut enqueue_rate = 0.0;
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let store = TestStore::new(backend).await;
+        seed_tiny(&store.store, tiny).await?;
+        if backend == Backend::Sqlite {
+            let started = Instant::now();
+            let census = ferry::census::census(&*store.store, None, || {}).await?;
+            let rate = census.actors as f64 / started.elapsed().as_secs_f64();
+            report.add("producer", "census scan actors/s (sqlite)", rate, "actors/s", "-", 0.0, None);
+        }
+        let (enq, e2e) = fleet_run(&store, tiny, 1, args.concurrency).await?;
+        if backend == Backend::Sqlite {
+            enqueue_rate = enq;
+        }
+        let name = format!("{backend:?}").to_lowercase();
+        report.add(
+            "tiny",
+            &format!("{name}: end-to-end jobs/s, 1 worker"),
+            e2e,
+            "jobs/s",
+            "raw consume+ack",
+            raw_consume,
+            Some(0.5),
+        );
+    }
+    report.add(
+        "producer",
+        "enqueue jobs/s (sqlite)",
+        enqueue_rate,
+        "jobs/s",
+        "raw publish w/ confirms",
+        raw_publish,
+        Some(0.8),
+    );
+
+    eprintln!("2. large actors");
+    let mut dbs = Vec::new();
+    for mib in &sizes {
+        let started = Instant::now();
+        let main = database(&DbSpec::sized(mib << 20, *mib)).map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "  built a {:.0} MiB database in {:.1} s",
+            main.len() as f64 / 1048576.0,
+            started.elapsed().as_secs_f64()
+        );
+        dbs.push((*mib, main));
+    }
+    large(&mut report, Backend::Sqlite, &sizes, &dbs).await?;
+    large(&mut report, Backend::Postgres, &sizes, &dbs).await?;
+
+    eprintln!("4. memory");
+    let biggest = &dbs.last().context("a large database")?.1;
+    memory(&mut report, biggest, if args.quick { 3 } else { 6 }).await?;
+
+    eprintln!("5. scaling (postgres, tiny actors)");
+    let mut one = 0.0;
+    for workers in [1usize, 2, 4] {
+        let store = TestStore::new(Backend::Postgres).await;
+        seed_tiny(&store.store, tiny).await?;
+        let (_, rate) = fleet_run(&store, tiny, workers, 4).await?;
+        if workers == 1 {
+            one = rate;
+        }
+        report.add(
+            "scaling",
+            &format!("{workers} worker process(es), concurrency 4"),
+            rate,
+            "jobs/s",
+            "1 worker",
+            one,
+            None,
+        );
+    }
+
+    println!("{}", report.table());
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = args.json_out {
+        std::fs::write(&path, &json).with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
