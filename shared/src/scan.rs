@@ -50,6 +50,10 @@ fn actor_of(key: &[u8]) -> (Vec<u8>, Vec<u8>, bool) {
     }
 }
 
+/// Consecutive keys of one actor in a batch: (raw id, where the keys after it start, whether
+/// one is under 0x08, its first key).
+type Group = (Vec<u8>, Vec<u8>, bool, Vec<u8>);
+
 /// Walks the actors under `v1/`.
 pub struct ActorScan<'a> {
     store: &'a dyn Store,
@@ -95,8 +99,7 @@ impl<'a> ActorScan<'a> {
         let range = KeyRange::new(self.next_start.clone(), self.end.clone());
         let keys = self.store.scan_keys(&range, KEY_BATCH).await?;
         let full = keys.len() == KEY_BATCH;
-        // Consecutive keys of one actor form a group: (raw, after, has_sqlite, first key).
-        let mut groups: Vec<(Vec<u8>, Vec<u8>, bool, Vec<u8>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for key in keys {
             let (raw, after, sqlite) = actor_of(&key);
             match groups.last_mut() {
