@@ -483,6 +483,9 @@ struct SeedArgs {
     /// Share of actors in the long tail (over 1 MiB).
     #[arg(long, default_value_t = 0.01)]
     large_share: f64,
+    /// Share of actors of 64 KiB to 1 MiB (the rest are a few pages).
+    #[arg(long, default_value_t = 0.09)]
+    medium_share: f64,
     /// Actor id prefix.
     #[arg(long, default_value = "actor")]
     prefix: String,
@@ -515,6 +518,7 @@ async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
         mix,
         max_mib: args.max_mib,
         large_share: args.large_share,
+        medium_share: args.medium_share,
         prefix: args.prefix,
         ..SeedConfig::default()
     };
