@@ -173,7 +173,16 @@ async fn close(conn: &Connection, consume: &Channel, publish: &Channel) {
 /// Runs one delivery and settles it.
 async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topology: &Topology) {
     let attempts = amqp::attempts_before(&delivery.properties).saturating_add(1);
-    let disposition = runner.run(&delivery.data, attempts).await;
+    // A panic in a job is a bug; hand the job back instead of holding its prefetch slot, so
+    // the broker's delivery limit dead-letters it if it keeps happening.
+    let run = std::panic::AssertUnwindSafe(runner.run(&delivery.data, attempts));
+    let Ok(disposition) = futures::FutureExt::catch_unwind(run).await else {
+        error!("a job panicked; handing it back");
+        if let Err(e) = delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
+            warn!(error = %e, "could not hand back a delivery");
+        }
+        return;
+    };
     let settled = match disposition {
         Disposition::Ack(_) => Ok(()),
         Disposition::Retry { delay, error } => retry(&delivery, publish, topology, attempts, delay, &error).await,
