@@ -84,7 +84,9 @@ pub fn from_message(props: &BasicProperties, body: &[u8]) -> DeadLetter {
             },
             phase: "broker".into(),
             error: format!("the broker dead-lettered the job ({})", death.unwrap_or_else(|| "unknown".into())),
-            attempts: amqp::attempts_before(props),
+            // Only ferry's own retry count: the broker's `x-delivery-count` on this message
+            // counts reads of the dead-letter queue (every triage listing), not work attempts.
+            attempts: amqp::int_header(props, amqp::ATTEMPTS_HEADER).map_or(0, |n| u32::try_from(n).unwrap_or(0)),
             worker: String::new(),
             at_ms,
             v1_files: None,
