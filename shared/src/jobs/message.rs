@@ -113,7 +113,6 @@ mod tests {
             br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":"rm_rf"}"#.to_vec(),
             br#"{"version":2,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":null}"#.to_vec(),
             br#"{"version":1,"campaign":"c/d","actor_id":"a","enqueued_at_ms":0,"recovery":null}"#.to_vec(),
-            br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0}"#.to_vec(),
             br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":null,"x":1}"#.to_vec(),
         ];
         for raw in cases {
