@@ -136,6 +136,9 @@ impl LocalSummary {
             self.store,
             if self.completed { "" } else { " (INTERRUPTED)" }
         ));
+        if let Some(n) = self.seeded {
+            line(&mut out, "demo actors seeded", n.to_string());
+        }
         line(&mut out, "actors scanned", self.actors.to_string());
         out.push_str("outcomes\n");
         for kind in OutcomeKind::ALL {
