@@ -157,7 +157,8 @@ impl Proc {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
-    fn log_tail(&self) -> String {
+    /// The last part of what the process wrote to stderr.
+    pub fn log_tail(&self) -> String {
         let Ok(mut f) = std::fs::File::open(&self.stderr) else { return String::new() };
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         let start = len.saturating_sub(LOG_TAIL_BYTES);

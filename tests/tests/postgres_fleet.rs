@@ -14,8 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -30,6 +30,7 @@ use ferry::testing::{Backend, TestStore, amqp_url, postgres_url, unique_name};
 use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason};
+use ferry_tests::Proc;
 use ferry_tests::bin;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -72,65 +73,6 @@ fn run_json(cmd: &mut Command) -> Result<Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("stdout: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-/// A child process killed (SIGKILL) when dropped; stderr goes to a file shown on failure.
-struct Proc {
-    child: Child,
-    name: String,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, dir: &Path, name: &str) -> Result<Proc> {
-        let log = dir.join(format!("{name}.log"));
-        let err = std::fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        Ok(Proc { child, name: name.to_string(), log })
-    }
-
-    fn sigterm(&self) -> Result<()> {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
-        ensure!(status.success(), "kill -TERM {} failed", self.child.id());
-        Ok(())
-    }
-
-    async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = self.log();
-        let lines: Vec<&str> = text.lines().collect();
-        format!("--- {} ---\n{}", self.name, lines[lines.len().saturating_sub(30)..].join("\n"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn logs_of(procs: &[Proc]) -> String {
     procs.iter().map(Proc::log_tail).collect::<Vec<_>>().join("\n")
 }
@@ -141,7 +83,7 @@ async fn stop(workers: &mut [Proc]) -> Result<()> {
         w.sigterm()?;
     }
     for w in workers.iter_mut() {
-        let status = w.wait(Duration::from_secs(60)).await?;
+        let status = w.wait_exit(Duration::from_secs(60)).await?;
         ensure!(status.success(), "{} exited with {status}:\n{}", w.name, w.log_tail());
     }
     Ok(())
@@ -223,7 +165,7 @@ fn worker(store_url: &str, broker: &Broker, name: &str, dir: &Path) -> Result<Pr
     cmd.args(["run", "--store", store_url, "--amqp", &amqp_url(), "--queue-prefix", &broker.topology.prefix]);
     cmd.args(["--concurrency", "2", "--http", "off", "--retry-min-ms", "100", "--retry-max-ms", "1000"]);
     cmd.args(["--lease-ttl-secs", "5", "--shutdown-grace", "30", "--worker-id", name]);
-    Proc::spawn(&mut cmd, dir, name)
+    Proc::spawn(name, cmd, dir)
 }
 
 /// The audit records of the planted actors that exist so far.

@@ -17,8 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -36,6 +35,7 @@ use ferry::v1::FileTag;
 use ferry::v1::keys::chunk_key;
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason, Recovery};
+use ferry_tests::Proc;
 use ferry_tests::bin;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -239,75 +239,6 @@ fn parse_csv(text: &str) -> Vec<Vec<String>> {
 
 const CSV_HEADER: &str =
     "actor_id,campaign,reason,phase,attempts,worker,at_ms,main_bytes,journal_bytes,wal_bytes,shm_bytes,recovery,error";
-
-/// A child process killed (SIGKILL) when dropped; stderr goes to a file shown on failure.
-struct Proc {
-    child: Child,
-    name: String,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, dir: &Path, name: &str) -> Result<Proc> {
-        let log = dir.join(format!("{name}.log"));
-        let err = std::fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        Ok(Proc { child, name: name.to_string(), log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn sigterm(&self) -> Result<()> {
-        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
-        ensure!(status.success(), "kill -TERM {} failed", self.pid());
-        Ok(())
-    }
-
-    fn sigkill(&mut self) -> Result<()> {
-        self.child.kill().with_context(|| format!("SIGKILL {}", self.name))?;
-        self.child.wait()?;
-        Ok(())
-    }
-
-    async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn worker_run(store_url: &str, prefix: &str) -> Command {
     let mut cmd = command("ferry-worker");
@@ -638,7 +569,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         let enqueued = run_json(&mut enqueue)?;
         assert_eq!(enqueued["published"], planted.len(), "{enqueued}");
 
-        let mut worker = Proc::spawn(&mut worker_run(&ts.url, broker.prefix()), logs.path(), "worker-1")?;
+        let mut worker = Proc::spawn("worker-1", worker_run(&ts.url, broker.prefix()), logs.path())?;
         wait_until("the campaign to end", Duration::from_secs(60), || async {
             let (dead, work) = (broker.dead().await?, broker.work().await?);
             let mut audited = 0;
@@ -655,7 +586,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         .await
         .with_context(|| worker.log_tail())?;
         worker.sigterm()?;
-        ensure!(worker.wait(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
+        ensure!(worker.wait_exit(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
         for (a, reason) in &planted {
             let audit = audit(&store, a).await?;
             match reason {
@@ -734,7 +665,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         assert!(left.iter().all(|r| *r != DeadLetterReason::JournalSidecar), "{left:?}");
 
         // The requeued jobs migrate the committed rows.
-        let mut worker = Proc::spawn(&mut worker_run(&ts.url, broker.prefix()), logs.path(), "worker-2")?;
+        let mut worker = Proc::spawn("worker-2", worker_run(&ts.url, broker.prefix()), logs.path())?;
         wait_until("the requeued actors to migrate", Duration::from_secs(60), || async {
             let mut migrated = 0;
             for a in &journal_actors {
@@ -748,7 +679,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         .await
         .with_context(|| worker.log_tail())?;
         worker.sigterm()?;
-        ensure!(worker.wait(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
+        ensure!(worker.wait_exit(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
         for a in &journal_actors {
             let (file, audit) = migrated_file(&store, &id(a)).await?;
             assert_eq!(audit.recovery, Some(Recovery::RollbackJournal), "{a}");
@@ -795,9 +726,9 @@ async fn interrupted_listing_and_requeue_lose_no_dead_letter() -> Result<()> {
         let mut interrupted = false;
         for attempt in 0..5 {
             let mut list = Proc::spawn(
-                &mut dlq(&ts.url, &broker.source(), &["list", "--json"]),
-                logs.path(),
                 &format!("list-{attempt}"),
+                dlq(&ts.url, &broker.source(), &["list", "--json"]),
+                logs.path(),
             )?;
             loop {
                 let ready = broker.dead().await?;
@@ -820,7 +751,7 @@ async fn interrupted_listing_and_requeue_lose_no_dead_letter() -> Result<()> {
 
         // `dlq requeue` killed after it started moving.
         let requeue_args = ["requeue", "--reason", "journal_sidecar", "--recovery", "rollback_journal", "--json"];
-        let mut requeue = Proc::spawn(&mut dlq(&ts.url, &broker.source(), &requeue_args), logs.path(), "requeue")?;
+        let mut requeue = Proc::spawn("requeue", dlq(&ts.url, &broker.source(), &requeue_args), logs.path())?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while broker.work().await? < 5 {
             ensure!(requeue.running(), "the requeue ended before it could be interrupted: {}", requeue.log_tail());
