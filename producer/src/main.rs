@@ -411,12 +411,13 @@ async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "campaign {}{}: published {} jobs ({:.0}/s), skipped {} without v1, {} already migrated, {} invalid ids{}",
+            "campaign {}{}: published {} jobs ({:.0}/s), skipped {} without v1, {} native v2, {} already migrated, {} invalid ids{}",
             summary.campaign,
             if summary.resumed { " (resumed)" } else { "" },
             summary.published,
             summary.jobs_per_second,
             summary.skipped_no_v1,
+            summary.skipped_native_v2,
             summary.skipped_migrated,
             summary.skipped_invalid_id,
             if summary.completed { "" } else { "; INTERRUPTED, run again to resume" },

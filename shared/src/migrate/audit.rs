@@ -4,9 +4,12 @@
 use serde::{Deserialize, Serialize};
 
 use crate::actor::ActorId;
+use crate::keys;
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
+use crate::store::{Store, StoreError, Txn};
 use crate::v1::V1Files;
+use crate::v2::head::DBHead;
 
 /// What happened to an actor, as recorded and counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -83,6 +86,37 @@ impl AuditRecord {
         serde_json::from_slice(bytes).ok()
     }
 
+    /// A skip (`kind` is one of the `skipped_*` outcomes) of `actor` by `worker` for
+    /// `campaign`, with the v2 head's pages and generation when there is one.
+    pub fn skipped(
+        actor: &ActorId,
+        campaign: &str,
+        kind: OutcomeKind,
+        head: Option<&DBHead>,
+        worker: &str,
+        (started_at_ms, finished_at_ms): (i64, i64),
+    ) -> AuditRecord {
+        AuditRecord {
+            actor_id: actor.clone(),
+            campaign: campaign.to_string(),
+            outcome: kind,
+            reason: None,
+            phase: None,
+            error: None,
+            recovery: None,
+            pages: head.map(|h| h.db_size_pages),
+            v1_bytes: None,
+            checksum: None,
+            generation: head.map(|h| h.generation),
+            worker: worker.to_string(),
+            started_at_ms,
+            finished_at_ms,
+            v1_files: None,
+            attempts: None,
+            purged_at_ms: None,
+        }
+    }
+
     /// This record turned into a skip of an already-migrated actor: the migration's fields
     /// stay, the outcome and times change (DESIGN.md section 2).
     pub fn as_skip(mut self, campaign: &str, worker: &str, started_at_ms: i64, finished_at_ms: i64) -> AuditRecord {
@@ -96,4 +130,24 @@ impl AuditRecord {
         self.finished_at_ms = finished_at_ms;
         self
     }
+}
+
+/// Writes the audit of a skip and returns what was written. A skip of an already-migrated
+/// actor keeps the fields of the migration it found (DESIGN.md section 2); any other skip is
+/// written as given.
+pub async fn record_skip(store: &dyn Store, skip: AuditRecord) -> Result<AuditRecord, StoreError> {
+    let previous = match skip.outcome {
+        OutcomeKind::SkippedAlreadyMigrated => store.get(&keys::audit(&skip.actor_id)).await?,
+        _ => None,
+    };
+    let audit = match previous.as_deref().and_then(AuditRecord::decode) {
+        Some(prev) if matches!(prev.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated) => {
+            prev.as_skip(&skip.campaign, &skip.worker, skip.started_at_ms, skip.finished_at_ms)
+        }
+        _ => skip,
+    };
+    let mut txn = Txn::new();
+    txn.set(keys::audit(&audit.actor_id), audit.encode());
+    store.commit(txn).await?;
+    Ok(audit)
 }

@@ -523,43 +523,16 @@ impl Migrator {
         head: Option<DBHead>,
         started: i64,
     ) -> Result<Outcome, MigrateError> {
-        let fail = |cause: Cause| MigrateError { actor: req.actor.clone(), phase: Phase::Inspect, cause, files: None };
         let now = self.clock.now_ms();
-        let previous = match kind {
-            OutcomeKind::SkippedAlreadyMigrated => {
-                self.store.get(&keys::audit(&req.actor)).await.map_err(|e| fail(e.into()))?
-            }
-            _ => None,
-        };
-        let audit = match previous.as_deref().and_then(AuditRecord::decode) {
-            Some(prev)
-                if prev.outcome == OutcomeKind::Migrated || prev.outcome == OutcomeKind::SkippedAlreadyMigrated =>
-            {
-                prev.as_skip(&req.campaign, &self.cfg.worker_id, started, now)
-            }
-            _ => AuditRecord {
-                actor_id: req.actor.clone(),
-                campaign: req.campaign.clone(),
-                outcome: kind,
-                reason: None,
-                phase: None,
-                error: None,
-                recovery: None,
-                pages: head.as_ref().map(|h| h.db_size_pages),
-                v1_bytes: None,
-                checksum: None,
-                generation: head.as_ref().map(|h| h.generation),
-                worker: self.cfg.worker_id.clone(),
-                started_at_ms: started,
-                finished_at_ms: now,
-                v1_files: None,
-                attempts: Some(req.attempts),
-                purged_at_ms: None,
-            },
-        };
-        let mut txn = Txn::new();
-        txn.set(keys::audit(&req.actor), audit.encode());
-        self.store.commit(txn).await.map_err(|e| fail(e.into()))?;
+        let mut skip =
+            AuditRecord::skipped(&req.actor, &req.campaign, kind, head.as_ref(), &self.cfg.worker_id, (started, now));
+        skip.attempts = Some(req.attempts);
+        let audit = audit::record_skip(&*self.store, skip).await.map_err(|e| MigrateError {
+            actor: req.actor.clone(),
+            phase: Phase::Inspect,
+            cause: e.into(),
+            files: None,
+        })?;
         debug!(outcome = %kind, "skipped");
         Ok(Outcome { audit, bytes_written: 0, timings: Timings::default() })
     }

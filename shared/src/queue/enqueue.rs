@@ -19,6 +19,7 @@ use crate::actor::ActorId;
 use crate::campaign::{self, CampaignFilters, CampaignRecord, CampaignStatus};
 use crate::clock::{Clock, SystemClock};
 use crate::jobs::Job;
+use crate::migrate::audit::{self, AuditRecord, OutcomeKind};
 use crate::progress::Progress;
 use crate::recovery::Recovery;
 use crate::scan::ActorScan;
@@ -74,6 +75,7 @@ pub struct EnqueueSummary {
     pub published: u64,
     pub skipped_no_v1: u64,
     pub skipped_migrated: u64,
+    pub skipped_native_v2: u64,
     pub skipped_invalid_id: u64,
     pub seconds: f64,
     pub jobs_per_second: f64,
@@ -93,34 +95,71 @@ enum Resume {
     Index(u64),
 }
 
+#[derive(Clone, Copy)]
 enum SkipKind {
     NoV1,
+    Native,
     Migrated,
     InvalidId,
 }
 
+/// The `worker` of the audit records the producer writes for the actors it skips.
+pub const PRODUCER_WORKER: &str = "ferry-producer";
+
+/// The AMQP `connection_name` of an enqueue run.
+pub fn producer_connection_name(campaign: &str) -> String {
+    format!("ferry-producer {campaign}")
+}
+
 /// Whether an actor gets a job: it has v1 SQLite data and, unless asked, no finished v2.
+/// A skip comes with the v2 head that caused it.
 async fn wanted(
     store: &DynStore,
     actor: &ActorId,
     has_sqlite: Option<bool>,
     include_migrated: bool,
-) -> Result<Option<SkipKind>, StoreError> {
+) -> Result<Option<(SkipKind, Option<DBHead>)>, StoreError> {
     let has_sqlite = match has_sqlite {
         Some(known) => known,
         None => has_sqlite_data(&**store, actor).await?,
     };
     if !has_sqlite {
-        return Ok(Some(SkipKind::NoV1));
+        return Ok(Some((SkipKind::NoV1, None)));
     }
-    if !include_migrated
-        && let Some(raw) = store.get(&crate::v2::keys::meta(actor)).await?
-        && let Ok(head) = DBHead::decode(&raw)
-        && matches!(head.origin, Origin::Native | Origin::MigratedFromV1)
-    {
-        return Ok(Some(SkipKind::Migrated));
+    if include_migrated {
+        return Ok(None);
     }
-    Ok(None)
+    let head = match store.get(&crate::v2::keys::meta(actor)).await? {
+        Some(raw) => DBHead::decode(&raw).ok(),
+        None => None,
+    };
+    Ok(match head.as_ref().map(|h| h.origin) {
+        Some(Origin::Native) => Some((SkipKind::Native, head)),
+        Some(Origin::MigratedFromV1) => Some((SkipKind::Migrated, head)),
+        Some(Origin::MigratingFromV1) | None => None,
+    })
+}
+
+/// Records the audit of an actor skipped at enqueue, as a worker would have had it been sent
+/// a job, so every scanned actor ends with an outcome. It is durable before the checkpoint can
+/// pass the actor.
+async fn record_skip(
+    store: &DynStore,
+    campaign: &str,
+    actor: &ActorId,
+    kind: SkipKind,
+    head: Option<&DBHead>,
+) -> Result<(), StoreError> {
+    let outcome = match kind {
+        SkipKind::NoV1 => OutcomeKind::SkippedNoV1,
+        SkipKind::Native => OutcomeKind::SkippedNativeV2,
+        SkipKind::Migrated => OutcomeKind::SkippedAlreadyMigrated,
+        // An invalid id has no audit key.
+        SkipKind::InvalidId => return Ok(()),
+    };
+    let now = SystemClock.now_ms();
+    let skip = AuditRecord::skipped(actor, campaign, outcome, head, PRODUCER_WORKER, (now, now));
+    audit::record_skip(&**store, skip).await.map(drop)
 }
 
 /// An actor the scan found: its id (or not a valid one), whether it has v1 SQLite data when
@@ -140,13 +179,16 @@ async fn scan_actors(
 ) {
     let include = record.filters.include_migrated;
     let classify = |found: Result<Found, StoreError>| {
-        let store = store.clone();
+        let (store, record) = (store.clone(), &record);
         async move {
             let (id, has_sqlite, resume) = found?;
             let Ok(actor) = id else { return Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }) };
             Ok(match wanted(&store, &actor, has_sqlite, include).await? {
                 None => Item::Publish { actor, resume },
-                Some(kind) => Item::Skipped { kind, resume },
+                Some((kind, head)) => {
+                    record_skip(&store, &record.name, &actor, kind, head.as_ref()).await?;
+                    Item::Skipped { kind, resume }
+                }
             })
         }
     };
@@ -300,7 +342,8 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
     if resumed {
         info!(campaign = %cfg.campaign, published = record.published, "resuming from the checkpoint");
     }
-    let conn = amqp::connect(&cfg.amqp_url, "ferry-producer").await?;
+    // Named after the campaign, so an operator (or a test) can tell its connection apart.
+    let conn = amqp::connect(&cfg.amqp_url, &producer_connection_name(&cfg.campaign)).await?;
     let ch = amqp::confirm_channel(&conn).await?;
     cfg.topology.declare(&ch).await?;
 
@@ -326,6 +369,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
             Item::Skipped { kind, resume } => {
                 match kind {
                     SkipKind::NoV1 => summary.skipped_no_v1 += 1,
+                    SkipKind::Native => summary.skipped_native_v2 += 1,
                     SkipKind::Migrated => summary.skipped_migrated += 1,
                     SkipKind::InvalidId => summary.skipped_invalid_id += 1,
                 }
