@@ -4,7 +4,9 @@
 //! passed the size limit (an absurd meta costs nothing); the main file is assembled in place
 //! from one streaming pass over the actor's SQLite keys, one scan batch at a time, so reading
 //! a database costs its size in memory and no more; the digest of every key read is returned
-//! so finalize can prove v1 did not change.
+//! so finalize can prove v1 did not change. The checks and the assembly are a pure core over
+//! rows ([`Rebuild`], [`rebuild_rows`]) that the store reads feed; the `v1_rebuild` fuzz target
+//! drives the same core.
 
 use crate::actor::ActorId;
 use crate::recovery::Recovery;
@@ -279,69 +281,121 @@ pub async fn read_v1_from(
     opts: ReadOptions,
     first: FirstBatch,
 ) -> Result<V1Image, ReadError> {
-    let probe = if first.whole { Probe::from_rows(actor, &first.rows) } else { Probe::run(store, actor).await? };
-    if let Some(rejection) = probe.sidecar_rejection(opts.recovery).filter(|_| !opts.ignore_sidecars) {
-        return Err(rejection.into());
+    if first.whole {
+        return rebuild_rows(actor, opts, first.rows);
     }
-    let main_size = probe.main_size(opts.max_size)?;
-    let mut main = Assembler::new(FileTag::Main, main_size);
-    let sidecar_tag = match opts.recovery {
-        Some(Recovery::RollbackJournal) if probe.present(FileTag::Journal) => Some(FileTag::Journal),
-        Some(Recovery::CheckpointWal) if probe.present(FileTag::Wal) => Some(FileTag::Wal),
-        _ => None,
-    };
-    let mut sidecar = match sidecar_tag {
-        Some(tag) => {
-            let Some(meta) = &probe.metas[tag as usize] else {
-                return Err(
-                    V1Rejection::BadMeta { file: tag.name(), detail: "chunks exist without a meta".into() }.into()
-                );
-            };
-            Some(Assembler::new(tag, sized(tag, meta, opts.max_size)?))
-        }
-        None => None,
-    };
+    let probe = Probe::run(store, actor).await?;
+    let mut rebuild = Rebuild::start(actor, probe, opts)?;
+    for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, |key, value| {
+        rebuild.visit(key, value);
+        Ok(())
+    })
+    .await?;
+    rebuild.finish()
+}
 
-    let prefix_len = keys::actor_prefix(actor).len();
-    let mut digest = RangeDigest::new();
-    let mut failure: Option<ReadError> = None;
-    let visit = |key: &[u8], value: Vec<u8>| -> Result<(), StoreError> {
-        digest.update(key, &value);
-        if failure.is_some() {
-            return Ok(());
+/// The whole rebuild from every row of the actor's SQLite range (`v1/{actor}/08...`), in
+/// ascending key order with unique keys, as a store scan returns them: what [`read_v1_from`]
+/// does for an actor read in one batch. Pure: no store, no I/O.
+pub fn rebuild_rows(actor: &ActorId, opts: ReadOptions, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Result<V1Image, ReadError> {
+    let probe = Probe::from_rows(actor, &rows);
+    let mut rebuild = Rebuild::start(actor, probe, opts)?;
+    for (key, value) in rows {
+        rebuild.visit(&key, value);
+    }
+    rebuild.finish()
+}
+
+/// The pure core of a read: the checks that need only the probe ([`Rebuild::start`]), then
+/// the actor's SQLite rows in key order ([`Rebuild::visit`]), then the image or the first
+/// failure ([`Rebuild::finish`]). The main buffer (and the sidecar's) is allocated in `start`,
+/// only after its size passed the limit.
+pub struct Rebuild {
+    probe: Probe,
+    prefix: Vec<u8>,
+    main: Assembler,
+    sidecar: Option<Assembler>,
+    digest: RangeDigest,
+    failure: Option<ReadError>,
+}
+
+impl Rebuild {
+    /// Applies the sidecar, meta and size checks and allocates the buffers.
+    pub fn start(actor: &ActorId, probe: Probe, opts: ReadOptions) -> Result<Rebuild, V1Rejection> {
+        if let Some(rejection) = probe.sidecar_rejection(opts.recovery).filter(|_| !opts.ignore_sidecars) {
+            return Err(rejection);
         }
-        let step = match keys::classify(&key[prefix_len..]) {
-            SqliteKey::Meta(tag) if probe.metas[tag as usize].as_deref() != Some(&value[..]) => Err(ReadError::Changed),
-            SqliteKey::Chunk(FileTag::Main, i) => main.place(i, &value).map_err(ReadError::from),
+        let main_size = probe.main_size(opts.max_size)?;
+        let main = Assembler::new(FileTag::Main, main_size);
+        let sidecar_tag = match opts.recovery {
+            Some(Recovery::RollbackJournal) if probe.present(FileTag::Journal) => Some(FileTag::Journal),
+            Some(Recovery::CheckpointWal) if probe.present(FileTag::Wal) => Some(FileTag::Wal),
+            _ => None,
+        };
+        let sidecar = match sidecar_tag {
+            Some(tag) => {
+                let Some(meta) = &probe.metas[tag as usize] else {
+                    return Err(V1Rejection::BadMeta {
+                        file: tag.name(),
+                        detail: "chunks exist without a meta".into(),
+                    });
+                };
+                Some(Assembler::new(tag, sized(tag, meta, opts.max_size)?))
+            }
+            None => None,
+        };
+        Ok(Rebuild {
+            probe,
+            prefix: keys::actor_prefix(actor),
+            main,
+            sidecar,
+            digest: RangeDigest::new(),
+            failure: None,
+        })
+    }
+
+    /// One row of the actor's SQLite range; rows come in ascending key order. After the first
+    /// failure the rows are only digested.
+    pub fn visit(&mut self, key: &[u8], value: Vec<u8>) {
+        self.digest.update(key, &value);
+        if self.failure.is_some() {
+            return;
+        }
+        let class = key.strip_prefix(&self.prefix[..]).map_or(SqliteKey::Unknown, keys::classify);
+        let sidecar_tag = self.sidecar.as_ref().map(|a| a.tag);
+        let step = match class {
+            SqliteKey::Meta(tag) if self.probe.metas[tag as usize].as_deref() != Some(&value[..]) => {
+                Err(ReadError::Changed)
+            }
+            SqliteKey::Chunk(FileTag::Main, i) => self.main.place(i, &value).map_err(ReadError::from),
             SqliteKey::MalformedChunk(FileTag::Main) => {
-                Err(main.mismatch("a chunk key's index is not 4 bytes".into()).into())
+                Err(self.main.mismatch("a chunk key's index is not 4 bytes".into()).into())
             }
             SqliteKey::Chunk(tag, i) if Some(tag) == sidecar_tag => {
-                // `sidecar` is Some exactly when `sidecar_tag` is.
-                sidecar.as_mut().expect("sidecar assembler").place(i, &value).map_err(ReadError::from)
+                // `sidecar_tag` is Some exactly when `sidecar` is.
+                self.sidecar.as_mut().expect("sidecar assembler").place(i, &value).map_err(ReadError::from)
             }
             _ => Ok(()),
         };
         if let Err(e) = step {
-            failure = Some(e);
+            self.failure = Some(e);
         }
-        Ok(())
-    };
-    if first.whole {
-        let mut visit = visit;
-        for (key, value) in first.rows {
-            visit(&key, value)?;
+    }
+
+    /// The image, or the first failure: a rejection seen in the rows, then a file short of
+    /// chunks.
+    pub fn finish(self) -> Result<V1Image, ReadError> {
+        if let Some(e) = self.failure {
+            return Err(e);
         }
-    } else {
-        for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, visit).await?;
+        let main = self.main.finish()?;
+        let sidecar = match self.sidecar {
+            Some(a) => {
+                let tag = a.tag;
+                Some((tag, a.finish()?))
+            }
+            None => None,
+        };
+        Ok(V1Image { main, sidecar, files: self.probe.files(), digest: self.digest.finish() })
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    let main = main.finish()?;
-    let sidecar = match (sidecar_tag, sidecar) {
-        (Some(tag), Some(a)) => Some((tag, a.finish()?)),
-        _ => None,
-    };
-    Ok(V1Image { main, sidecar, files: probe.files(), digest: digest.finish() })
 }
