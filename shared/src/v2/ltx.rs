@@ -24,6 +24,10 @@ pub const FRAME_HEADER_SIZE: usize = 10;
 /// The pgno 0 frame header that ends the frames.
 pub const FRAMES_END: [u8; 6] = [0; 6];
 pub const TRAILER_SIZE: usize = 16;
+/// Page sizes a header may declare: SQLite's, the powers of two from 512 to 65536. The
+/// decoder allocates a page per frame, so the bound is checked before any frame is read.
+pub const MIN_PAGE_SIZE: u32 = 512;
+pub const MAX_PAGE_SIZE: u32 = 65536;
 
 /// The header fields ferry sets (the others are zero).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +69,12 @@ impl LtxHeader {
         if b[40..HEADER_SIZE].iter().any(|&x| x != 0) {
             return Err(LtxError::new(40, "header fields after the timestamp are not zero"));
         }
+        let page_size = be_u32(&b[8..12]);
+        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+            return Err(LtxError::new(8, format!("page size {page_size} is not a SQLite page size")));
+        }
         Ok(LtxHeader {
-            page_size: be_u32(&b[8..12]),
+            page_size,
             commit: be_u32(&b[12..16]),
             min_txid: be_u64(&b[16..24]),
             max_txid: be_u64(&b[24..32]),
@@ -330,5 +338,16 @@ mod tests {
             assert!(decode(&bad).is_err(), "flip at {i} went unnoticed");
         }
         assert!(decode(&blob[..blob.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_page_size_sqlite_cannot_have_is_refused_before_any_page_is_allocated() {
+        for page_size in [0, 511, 4095, 65536 * 2, 0x0900_1000, u32::MAX] {
+            let blob = encode(&LtxHeader { page_size, ..header(0) }, &[]);
+            assert_eq!(decode(&blob).unwrap_err().offset, 8, "page size {page_size}");
+        }
+        for page_size in [512, 65536] {
+            assert!(decode(&encode(&LtxHeader { page_size, ..header(0) }, &[])).is_ok());
+        }
     }
 }
