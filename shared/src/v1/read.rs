@@ -196,6 +196,8 @@ fn sized(tag: FileTag, meta: &[u8], max: u64) -> Result<u64, V1Rejection> {
     Ok(size)
 }
 
+const MALFORMED_INDEX: &str = "a chunk key's index is not 4 bytes";
+
 /// Rebuilds one file from its chunks: exactly `ceil(size / CHUNK_SIZE)` chunks with indexes
 /// `0..n`, none longer than `CHUNK_SIZE` and none past `size`; uncovered bytes stay zero.
 struct Assembler {
@@ -368,12 +370,13 @@ impl Rebuild {
                 Err(ReadError::Changed)
             }
             SqliteKey::Chunk(FileTag::Main, i) => self.main.place(i, &value).map_err(ReadError::from),
-            SqliteKey::MalformedChunk(FileTag::Main) => {
-                Err(self.main.mismatch("a chunk key's index is not 4 bytes".into()).into())
-            }
+            SqliteKey::MalformedChunk(FileTag::Main) => Err(self.main.mismatch(MALFORMED_INDEX.into()).into()),
+            // `sidecar_tag` is Some exactly when `sidecar` is.
             SqliteKey::Chunk(tag, i) if Some(tag) == sidecar_tag => {
-                // `sidecar_tag` is Some exactly when `sidecar` is.
                 self.sidecar.as_mut().expect("sidecar assembler").place(i, &value).map_err(ReadError::from)
+            }
+            SqliteKey::MalformedChunk(tag) if Some(tag) == sidecar_tag => {
+                Err(self.sidecar.as_ref().expect("sidecar assembler").mismatch(MALFORMED_INDEX.into()).into())
             }
             _ => Ok(()),
         };
