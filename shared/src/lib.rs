@@ -10,6 +10,7 @@ pub mod census;
 pub mod checksum;
 pub mod clock;
 pub mod embedded;
+pub mod fuzzing;
 pub mod http;
 pub mod import;
 pub mod jobs;
