@@ -5,9 +5,11 @@
 //! - a delivery is acked only after its outcome is durable: the audit record (written by the
 //!   runner), or a retry or dead-letter message confirmed by the broker; if that publish fails
 //!   the delivery is rejected back to the queue, so a job is never in neither queue;
-//! - a lost connection or channel makes the worker unready, lets in-flight jobs finish (their
-//!   acks fail and the broker redelivers them; the redelivered job is then skipped), and
-//!   reconnects with backoff;
+//! - a lost connection or channel makes the worker unready and reconnects with backoff at
+//!   once: in-flight jobs go on in the background (their outcomes still become durable; their
+//!   acks fail, the broker redelivers them and the redelivered job is skipped), so a dead
+//!   channel never stalls the worker. Until they end, the worker may run up to twice its
+//!   concurrency; the memory budget still bounds the bytes;
 //! - on shutdown the consumer is cancelled first, in-flight jobs get the grace period, and
 //!   whatever is still unacked goes back to the broker when the channel closes.
 
@@ -71,8 +73,10 @@ pub async fn run_worker(
     let runner = Arc::new(runner);
     tokio::pin!(shutdown);
     let mut backoff = reconnect_backoff();
+    // In-flight jobs outlive a lost session: they are drained only at shutdown.
+    let mut tasks: JoinSet<()> = JoinSet::new();
     loop {
-        let end = match session(&cfg, &runner, &ready, &mut shutdown).await {
+        let end = match session(&cfg, &runner, &ready, &mut tasks, &mut shutdown).await {
             Ok(end) => end,
             Err(e) => SessionEnd::Lost(e.to_string()),
         };
@@ -82,10 +86,24 @@ pub async fn run_worker(
             SessionEnd::Lost(why) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                 metrics::counter!(m::RECONNECTS).increment(1);
-                warn!(error = %why, ?delay, broker = %amqp::redacted(&cfg.amqp_url), "broker connection lost; reconnecting");
-                tokio::select! {
-                    () = &mut shutdown => return Ok(()),
-                    () = tokio::time::sleep(delay) => {}
+                warn!(
+                    error = %why, ?delay, in_flight = tasks.len(), broker = %amqp::redacted(&cfg.amqp_url),
+                    "broker connection lost; reconnecting"
+                );
+                let reconnect = async {
+                    tokio::time::sleep(delay).await;
+                };
+                tokio::pin!(reconnect);
+                loop {
+                    tokio::select! {
+                        () = &mut shutdown => {
+                            info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
+                            drain(&mut tasks, cfg.shutdown_grace).await;
+                            return Ok(());
+                        }
+                        () = &mut reconnect => break,
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    }
                 }
             }
         }
@@ -105,6 +123,7 @@ async fn session(
     cfg: &WorkerConfig,
     runner: &Arc<JobRunner>,
     ready: &Readiness,
+    tasks: &mut JoinSet<()>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<SessionEnd, AmqpError> {
     let conn = amqp::connect(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id)).await?;
@@ -125,7 +144,6 @@ async fn session(
         .await?;
     ready.set(true);
     info!(queue = %cfg.topology.work_queue(), prefetch = cfg.concurrency, "consuming");
-    let mut tasks: JoinSet<()> = JoinSet::new();
     let end = loop {
         tokio::select! {
             () = &mut *shutdown => break SessionEnd::Shutdown,
@@ -141,14 +159,13 @@ async fn session(
         }
     };
     ready.set(false);
-    match &end {
-        SessionEnd::Shutdown => {
-            let _ = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-            info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
-            drain(&mut tasks, cfg.shutdown_grace).await;
-        }
-        SessionEnd::Lost(_) => drain(&mut tasks, cfg.shutdown_grace).await,
+    if let SessionEnd::Shutdown = &end {
+        let _ = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
+        drain(tasks, cfg.shutdown_grace).await;
     }
+    // After a loss this also fails the in-flight jobs' pending publishes and acks at once
+    // (their deliveries are back on the broker), so none waits on a dead channel.
     close(&conn, &consume, &publish).await;
     Ok(end)
 }
