@@ -21,7 +21,7 @@ use crate::v1::FileTag;
 use crate::v1::keys::{decode_meta, meta_key};
 
 use super::dead::{DeadLetter, kept_body};
-use super::message::{BadMessage, Job};
+use super::message::{BadMessage, Job, MAX_MESSAGE_BYTES};
 
 /// How transient failures are retried.
 #[derive(Clone, Debug)]
@@ -202,7 +202,13 @@ impl JobRunner {
         metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
         warn!(error = %bad, "bad message dead-lettered");
-        let raw: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        // Only a body within the message limit is parsed for its names: an oversized one is
+        // never parsed at all (it would be outside the memory budget).
+        let raw: serde_json::Value = if body.len() <= MAX_MESSAGE_BYTES {
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Null
+        };
         let field = |name: &str| raw.get(name).and_then(|v| v.as_str()).unwrap_or("").chars().take(80).collect();
         Disposition::DeadLetter(DeadLetter {
             actor_id: field("actor_id"),
