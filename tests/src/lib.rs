@@ -690,15 +690,26 @@ fn rabbitmqctl(args: &[&str]) -> Result<String> {
 /// The broker's pids of the connections named exactly `name` (the AMQP `connection_name`
 /// client property; workers use `ferry-worker {worker id}`).
 pub fn connections_named(name: &str) -> Result<Vec<String>> {
+    Ok(connections_of(&[name])?.remove(name).unwrap_or_default())
+}
+
+/// The broker's pids of the connections of each of `names`, from one listing (`rabbitmqctl`
+/// is slow to start: seconds on a busy machine).
+pub fn connections_of<'a>(names: &[&'a str]) -> Result<BTreeMap<&'a str, Vec<String>>> {
     let listing = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])?;
-    let needle = format!("{{\"connection_name\",{}}}", serde_json::Value::from(name));
-    Ok(listing
-        .lines()
-        .filter(|l| l.contains(&needle))
-        .filter_map(|l| l.split('\t').next())
-        .map(|pid| pid.trim().to_string())
-        .filter(|pid| pid.starts_with('<'))
-        .collect())
+    let mut out = BTreeMap::new();
+    for name in names {
+        let needle = format!("{{\"connection_name\",{}}}", serde_json::Value::from(*name));
+        let pids = listing
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .filter_map(|l| l.split('\t').next())
+            .map(|pid| pid.trim().to_string())
+            .filter(|pid| pid.starts_with('<'))
+            .collect();
+        out.insert(*name, pids);
+    }
+    Ok(out)
 }
 
 /// Closes one connection by its broker pid, as an operator would (`rabbitmqctl
