@@ -27,13 +27,13 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use ferry::ActorId;
 use ferry::jobs::Job;
 use ferry::keys;
-use ferry::migrate::AuditRecord;
 use ferry::migrate::lease::Lease;
+use ferry::migrate::{AuditRecord, OutcomeKind};
 use ferry::queue::Topology;
 use ferry::queue::amqp;
 use ferry::queue::topology::WORK_KEY;
 use ferry::store::{DynStore, KeyRange, for_each_row};
-use ferry::synth::keyspace::{Case, Mix, SeedConfig};
+use ferry::synth::keyspace::{Case, Expected, Mix, SeedConfig};
 use ferry::v2::DBHead;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -440,6 +440,19 @@ impl Seed {
                 .args(["--seed", &self.seed.to_string(), "--actors", &self.actors.to_string()])
                 .args(["--max-mib", &self.max_mib.to_string(), "--large-share", &self.large_share.to_string()]),
         )
+    }
+}
+
+/// Whether `audit` is the planted end of an actor planted as `case`. A job run again after
+/// the migration (a duplicate, a redelivery) records a skip that keeps the migration's fields,
+/// so `skipped_already_migrated` counts as migrated.
+pub fn ended_as_planted(case: Case, audit: &AuditRecord) -> bool {
+    match case.expected() {
+        Expected::Outcome(OutcomeKind::Migrated) => {
+            matches!(audit.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated)
+        }
+        Expected::Outcome(kind) => audit.outcome == kind,
+        Expected::DeadLetter(reason) => audit.outcome == OutcomeKind::DeadLettered && audit.reason == Some(reason),
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use ferry::jobs::{DeadLetter, Job};
 use ferry::keys;
-use ferry::migrate::{AuditRecord, OutcomeKind};
+use ferry::migrate::OutcomeKind;
 use ferry::queue::enqueue::{PRODUCER_WORKER, producer_connection_name};
 use ferry::store::{DynStore, KeyRange, for_each_row};
 use ferry::synth::keyspace::{Case, Expected};
@@ -39,7 +39,7 @@ use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason};
 use ferry_tests::{
     Broker, Proc, Seed, WorkerSpec, audit_count, audits, bin, bounded, close_connection, connections_of, delta_txids,
-    enqueue_command, enqueued, leases, run_json, v2_head, wait_until_every,
+    ended_as_planted, enqueue_command, enqueued, leases, run_json, v2_head, wait_until_every,
 };
 use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
@@ -250,18 +250,6 @@ async fn digest(store: &DynStore, prefix: &[u8]) -> Result<(u64, u64)> {
     Ok((rows, h.finish()))
 }
 
-/// Whether `audit` is the planted end of an actor planted as `case`.
-fn as_planted(case: Case, audit: &AuditRecord) -> bool {
-    match case.expected() {
-        // A duplicate job that runs after the migration records a skip that keeps its fields.
-        Expected::Outcome(OutcomeKind::Migrated) => {
-            matches!(audit.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated)
-        }
-        Expected::Outcome(kind) => audit.outcome == kind,
-        Expected::DeadLetter(reason) => audit.outcome == OutcomeKind::DeadLettered && audit.reason == Some(reason),
-    }
-}
-
 /// Waits until every actor ended as planted, no job is ready anywhere and no lease is held,
 /// seen twice in a row.
 async fn wait_for_the_end(store: &DynStore, fleet: &Fleet<'_>, plan: &[(ActorId, Case)]) -> Result<()> {
@@ -271,7 +259,7 @@ async fn wait_for_the_end(store: &DynStore, fleet: &Fleet<'_>, plan: &[(ActorId,
         let all = audits(store).await?;
         let stray: Vec<String> = plan
             .iter()
-            .filter(|(a, c)| !all.get(a.as_str()).is_some_and(|au| as_planted(*c, au)))
+            .filter(|(a, c)| !all.get(a.as_str()).is_some_and(|au| ended_as_planted(*c, au)))
             .map(|(a, c)| format!("{a} {c:?}: {:?}", all.get(a.as_str()).map(|au| (au.outcome, au.reason))))
             .collect();
         let pending = fleet.broker.pending().await?;
@@ -320,7 +308,7 @@ async fn check_store(
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for (actor, case) in plan {
         let audit = all.get(actor.as_str()).with_context(|| format!("{actor} ({case:?}): no audit record"))?;
-        ensure!(as_planted(*case, audit), "{actor} ({case:?}) ended {} {:?}", audit.outcome, audit.reason);
+        ensure!(ended_as_planted(*case, audit), "{actor} ({case:?}) ended {} {:?}", audit.outcome, audit.reason);
         ensure!(audit.campaign == campaign, "{actor}: campaign {:?}", audit.campaign);
         let by = audit.worker.as_str();
         ensure!(workers.contains(by) || by == PRODUCER_WORKER, "{actor}: audited by a stranger {by:?}");

@@ -30,8 +30,8 @@ use ferry::testing::{Backend, TestStore, amqp_url, postgres_url, unique_name};
 use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason};
-use ferry_tests::Proc;
 use ferry_tests::bin;
+use ferry_tests::{Proc, ended_as_planted};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -179,17 +179,6 @@ async fn audits(store: &DynStore, actors: &[PlannedActor]) -> Result<BTreeMap<Ac
     Ok(out)
 }
 
-/// Whether an audit is the planted end of the actor.
-fn as_planted(actor: &PlannedActor, audit: &AuditRecord) -> bool {
-    match actor.case.expected() {
-        Expected::Outcome(OutcomeKind::Migrated) => {
-            matches!(audit.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated)
-        }
-        Expected::Outcome(kind) => audit.outcome == kind,
-        Expected::DeadLetter(reason) => audit.outcome == OutcomeKind::DeadLettered && audit.reason == Some(reason),
-    }
-}
-
 /// Waits until every actor ended as planted and the broker holds nothing but the expected
 /// dead letters, seen twice in a row (a retry in flight between queues is not ready anywhere).
 async fn wait_for_campaign(
@@ -204,7 +193,7 @@ async fn wait_for_campaign(
     let mut settled = 0;
     loop {
         let audits = audits(store, actors).await?;
-        let ended = actors.iter().filter(|a| audits.get(&a.id).is_some_and(|au| as_planted(a, au))).count();
+        let ended = actors.iter().filter(|a| audits.get(&a.id).is_some_and(|au| ended_as_planted(a.case, au))).count();
         let (work, retry, dead) = broker.depths().await?;
         if ended == actors.len() && work == 0 && retry == 0 && dead == dead_letters {
             settled += 1;
@@ -217,7 +206,7 @@ async fn wait_for_campaign(
         if Instant::now() > deadline {
             let stray: Vec<String> = actors
                 .iter()
-                .filter(|a| !audits.get(&a.id).is_some_and(|au| as_planted(a, au)))
+                .filter(|a| !audits.get(&a.id).is_some_and(|au| ended_as_planted(a.case, au)))
                 .take(5)
                 .map(|a| format!("{} {:?}: {:?}", a.id, a.case, audits.get(&a.id).map(|au| (au.outcome, au.reason))))
                 .collect();
