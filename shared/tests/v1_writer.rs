@@ -26,7 +26,7 @@ use ferry::migrate::{
     AuditRecord, Cause, Fate, MigrateConfig, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request,
 };
 use ferry::store::{Check, DynStore, KeyRange, KeyValue, Mutation, Store, StoreError, Txn, for_each_row, prefix_end};
-use ferry::synth::sqlite::{DbSpec, database, integrity_check};
+use ferry::synth::sqlite::{DbSpec, database, integrity_check, scribbled};
 use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
 use ferry::v1::keys::{CHUNK_SIZE, FileTag, actor_prefix, file_entries, sqlite_range};
@@ -69,6 +69,8 @@ suite!(
     small_actor_rewritten_during_one_transaction_migrations_never_commits_a_stale_copy,
     staged_actor_rewritten_during_staged_migrations_never_commits_a_stale_copy,
     chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_and_nothing_is_marked_migrated,
+    v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter,
+    a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed,
 );
 
 /// Every test finishes within this or fails.
@@ -288,23 +290,42 @@ impl Writer {
         Ok(Writer { sink, actor: actor.clone(), main: main.to_vec(), rows, commits: 0 })
     }
 
-    async fn apply(&mut self, op: Op) -> Result<()> {
+    /// Commits one transaction of writes and keeps their rows.
+    async fn commit(&mut self, ops: Vec<Op>) -> Result<()> {
         let mut txn = Txn::new();
-        match &op {
-            Op::Set(k, v) => txn.set(k.clone(), v.clone()),
-            Op::Clear(k) => txn.clear(k.clone()),
-        };
+        for op in &ops {
+            match op {
+                Op::Set(k, v) => txn.set(k.clone(), v.clone()),
+                Op::Clear(k) => txn.clear(k.clone()),
+            };
+        }
         match &self.sink {
             Sink::Gated(g) => g.writer_commit(txn).await,
             Sink::Direct(s) => s.commit(txn).await,
         }
         .context("writer commit")?;
         self.commits += 1;
-        match op {
-            Op::Set(k, v) => self.rows.insert(k, v),
-            Op::Clear(k) => self.rows.remove(&k),
-        };
+        for op in ops {
+            match op {
+                Op::Set(k, v) => self.rows.insert(k, v),
+                Op::Clear(k) => self.rows.remove(&k),
+            };
+        }
         Ok(())
+    }
+
+    async fn apply(&mut self, op: Op) -> Result<()> {
+        self.commit(vec![op]).await
+    }
+
+    /// Replaces the main file with `to` in ONE transaction (every write of
+    /// [`Writer::ops_to`]): v1 is a valid database at every instant. Returns the writes.
+    async fn replace_at_once(&mut self, to: &[u8]) -> Result<usize> {
+        let ops = self.ops_to(to);
+        let n = ops.len();
+        self.commit(ops).await?;
+        self.main = to.to_vec();
+        Ok(n)
     }
 
     /// The writes that turn the current main file into `to`: each chunk that differs, the meta
@@ -441,11 +462,13 @@ async fn reset_v2(store: &dyn Store, actor: &ActorId) -> Result<()> {
     Ok(())
 }
 
-/// The failures a rewrite in progress may cause: v1 changed (while read, or before finalize),
-/// a torn v1 rejected, or a stage left behind with a live lease. Anything else fails the test.
+/// The failures a rewrite in progress may cause: v1 changed (while read, when a rejection of
+/// what was read is put to the store, or before finalize), a torn v1 rejected (the store
+/// confirmed it: the writer paused on it), or a stage left behind with a live lease. Anything
+/// else fails the test.
 fn ensure_expected_failure(err: &MigrateError) -> Result<()> {
     match &err.cause {
-        Cause::V1Changed => ensure!(matches!(err.phase, Phase::Read | Phase::Finalize), "{err}"),
+        Cause::V1Changed => ensure!(matches!(err.phase, Phase::Read | Phase::Validate | Phase::Finalize), "{err}"),
         Cause::Rejected(r) => {
             ensure!(
                 matches!(
@@ -474,6 +497,8 @@ struct Tally {
     attempts: usize,
     migrated: usize,
     v1_changed_at_read: usize,
+    /// A rejection by validate that the store did not confirm (v1 moved on since the read).
+    v1_changed_at_validate: usize,
     v1_changed_at_finalize: usize,
     rejected: BTreeMap<DeadLetterReason, usize>,
     in_progress: usize,
@@ -542,6 +567,7 @@ async fn migrate_while_the_writer_rewrites(backend: Backend, sc: Scenario) -> Re
                 ensure_nothing_left_by_a_failure(&*ts.store, &actor, clock.now_ms(), &err.to_string()).await?;
                 match &err.cause {
                     Cause::V1Changed if err.phase == Phase::Read => tally.v1_changed_at_read += 1,
+                    Cause::V1Changed if err.phase == Phase::Validate => tally.v1_changed_at_validate += 1,
                     Cause::V1Changed => tally.v1_changed_at_finalize += 1,
                     Cause::Rejected(r) => *tally.rejected.entry(r.reason()).or_default() += 1,
                     // The worker's backoff: by the next attempt the holder's lease has run out.
@@ -577,7 +603,11 @@ async fn migrate_while_the_writer_rewrites(backend: Backend, sc: Scenario) -> Re
     );
     ensure!(tally.migrated >= 1, "no migration succeeded while the writer ran: {tally:?}");
     ensure!(
-        tally.v1_changed_at_read + tally.v1_changed_at_finalize + tally.rejected.values().sum::<usize>() >= 1,
+        tally.v1_changed_at_read
+            + tally.v1_changed_at_validate
+            + tally.v1_changed_at_finalize
+            + tally.rejected.values().sum::<usize>()
+            >= 1,
         "the writer never got in a migration's way: {tally:?}"
     );
 
@@ -762,8 +792,8 @@ impl Store for Hooked {
     }
 }
 
-/// After a v1_changed finalize: v2, lease and audit are as if nothing happened, and v1 is the
-/// writer's.
+/// After a v1_changed failure (or a rejection, which writes nothing either): v2, lease and
+/// audit are as if nothing happened, and v1 is the writer's.
 async fn ensure_untouched_after_v1_changed(store: &dyn Store, actor: &ActorId, writer: &Writer) -> Result<()> {
     let v2 = rows(store, &KeyRange::prefix(&v2_prefix(actor))).await?;
     ensure!(v2.is_empty(), "{} v2 rows left by an abandoned stage", v2.len());
@@ -847,4 +877,304 @@ async fn chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_an
     let v1_range = rows(&*ts.store, &sqlite_range(&actor)).await?;
     ensure!(v1_range.len() == 1 + appended_more.len().div_ceil(CHUNK_SIZE), "v1 has the final file's chunks only");
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic: v1 replaced while a read, or the confirmation of its rejection, is in flight
+// ---------------------------------------------------------------------------------------------
+
+/// Where a [`Watched`] store runs its armed hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum At {
+    /// Before the second scan of the streaming pass over the actor's SQLite range: the first
+    /// scan that resumes after a key (the pass's first scan starts at the range's start, as
+    /// the migration's first batch did).
+    ResumedScan,
+    /// Before a check-only commit (a rejection being confirmed) is forwarded.
+    Confirmation,
+}
+
+/// What a [`Watched`] store saw, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seen {
+    /// A scan of the actor's SQLite range, from its start or resuming after a key, and the
+    /// rows it returned.
+    Scan { resumed: bool, rows: usize },
+    /// The armed hook ran, before the scan or commit seen next.
+    Hook(At),
+    /// A check-only commit: whether its one check is a RangeDigest of the actor's SQLite
+    /// range, and whether it committed.
+    Confirmation { of_sqlite_range: bool, ok: bool },
+    /// A commit that writes, and whether it committed.
+    Write { ok: bool },
+}
+
+/// The migrator's store: logs the scans of the actor's SQLite range and every commit, and
+/// runs an armed hook to completion at one point ([`At`]).
+struct Watched {
+    inner: DynStore,
+    sqlite: KeyRange,
+    armed: Mutex<Option<(At, BoxFuture<'static, Result<()>>)>>,
+    hook_result: Mutex<Option<Result<()>>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Watched {
+    fn new(inner: DynStore, actor: &ActorId) -> Arc<Watched> {
+        Arc::new(Watched {
+            inner,
+            sqlite: sqlite_range(actor),
+            armed: Mutex::new(None),
+            hook_result: Mutex::new(None),
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn arm(&self, at: At, hook: BoxFuture<'static, Result<()>>) {
+        *self.armed.lock().unwrap() = Some((at, hook));
+    }
+
+    fn take_seen(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+
+    /// The result of the hook that ran (an error if it did not run).
+    fn hook_ran(&self) -> Result<()> {
+        self.hook_result.lock().unwrap().take().unwrap_or_else(|| Err(anyhow!("the hook did not run")))
+    }
+
+    /// Runs the hook if it is armed for `at`.
+    async fn fire(&self, at: At) {
+        let hook = {
+            let mut armed = self.armed.lock().unwrap();
+            match armed.take() {
+                Some((a, hook)) if a == at => Some(hook),
+                other => {
+                    *armed = other;
+                    None
+                }
+            }
+        };
+        if let Some(hook) = hook {
+            let result = hook.await;
+            *self.hook_result.lock().unwrap() = Some(result);
+            self.seen.lock().unwrap().push(Seen::Hook(at));
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Watched {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let of_sqlite = range.end == self.sqlite.end && range.start >= self.sqlite.start;
+        let resumed = of_sqlite && range.start > self.sqlite.start;
+        if resumed {
+            self.fire(At::ResumedScan).await;
+        }
+        let rows = self.inner.scan(range, limit).await?;
+        if of_sqlite {
+            self.seen.lock().unwrap().push(Seen::Scan { resumed, rows: rows.len() });
+        }
+        Ok(rows)
+    }
+
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.first_key(range).await
+    }
+
+    async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.scan_keys(range, limit).await
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        if !txn.mutations.is_empty() || txn.checks.is_empty() {
+            let result = self.inner.commit(txn).await;
+            self.seen.lock().unwrap().push(Seen::Write { ok: result.is_ok() });
+            return result;
+        }
+        self.fire(At::Confirmation).await;
+        let of_sqlite_range = matches!(&txn.checks[..], [Check::RangeDigest { range, .. }] if *range == self.sqlite);
+        let result = self.inner.commit(txn).await;
+        self.seen.lock().unwrap().push(Seen::Confirmation { of_sqlite_range, ok: result.is_ok() });
+        result
+    }
+
+    fn describe(&self) -> String {
+        format!("watched {}", self.inner.describe())
+    }
+}
+
+/// Runs `hook` with the writer (an armed hook of a [`Watched`] store): it replaces the main
+/// file with `to` in one transaction and records how many writes that transaction made.
+fn replace_hook(
+    writer: &Arc<tokio::sync::Mutex<Writer>>,
+    to: &[u8],
+    writes: &Arc<Mutex<usize>>,
+) -> BoxFuture<'static, Result<()>> {
+    let (writer, to, writes) = (writer.clone(), to.to_vec(), writes.clone());
+    Box::pin(async move {
+        let n = writer.lock().await.replace_at_once(&to).await.context("replacing v1 in one transaction")?;
+        *writes.lock().unwrap() = n;
+        Ok(())
+    })
+}
+
+/// The retry of a job whose attempt failed v1_changed: it migrates v1 as it is now, byte for
+/// byte, without any rejection to confirm, and leaves v1 as the writer last wrote it.
+async fn ensure_retry_migrates(
+    migrator: &Migrator,
+    watched: &Watched,
+    store: &dyn Store,
+    writer: &Writer,
+    attempts: u32,
+) -> Result<()> {
+    let outcome = migrator
+        .migrate(&req(&writer.actor, attempts))
+        .await
+        .with_context(|| format!("the retry (attempt {attempts}) on a quiet v1"))?;
+    ensure!(outcome.kind() == OutcomeKind::Migrated, "outcome {}", outcome.kind());
+    let seen = watched.take_seen();
+    ensure!(
+        !seen.iter().any(|s| matches!(s, Seen::Hook(_) | Seen::Confirmation { .. })),
+        "the retry confirmed a rejection or ran a hook: {seen:?}"
+    );
+    ensure!(
+        seen.iter().any(|s| matches!(s, Seen::Write { .. }))
+            && seen.iter().all(|s| !matches!(s, Seen::Write { ok: false })),
+        "the retry's commits: {seen:?}"
+    );
+    let v2 = read_v2(store, &writer.actor).await.context("v2 reads back after the retry")?;
+    ensure_bytes_eq(&v2.file, &writer.main, "v2 vs v1 the retry read")?;
+    ensure!(v2.head.origin == Origin::MigratedFromV1 && !v2.head.stage_in_progress());
+    let checksum = DatabaseChecksum::of_file(&writer.main, PAGE_SIZE as usize).hex();
+    ensure!(outcome.audit.checksum.as_deref() == Some(checksum.as_str()), "audit checksum vs v1");
+    ensure!(outcome.audit.attempts == Some(attempts), "audit attempts {:?}", outcome.audit.attempts);
+    ensure!(store.get(&ferry::keys::lease(&writer.actor)).await?.is_none(), "the lease outlived the migration");
+    ensure_same_rows(&rows(store, &KeyRange::prefix(&actor_prefix(&writer.actor))).await?, &writer.rows, "v1")
+}
+
+async fn v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let actor = ActorId::parse("replaced-between-scans")?;
+    let clock = ManualClock::new(START_MS);
+    // Over SCAN_BATCH chunks, so one read of v1 takes several scans. The replacement is the
+    // same database with rows appended (the runtime's next write): more chunks, a few differ.
+    let base = DbSpec::sized(1_100_000, 401);
+    let original = database(&base).map_err(|e| anyhow!(e)).context("the original database")?;
+    let replacement =
+        database(&DbSpec { rows: base.rows + 12, ..base }).map_err(|e| anyhow!(e)).context("the replacement")?;
+    ensure!(integrity_check(&replacement).map_err(|e| anyhow!(e))? == "ok", "the replacement is valid");
+    let (before, after) = (original.len().div_ceil(CHUNK_SIZE), replacement.len().div_ceil(CHUNK_SIZE));
+    // With the meta, the rows of the SQLite range are one more than the chunks.
+    ensure!(before + 1 > SCAN_BATCH && after > before, "{before} chunks, then {after} (SCAN_BATCH {SCAN_BATCH})");
+    ensure!(after + 1 < 2 * SCAN_BATCH, "{after} chunks: the streaming pass takes exactly two scans");
+    let writer = Writer::plant(Sink::Direct(ts.store()), &actor, &original).await?;
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let watched = Watched::new(ts.store(), &actor);
+    let cfg = MigrateConfig { worker_id: "worker-replaced".into(), ..MigrateConfig::default() };
+    let migrator = Migrator::new(watched.clone(), clock.clone(), cfg);
+
+    // Between the two scans of the read, v1 is replaced in one transaction: every instant of
+    // v1 is a valid database, but the rows read are the original's first SCAN_BATCH (its meta
+    // among them) and the replacement's after them, more chunks than that meta declares.
+    let writes = Arc::new(Mutex::new(0));
+    watched.arm(At::ResumedScan, replace_hook(&writer, &replacement, &writes));
+    let err =
+        migrator.migrate(&req(&actor, 1)).await.err().context("migrated a v1 replaced in the middle of its read")?;
+    watched.hook_ran().context("the replacement between the scans")?;
+    let seen = watched.take_seen();
+    let expected = vec![
+        // The migration's first batch, then the streaming pass's first scan: the original.
+        Seen::Scan { resumed: false, rows: SCAN_BATCH },
+        Seen::Scan { resumed: false, rows: SCAN_BATCH },
+        Seen::Hook(At::ResumedScan),
+        // The replacement's rows after the first SCAN_BATCH.
+        Seen::Scan { resumed: true, rows: after + 1 - SCAN_BATCH },
+        // The rejection of the torn rows is put to the store, which says v1 changed.
+        Seen::Confirmation { of_sqlite_range: true, ok: false },
+    ];
+    ensure!(seen == expected, "the store saw {seen:?}, expected {expected:?} ({err})");
+    let n = *writes.lock().unwrap();
+    ensure!(n > after - before && n < after / 4, "{n} writes in the replacement ({before} -> {after} chunks)");
+    ensure!(matches!(err.cause, Cause::V1Changed) && err.phase == Phase::Read, "{err}");
+    ensure!(err.fate() == Fate::Retry, "fate {:?} of {err}", err.fate());
+    let writer = writer.lock().await;
+    ensure_untouched_after_v1_changed(&*ts.store, &actor, &writer).await?;
+    let v1 = read_v1(&*ts.store, &actor, ReadOptions::default()).await.context("v1 after the replacement")?;
+    ensure_bytes_eq(&v1.main, &replacement, "v1 vs the replacement")?;
+
+    // The retry reads the replacement whole and migrates it.
+    ensure_retry_migrates(&migrator, &watched, &*ts.store, &writer, 2).await?;
+    ensure_bytes_eq(&writer.main, &replacement, "the writer's main file")
+}
+
+async fn a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let actor = ActorId::parse("rejected-then-rewritten")?;
+    let clock = ManualClock::new(START_MS);
+    // A small database that fails quick_check (read in one scan), and a good one: the same
+    // database with rows appended, as the runtime's next write leaves it.
+    let spec = DbSpec::small(501);
+    let corrupt = scribbled(&spec).map_err(|e| anyhow!(e)).context("the scribbled database")?;
+    let good = database(&DbSpec { rows: spec.rows + 5, ..spec }).map_err(|e| anyhow!(e)).context("the good one")?;
+    // SQLite may refuse the scribbled file outright rather than list what is wrong.
+    ensure!(!integrity_check(&corrupt).is_ok_and(|r| r == "ok"), "the scribbled database passes integrity_check");
+    ensure!(integrity_check(&good).map_err(|e| anyhow!(e))? == "ok", "the good database fails");
+    let (corrupt_chunks, good_chunks) = (corrupt.len().div_ceil(CHUNK_SIZE), good.len().div_ceil(CHUNK_SIZE));
+    ensure!(corrupt_chunks.max(good_chunks) + 1 < SCAN_BATCH, "read in one scan");
+    let writer = Writer::plant(Sink::Direct(ts.store()), &actor, &corrupt).await?;
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let watched = Watched::new(ts.store(), &actor);
+    let cfg = MigrateConfig { worker_id: "worker-confirmed".into(), ..MigrateConfig::default() };
+    let migrator = Migrator::new(watched.clone(), clock.clone(), cfg);
+
+    // Control: v1 stands still; the rejection is confirmed by one check-only commit and stands.
+    let err = migrator.migrate(&req(&actor, 1)).await.err().context("migrated a database that fails quick_check")?;
+    ensure!(
+        matches!(&err.cause, Cause::Rejected(r) if r.reason() == DeadLetterReason::IntegrityCheckFailed)
+            && err.phase == Phase::Validate,
+        "{err}"
+    );
+    ensure!(err.fate() == Fate::DeadLetter(DeadLetterReason::IntegrityCheckFailed), "fate {:?}", err.fate());
+    let seen = watched.take_seen();
+    let confirmed = vec![
+        Seen::Scan { resumed: false, rows: corrupt_chunks + 1 },
+        Seen::Confirmation { of_sqlite_range: true, ok: true },
+    ];
+    ensure!(seen == confirmed, "the store saw {seen:?}, expected {confirmed:?}");
+    ensure_untouched_after_v1_changed(&*ts.store, &actor, &*writer.lock().await).await?;
+
+    // The same job again (requeued): between the rejection and its confirmation, the runtime
+    // rewrites v1 to the good database in one transaction. The rejection was of a v1 that
+    // is gone: v1_changed, retried.
+    let writes = Arc::new(Mutex::new(0));
+    watched.arm(At::Confirmation, replace_hook(&writer, &good, &writes));
+    let err = migrator
+        .migrate(&req(&actor, 1))
+        .await
+        .err()
+        .context("migrated after a rejection, with v1 rewritten under it")?;
+    watched.hook_ran().context("the rewrite before the confirmation")?;
+    let seen = watched.take_seen();
+    let overtaken = vec![
+        Seen::Scan { resumed: false, rows: corrupt_chunks + 1 },
+        Seen::Hook(At::Confirmation),
+        Seen::Confirmation { of_sqlite_range: true, ok: false },
+    ];
+    ensure!(seen == overtaken, "the store saw {seen:?}, expected {overtaken:?} ({err})");
+    ensure!(*writes.lock().unwrap() >= 1, "the rewrite wrote nothing");
+    ensure!(matches!(err.cause, Cause::V1Changed) && err.phase == Phase::Validate, "{err}");
+    ensure!(err.fate() == Fate::Retry, "fate {:?} of {err}", err.fate());
+    let writer = writer.lock().await;
+    ensure_untouched_after_v1_changed(&*ts.store, &actor, &writer).await?;
+    let v1 = read_v1(&*ts.store, &actor, ReadOptions::default()).await.context("v1 after the rewrite")?;
+    ensure_bytes_eq(&v1.main, &good, "v1 vs the good database")?;
+
+    // The retry migrates the good database, byte for byte.
+    ensure_retry_migrates(&migrator, &watched, &*ts.store, &writer, 2).await?;
+    ensure_bytes_eq(&writer.main, &good, "the writer's main file")
 }

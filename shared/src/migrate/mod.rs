@@ -287,17 +287,34 @@ impl Migrator {
             Err(ReadError::Changed) => return Err(fail(Phase::Read, Cause::V1Changed, None)),
             Err(ReadError::Store(e)) => return Err(fail(Phase::Read, e.into(), None)),
         };
-        let files = image.files.clone();
+        let (files, digest) = (image.files.clone(), image.digest);
         let read = read_started.elapsed();
         let validate_started = std::time::Instant::now();
         let (quick_check, recovery) = (self.cfg.quick_check, req.recovery);
         let checked = tokio::task::spawn_blocking(move || validate(image, quick_check, recovery))
             .await
             .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
-        let mut validated = checked.map_err(|r| fail(Phase::Validate, Cause::Rejected(r), Some(files)))?;
+        let mut validated = match checked {
+            Ok(v) => v,
+            Err(r) => {
+                let cause = self.rejection_or_change(&req.actor, digest, r).await;
+                return Err(fail(Phase::Validate, cause, Some(files)));
+            }
+        };
         validated.timings.read = read;
         validated.timings.validate = validate_started.elapsed();
         Ok(validated)
+    }
+
+    /// A rejection stands only if v1 still is what was validated. An image read in several
+    /// scans while a writer was at work may never have existed as a whole (a torn read can
+    /// fail quick_check): that is a change to retry, not a verdict on the actor.
+    async fn rejection_or_change(&self, actor: &ActorId, digest: u128, rejection: V1Rejection) -> Cause {
+        match v1::read::unchanged_since(&*self.store, actor, digest).await {
+            Ok(true) => Cause::Rejected(rejection),
+            Ok(false) => Cause::V1Changed,
+            Err(e) => e.into(),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -10,7 +10,7 @@
 
 use crate::actor::ActorId;
 use crate::recovery::Recovery;
-use crate::store::{RangeDigest, Store, StoreError, for_each_row};
+use crate::store::{RangeDigest, Store, StoreError, Txn, for_each_row};
 
 use super::keys::{self, CHUNK_SIZE, FileTag, SqliteKey};
 use super::reject::V1Rejection;
@@ -293,7 +293,26 @@ pub async fn read_v1_from(
         Ok(())
     })
     .await?;
-    rebuild.finish()
+    // Rows read over several scans while a writer is at work may never have existed
+    // together: a rejection of them stands only if v1 still hashes to what was read.
+    let digest = rebuild.digest();
+    match rebuild.finish() {
+        Err(ReadError::Rejected(r)) if unchanged_since(store, actor, digest).await? => Err(r.into()),
+        Err(ReadError::Rejected(_)) => Err(ReadError::Changed),
+        other => other,
+    }
+}
+
+/// Whether the actor's SQLite rows still hash to `digest` (a check-only transaction, so the
+/// answer is the store's, not a second read's).
+pub async fn unchanged_since(store: &dyn Store, actor: &ActorId, digest: u128) -> Result<bool, StoreError> {
+    let mut txn = Txn::new();
+    txn.check_range_digest(keys::sqlite_range(actor), digest);
+    match store.commit(txn).await {
+        Ok(()) => Ok(true),
+        Err(StoreError::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The whole rebuild from every row of the actor's SQLite range (`v1/{actor}/08...`), in
@@ -383,6 +402,11 @@ impl Rebuild {
         if let Err(e) = step {
             self.failure = Some(e);
         }
+    }
+
+    /// The digest of every row visited so far.
+    pub fn digest(&self) -> u128 {
+        self.digest.finish()
     }
 
     /// The image, or the first failure: a rejection seen in the rows, then a file short of
