@@ -72,8 +72,10 @@ pub fn run_json(cmd: &mut Command) -> Result<serde_json::Value> {
 }
 
 /// Runs `fut`, failing if it takes longer than `limit` (dropping it, and with it every process
-/// and broker guard it holds).
+/// and broker guard it holds). Building the binaries (once per test process) comes first and
+/// is not part of the bound.
 pub async fn bounded<T>(limit: Duration, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    bin("ferry-producer");
     let started = Instant::now();
     let result = match tokio::time::timeout(limit, fut).await {
         Ok(result) => result,
