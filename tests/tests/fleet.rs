@@ -791,6 +791,51 @@ async fn killed_producer_resumes_from_its_checkpoint() -> Result<()> {
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_rate_limited_producer_at_once_and_a_rerun_publishes_the_rest() -> Result<()> {
+    binaries();
+    bounded(LIMIT, async {
+        let ctx = Ctx::new(Backend::Sqlite).await?;
+        let store = ctx.store();
+        let broker = Broker::new("fleet_producer_term").await?;
+        let seed = Seed::new(60, "pterm");
+        seed.run(ctx.url())?;
+        let n = seed.plan().len();
+        let campaign = "term-producer";
+        // One job every 2 s: a SIGTERM almost always arrives while the producer waits.
+        let mut producer = Proc::spawn(
+            "producer",
+            enqueue_command(ctx.url(), &broker.topology, campaign, &["--rate", "0.5"]),
+            ctx.logs(),
+        )?;
+        let work = broker.topology.work_queue();
+        let broker_ref = &broker;
+        let work_ref = work.as_str();
+        wait_until(Duration::from_secs(20), "the first job is published", || async move {
+            Ok(broker_ref.depth(work_ref).await? >= 1)
+        })
+        .await?;
+        let asked = Instant::now();
+        producer.sigterm()?;
+        let status = producer.wait_exit(Duration::from_secs(5)).await?;
+        let took = asked.elapsed();
+        assert_eq!(status.code(), Some(130), "an interrupted enqueue exits 130: {status}");
+        assert!(took < Duration::from_millis(1500), "took {took:?} to stop: the rate sleep ignored SIGTERM");
+        let summary: serde_json::Value = serde_json::from_str(&producer.stdout()).context("summary")?;
+        assert_eq!(summary["completed"], false, "{summary}");
+        let first = summary["published"].as_u64().context("published")?;
+        assert!(first >= 1 && (first as usize) < n, "{summary}");
+
+        let rest = enqueue(ctx.url(), &broker.topology, campaign, &[])?;
+        assert_eq!(first + rest["published"].as_u64().context("published")?, n as u64, "{rest}");
+        let record = campaign::load(&*store, campaign).await?.context("campaign record")?;
+        assert_eq!((record.status, record.published), (CampaignStatus::Enqueued, n as u64));
+        assert_eq!(broker.drain(&work).await?.len(), n, "one job per actor, none lost or repeated");
+        broker.delete().await
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

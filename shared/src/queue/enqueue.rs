@@ -378,7 +378,13 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
             Item::Publish { actor, resume } => {
                 if let Some(rate) = cfg.rate.filter(|r| *r > 0.0) {
                     let due = started + Duration::from_secs_f64(summary.published as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
+                    // The actor is not published: the checkpoint stays before it, so a re-run
+                    // publishes it.
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => { interrupted = true; break; }
+                        () = tokio::time::sleep_until(due.into()) => {}
+                    }
                 }
                 let job = Job::new(&cfg.campaign, actor, SystemClock.now_ms(), cfg.recovery);
                 let props = amqp::json_properties(&job.message_id(), FieldTable::default());
