@@ -134,7 +134,8 @@ async fn wanted(
         None => None,
     };
     Ok(match head.as_ref().map(|h| h.origin) {
-        Some(Origin::Native) => Some((SkipKind::Native, head)),
+        // As a worker records it: a native head is not ferry's, its fields are not copied.
+        Some(Origin::Native) => Some((SkipKind::Native, None)),
         Some(Origin::MigratedFromV1) => Some((SkipKind::Migrated, head)),
         Some(Origin::MigratingFromV1) | None => None,
     })

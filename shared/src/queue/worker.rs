@@ -8,8 +8,9 @@
 //! - a lost connection or channel makes the worker unready and reconnects with backoff at
 //!   once: in-flight jobs go on in the background (their outcomes still become durable; their
 //!   acks fail, the broker redelivers them and the redelivered job is skipped), so a dead
-//!   channel never stalls the worker. Until they end, the worker may run up to twice its
-//!   concurrency; the memory budget still bounds the bytes;
+//!   channel never stalls the worker. They keep their slots: at most `concurrency` jobs run
+//!   at once across sessions, and a delivery whose session died before it got a slot is not
+//!   run at all;
 //! - on shutdown the consumer is cancelled first, in-flight jobs get the grace period, and
 //!   whatever is still unacked goes back to the broker when the channel closes.
 
@@ -23,6 +24,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -74,9 +76,9 @@ pub async fn run_worker(
     tokio::pin!(shutdown);
     let mut backoff = reconnect_backoff();
     // In-flight jobs outlive a lost session: they are drained only at shutdown.
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut in_flight = InFlight::new(cfg.concurrency);
     loop {
-        let end = match session(&cfg, &runner, &ready, &mut tasks, &mut shutdown).await {
+        let end = match session(&cfg, &runner, &ready, &mut in_flight, &mut shutdown).await {
             Ok(end) => end,
             Err(e) => SessionEnd::Lost(e.to_string()),
         };
@@ -87,7 +89,7 @@ pub async fn run_worker(
                 let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                 metrics::counter!(m::RECONNECTS).increment(1);
                 warn!(
-                    error = %why, ?delay, in_flight = tasks.len(), broker = %amqp::redacted(&cfg.amqp_url),
+                    error = %why, ?delay, in_flight = in_flight.tasks.len(), broker = %amqp::redacted(&cfg.amqp_url),
                     "broker connection lost; reconnecting"
                 );
                 let reconnect = async {
@@ -97,12 +99,11 @@ pub async fn run_worker(
                 loop {
                     tokio::select! {
                         () = &mut shutdown => {
-                            info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
-                            drain(&mut tasks, cfg.shutdown_grace).await;
+                            in_flight.finish(cfg.shutdown_grace).await;
                             return Ok(());
                         }
                         () = &mut reconnect => break,
-                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        Some(_) = in_flight.tasks.join_next(), if !in_flight.tasks.is_empty() => {}
                     }
                 }
             }
@@ -119,13 +120,48 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-async fn session(
-    cfg: &WorkerConfig,
-    runner: &Arc<JobRunner>,
-    ready: &Readiness,
-    tasks: &mut JoinSet<()>,
-    shutdown: &mut (impl Future<Output = ()> + Unpin),
-) -> Result<SessionEnd, AmqpError> {
+/// Jobs running in this worker, whichever session delivered them: at most `concurrency` run
+/// at once, also while a lost session's jobs finish after a reconnect.
+struct InFlight {
+    tasks: JoinSet<()>,
+    slots: Arc<Semaphore>,
+}
+
+impl InFlight {
+    fn new(concurrency: u16) -> InFlight {
+        InFlight { tasks: JoinSet::new(), slots: Arc::new(Semaphore::new(usize::from(concurrency.max(1)))) }
+    }
+
+    fn spawn(&mut self, delivery: Delivery, runner: Arc<JobRunner>, publish: Channel, topology: Topology) {
+        let slots = Arc::clone(&self.slots);
+        self.tasks.spawn(async move {
+            // The semaphore is never closed.
+            let Ok(_slot) = slots.acquire_owned().await else { return };
+            if !publish.status().connected() {
+                // Its session is gone and the delivery is back on the broker: not ours to run.
+                return;
+            }
+            handle(delivery, &runner, &publish, &topology).await;
+        });
+    }
+
+    /// Shutdown: in-flight jobs get the grace period.
+    async fn finish(&mut self, grace: Duration) {
+        info!(in_flight = self.tasks.len(), ?grace, "shutting down: finishing in-flight jobs");
+        drain(&mut self.tasks, grace).await;
+    }
+}
+
+/// An open connection with its channels and consumer.
+struct Session {
+    conn: Connection,
+    consume: Channel,
+    publish: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+}
+
+async fn open_session(cfg: &WorkerConfig) -> Result<Session, AmqpError> {
     let conn = amqp::connect(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id)).await?;
     let consume = conn.create_channel().await?;
     if cfg.declare {
@@ -134,7 +170,7 @@ async fn session(
     let publish = amqp::confirm_channel(&conn).await?;
     consume.basic_qos(cfg.concurrency.max(1), BasicQosOptions::default()).await?;
     let tag = format!("{}-{:08x}", cfg.worker_id, rand::random::<u32>());
-    let mut consumer = consume
+    let consumer = consume
         .basic_consume(
             cfg.topology.work_queue().as_str().into(),
             tag.as_str().into(),
@@ -142,27 +178,42 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
+    Ok(Session { conn, consume, publish, consumer, tag })
+}
+
+async fn session(
+    cfg: &WorkerConfig,
+    runner: &Arc<JobRunner>,
+    ready: &Readiness,
+    in_flight: &mut InFlight,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<SessionEnd, AmqpError> {
+    // Opening can hang on an unreachable broker: SIGTERM must still be heard.
+    let Session { conn, consume, publish, mut consumer, tag } = tokio::select! {
+        biased;
+        () = &mut *shutdown => {
+            in_flight.finish(cfg.shutdown_grace).await;
+            return Ok(SessionEnd::Shutdown);
+        }
+        opened = open_session(cfg) => opened?,
+    };
     ready.set(true);
     info!(queue = %cfg.topology.work_queue(), prefetch = cfg.concurrency, "consuming");
     let end = loop {
         tokio::select! {
             () = &mut *shutdown => break SessionEnd::Shutdown,
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    let (runner, publish, topology) = (runner.clone(), publish.clone(), cfg.topology.clone());
-                    tasks.spawn(async move { handle(delivery, &runner, &publish, &topology).await });
-                }
+                Some(Ok(delivery)) => in_flight.spawn(delivery, runner.clone(), publish.clone(), cfg.topology.clone()),
                 Some(Err(e)) => break SessionEnd::Lost(e.to_string()),
                 None => break SessionEnd::Lost("consumer stream ended".into()),
             },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(_) = in_flight.tasks.join_next(), if !in_flight.tasks.is_empty() => {}
         }
     };
     ready.set(false);
     if let SessionEnd::Shutdown = &end {
         let _ = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-        info!(in_flight = tasks.len(), grace = ?cfg.shutdown_grace, "shutting down: finishing in-flight jobs");
-        drain(tasks, cfg.shutdown_grace).await;
+        in_flight.finish(cfg.shutdown_grace).await;
     }
     // After a loss this also fails the in-flight jobs' pending publishes and acks at once
     // (their deliveries are back on the broker), so none waits on a dead channel.
@@ -212,9 +263,12 @@ async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topol
             delivery.acker.reject(BasicRejectOptions { requeue: true }).await
         }
     };
-    if let Err(e) = result {
-        // The channel is gone: the broker redelivers the job, which is then skipped or redone.
-        warn!(error = %e, "could not settle a delivery");
+    // Not settled (an error, or `false` from a closed channel): the broker redelivers the job,
+    // which is then skipped or redone.
+    match result {
+        Ok(true) => {}
+        Ok(false) => warn!("could not settle a delivery: its channel is closed"),
+        Err(e) => warn!(error = %e, "could not settle a delivery"),
     }
 }
 
