@@ -26,10 +26,10 @@ use ferry::migrate::{
     AuditRecord, Cause, Fate, MigrateConfig, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request,
 };
 use ferry::store::{Check, DynStore, KeyRange, KeyValue, Mutation, Store, StoreError, Txn, for_each_row, prefix_end};
-use ferry::synth::sqlite::{DbSpec, database, integrity_check, scribbled};
+use ferry::synth::sqlite::{DbSpec, database, hot_journal, integrity_check, scribbled};
 use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
-use ferry::v1::keys::{CHUNK_SIZE, FileTag, actor_prefix, file_entries, sqlite_range};
+use ferry::v1::keys::{CHUNK_SIZE, FileTag, actor_prefix, chunk_range, file_entries, sqlite_range};
 use ferry::v1::read::SCAN_BATCH;
 use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::head::PAGE_SIZE;
@@ -71,6 +71,7 @@ suite!(
     chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_and_nothing_is_marked_migrated,
     v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter,
     a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed,
+    a_journal_that_appears_while_the_probe_reads_is_v1_changed_and_a_journal_that_stays_is_dead_lettered,
 );
 
 /// Every test finishes within this or fails.
@@ -892,6 +893,8 @@ enum At {
     ResumedScan,
     /// Before a check-only commit (a rejection being confirmed) is forwarded.
     Confirmation,
+    /// Before the probe looks for the actor's journal chunks.
+    JournalProbe,
 }
 
 /// What a [`Watched`] store saw, in order.
@@ -914,6 +917,7 @@ enum Seen {
 struct Watched {
     inner: DynStore,
     sqlite: KeyRange,
+    journal_chunks: KeyRange,
     armed: Mutex<Option<(At, BoxFuture<'static, Result<()>>)>>,
     hook_result: Mutex<Option<Result<()>>>,
     seen: Mutex<Vec<Seen>>,
@@ -924,6 +928,7 @@ impl Watched {
         Arc::new(Watched {
             inner,
             sqlite: sqlite_range(actor),
+            journal_chunks: chunk_range(actor, FileTag::Journal),
             armed: Mutex::new(None),
             hook_result: Mutex::new(None),
             seen: Mutex::new(Vec::new()),
@@ -970,6 +975,9 @@ impl Store for Watched {
     }
 
     async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        if *range == self.journal_chunks {
+            self.fire(At::JournalProbe).await;
+        }
         let of_sqlite = range.end == self.sqlite.end && range.start >= self.sqlite.start;
         let resumed = of_sqlite && range.start > self.sqlite.start;
         if resumed {
@@ -1177,4 +1185,52 @@ async fn a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed(backend
     // The retry migrates the good database, byte for byte.
     ensure_retry_migrates(&migrator, &watched, &*ts.store, &writer, 2).await?;
     ensure_bytes_eq(&writer.main, &good, "the writer's main file")
+}
+
+async fn a_journal_that_appears_while_the_probe_reads_is_v1_changed_and_a_journal_that_stays_is_dead_lettered(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let actor = ActorId::parse("journal-appears")?;
+    let clock = ManualClock::new(START_MS);
+    // Over SCAN_BATCH chunks, so the read probes the metas and files with separate reads; the
+    // journal is a real hot journal of the same database.
+    let files = hot_journal(&DbSpec::sized(1_100_000, 402), 3).map_err(|e| anyhow!(e)).context("a hot journal")?;
+    let journal = files.journal.clone().context("the fixture has a journal")?;
+    ensure!(files.main.len().div_ceil(CHUNK_SIZE) + 1 > SCAN_BATCH, "read in one scan");
+    write_v1(&*ts.store, &actor, &DbFiles { journal: None, ..files.clone() }).await?;
+    let watched = Watched::new(ts.store(), &actor);
+    let cfg = MigrateConfig { worker_id: "worker-journal".into(), ..MigrateConfig::default() };
+    let migrator = Migrator::new(watched.clone(), clock.clone(), cfg);
+
+    // The runtime opens a write transaction (its journal appears, meta and chunks in one
+    // commit) after the probe read the metas and before it looks for journal chunks: the probe
+    // sees journal chunks without a meta, a state v1 never was in.
+    let (store, a) = (ts.store(), actor.clone());
+    watched.arm(
+        At::JournalProbe,
+        Box::pin(async move {
+            let mut txn = Txn::new();
+            for (key, value) in file_entries(&a, FileTag::Journal, &journal) {
+                txn.set(key, value);
+            }
+            store.commit(txn).await.context("writing the journal")
+        }),
+    );
+    let err = migrator.migrate(&req(&actor, 1)).await.err().context("migrated an actor with a journal")?;
+    watched.hook_ran().context("the journal written during the probe")?;
+    ensure!(matches!(err.cause, Cause::V1Changed) && err.phase == Phase::Read, "{err}");
+    ensure!(err.fate() == Fate::Retry, "fate {:?} of {err}", err.fate());
+    let seen = watched.take_seen();
+    ensure!(seen.contains(&Seen::Confirmation { of_sqlite_range: false, ok: false }), "{seen:?}");
+    ensure!(rows(&*ts.store, &KeyRange::prefix(&v2_prefix(&actor))).await?.is_empty(), "v2 written");
+
+    // The journal stays: the retry's rejection is confirmed, and the actor is dead-lettered.
+    let err = migrator.migrate(&req(&actor, 2)).await.err().context("migrated an actor with a journal")?;
+    ensure!(err.fate() == Fate::DeadLetter(DeadLetterReason::JournalSidecar), "{err}");
+    let seen = watched.take_seen();
+    ensure!(seen.contains(&Seen::Confirmation { of_sqlite_range: false, ok: true }), "{seen:?}");
+    ensure!(rows(&*ts.store, &KeyRange::prefix(&v2_prefix(&actor))).await?.is_empty(), "v2 written");
+    let v1 = read_v1(&*ts.store, &actor, ReadOptions { ignore_sidecars: true, ..ReadOptions::default() }).await?;
+    ensure_bytes_eq(&v1.main, &files.main, "v1 main after both attempts")
 }

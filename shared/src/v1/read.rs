@@ -10,7 +10,7 @@
 
 use crate::actor::ActorId;
 use crate::recovery::Recovery;
-use crate::store::{RangeDigest, Store, StoreError, Txn, for_each_row};
+use crate::store::{KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row};
 
 use super::keys::{self, CHUNK_SIZE, FileTag, SqliteKey};
 use super::reject::V1Rejection;
@@ -104,6 +104,9 @@ pub async fn has_sqlite_data(store: &dyn Store, actor: &ActorId) -> Result<bool,
 pub struct Probe {
     metas: [Option<Vec<u8>>; 4],
     has_chunks: [bool; 4],
+    /// The first chunk row of each file, as a probe made of several reads saw it: with the
+    /// metas, what [`Probe::confirm`] checks.
+    first_chunks: [Option<KeyValue>; 4],
 }
 
 impl Probe {
@@ -130,9 +133,26 @@ impl Probe {
             }
         }
         for tag in FileTag::ALL {
-            probe.has_chunks[tag as usize] = store.first_key(&keys::chunk_range(actor, tag)).await?.is_some();
+            let first = store.scan(&keys::chunk_range(actor, tag), 1).await?.into_iter().next();
+            probe.has_chunks[tag as usize] = first.is_some();
+            probe.first_chunks[tag as usize] = first;
         }
         Ok(probe)
+    }
+
+    /// The checks that v1 still is what this probe (made of several reads, so possibly torn
+    /// by a writer) saw: the same metas, the same first chunk of each file that had one, no
+    /// chunk of the others. A rejection drawn from the probe stands only if they hold.
+    pub fn confirmation(&self, actor: &ActorId) -> Txn {
+        let mut txn = Txn::new();
+        for tag in FileTag::ALL {
+            txn.check_value(keys::meta_key(actor, tag), self.metas[tag as usize].clone());
+            match &self.first_chunks[tag as usize] {
+                Some((key, value)) => txn.check_value(key.clone(), Some(value.clone())),
+                None => txn.check_range_digest(keys::chunk_range(actor, tag), RangeDigest::new().finish()),
+            };
+        }
+        txn
     }
 
     pub fn present(&self, tag: FileTag) -> bool {
@@ -287,7 +307,12 @@ pub async fn read_v1_from(
         return rebuild_rows(actor, opts, first.rows);
     }
     let probe = Probe::run(store, actor).await?;
-    let mut rebuild = Rebuild::start(actor, probe, opts)?;
+    let confirmation = probe.confirmation(actor);
+    let mut rebuild = match Rebuild::start(actor, probe, opts) {
+        Ok(rebuild) => rebuild,
+        Err(r) if holds(store, confirmation).await? => return Err(r.into()),
+        Err(_) => return Err(ReadError::Changed),
+    };
     for_each_row(store, &keys::sqlite_range(actor), SCAN_BATCH, |key, value| {
         rebuild.visit(key, value);
         Ok(())
@@ -308,7 +333,12 @@ pub async fn read_v1_from(
 pub async fn unchanged_since(store: &dyn Store, actor: &ActorId, digest: u128) -> Result<bool, StoreError> {
     let mut txn = Txn::new();
     txn.check_range_digest(keys::sqlite_range(actor), digest);
-    match store.commit(txn).await {
+    holds(store, txn).await
+}
+
+/// Whether every check of a check-only transaction holds.
+async fn holds(store: &dyn Store, checks: Txn) -> Result<bool, StoreError> {
+    match store.commit(checks).await {
         Ok(()) => Ok(true),
         Err(StoreError::Conflict { .. }) => Ok(false),
         Err(e) => Err(e),
