@@ -84,6 +84,7 @@ suite!(
     actor_without_v1_sqlite_data_is_skipped_no_v1,
     native_v2_head_wins_over_v1_and_is_left_unchanged,
     migrating_twice_skips_already_migrated_and_keeps_the_migration_audit,
+    skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it,
     unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is,
     // stale migrations
     expired_lease_migration_is_taken_over_junk_cleared_generation_bumped,
@@ -990,6 +991,42 @@ async fn migrating_twice_skips_already_migrated_and_keeps_the_migration_audit(ba
     let audit = audit_of(&*env.store, &a).await.unwrap();
     assert_eq!(audit["checksum"], first_audit["checksum"]);
     assert_eq!(audit["generation"], first_audit["generation"]);
+}
+
+async fn skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it(backend: Backend) {
+    let env = Env::new(backend).await;
+    let a = actor("skip-race");
+    let main = small_db(24);
+    put_v1(&env, &a, &main_only(main.clone())).await;
+    let first = env.migrator().migrate(&req(&a)).await.unwrap();
+    assert_eq!(first.kind(), OutcomeKind::Migrated);
+
+    // Between the skip's read of the audit and its write, an operator's purge note lands.
+    let hooked = HookStore::new(env.store.clone());
+    let (store, actor_id, noted) = (env.store.clone(), a.clone(), first.audit.clone());
+    hooked.on_commit(move |kind, nth| {
+        if kind != Kind::Other || nth != 0 {
+            return None;
+        }
+        let (store, a, mut noted) = (store.clone(), actor_id.clone(), noted.clone());
+        Some(Box::pin(async move {
+            noted.purged_at_ms = Some(START_MS + 1);
+            let mut txn = Txn::new();
+            txn.set(ferry::keys::audit(&a), noted.encode());
+            store.commit(txn).await.unwrap();
+        }))
+    });
+    let second = migrator_on(hooked.clone(), env.clock.clone(), "worker-b").migrate(&req(&a)).await.unwrap();
+    assert_eq!(second.kind(), OutcomeKind::SkippedAlreadyMigrated);
+    assert_eq!(
+        hooked.log(),
+        vec![(Kind::Other, false), (Kind::Other, true)],
+        "the stale write is refused, then redone"
+    );
+    let audit = audit_of(&*env.store, &a).await.unwrap();
+    assert_eq!(audit["outcome"], "skipped_already_migrated");
+    assert_eq!(audit["purged_at_ms"], START_MS + 1, "the concurrent write is kept");
+    assert_eq!(audit["checksum"], serde_json::to_value(&first.audit).unwrap()["checksum"]);
 }
 
 async fn unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is(backend: Backend) {

@@ -133,21 +133,36 @@ impl AuditRecord {
 }
 
 /// Writes the audit of a skip and returns what was written. A skip of an already-migrated
-/// actor keeps the fields of the migration it found (DESIGN.md section 2); any other skip is
-/// written as given.
+/// actor keeps the fields of the migration it found (DESIGN.md section 2), checked to be
+/// still the record it read, so a concurrent write (another skip, a purge note) is never
+/// overwritten with stale fields; any other skip is written as given.
 pub async fn record_skip(store: &dyn Store, skip: AuditRecord) -> Result<AuditRecord, StoreError> {
-    let previous = match skip.outcome {
-        OutcomeKind::SkippedAlreadyMigrated => store.get(&keys::audit(&skip.actor_id)).await?,
-        _ => None,
-    };
-    let audit = match previous.as_deref().and_then(AuditRecord::decode) {
-        Some(prev) if matches!(prev.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated) => {
-            prev.as_skip(&skip.campaign, &skip.worker, skip.started_at_ms, skip.finished_at_ms)
+    let key = keys::audit(&skip.actor_id);
+    if skip.outcome != OutcomeKind::SkippedAlreadyMigrated {
+        let mut txn = Txn::new();
+        txn.set(key, skip.encode());
+        store.commit(txn).await?;
+        return Ok(skip);
+    }
+    let mut attempts = 0;
+    loop {
+        let previous = store.get(&key).await?;
+        let audit = match previous.as_deref().and_then(AuditRecord::decode) {
+            Some(prev) if matches!(prev.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated) => {
+                prev.as_skip(&skip.campaign, &skip.worker, skip.started_at_ms, skip.finished_at_ms)
+            }
+            _ => skip.clone(),
+        };
+        let mut txn = Txn::new();
+        txn.check_value(key.clone(), previous).set(key.clone(), audit.encode());
+        match store.commit(txn).await {
+            Ok(()) => return Ok(audit),
+            // Raced another writer of the record: read it again, a few times at most.
+            Err(StoreError::Conflict { .. }) if attempts < SKIP_ATTEMPTS => attempts += 1,
+            Err(e) => return Err(e),
         }
-        _ => skip,
-    };
-    let mut txn = Txn::new();
-    txn.set(keys::audit(&audit.actor_id), audit.encode());
-    store.commit(txn).await?;
-    Ok(audit)
+    }
 }
+
+/// Tries of a skip's read-check-write before the conflict is reported (a transient error).
+const SKIP_ATTEMPTS: u32 = 3;
