@@ -92,9 +92,7 @@ pub async fn run_worker(
                     error = %why, ?delay, in_flight = in_flight.tasks.len(), broker = %amqp::redacted(&cfg.amqp_url),
                     "broker connection lost; reconnecting"
                 );
-                let reconnect = async {
-                    tokio::time::sleep(delay).await;
-                };
+                let reconnect = tokio::time::sleep(delay);
                 tokio::pin!(reconnect);
                 loop {
                     tokio::select! {
