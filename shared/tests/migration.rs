@@ -6,6 +6,10 @@
 //! library's own key functions and constants. PostgreSQL must be running; a test against it
 //! fails, never skips, when it is not.
 
+mod common;
+
+use common::{Kind, kind_of};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +23,7 @@ use ferry::migrate::{
     Cause, DEFAULT_LEASE_TTL_MS, Fate, MigrateConfig, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request,
 };
 use ferry::store::limits::MAX_VALUE_BYTES;
-use ferry::store::{Check, DynStore, KeyRange, KeyValue, Mutation, Store, StoreError, Txn, for_each_row};
+use ferry::store::{DynStore, KeyRange, KeyValue, Store, StoreError, Txn, for_each_row};
 use ferry::synth::sqlite::{database, hot_journal, integrity_check, item_count, scribbled, wal};
 use ferry::synth::{DbFiles, DbSpec, write_v1};
 use ferry::testing::{Backend, TestStore};
@@ -446,37 +450,6 @@ async fn assert_migrated(
 // ---------------------------------------------------------------------------------------------
 // A store wrapper that runs a hook before chosen commits
 // ---------------------------------------------------------------------------------------------
-
-/// What a migration's commit is, recognised from its shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// Writes the head (MigratingFromV1) and the lease.
-    Begin,
-    /// Writes DELTA slices.
-    Stage,
-    /// Checks the v1 digest, writes PIDX, head, audit.
-    Finalize,
-    /// Anything else (skip audits, clearing an abandoned stage).
-    Other,
-}
-
-fn kind_of(txn: &Txn) -> Kind {
-    let sets = || {
-        txn.mutations.iter().filter_map(|m| match m {
-            Mutation::Set { key, .. } => Some(key.as_slice()),
-            _ => None,
-        })
-    };
-    if txn.checks.iter().any(|c| matches!(c, Check::RangeDigest { .. })) {
-        Kind::Finalize
-    } else if sets().any(|k| k.windows(7).any(|w| w == b"/DELTA/")) {
-        Kind::Stage
-    } else if sets().any(|k| k.starts_with(V2_PREFIX) && k.ends_with(b"/META")) {
-        Kind::Begin
-    } else {
-        Kind::Other
-    }
-}
 
 /// `(kind, n)`: called before the n-th (from 0) commit of that kind; a returned future runs
 /// to completion before the commit goes to the store.
@@ -1160,7 +1133,7 @@ async fn stage_transactions_renew_the_lease_so_a_slow_migration_is_not_taken_ove
                     assert_eq!(lease.expires_at_ms, START_MS + step + DEFAULT_LEASE_TTL_MS, "renewed by the stage");
                     assert!(clock.now_ms() > START_MS + DEFAULT_LEASE_TTL_MS, "the lease of begin has expired");
                 }
-                Kind::Other => return,
+                Kind::Confirmation | Kind::Other => return,
             }
             // A rival worker on the same clock tries to take the actor over.
             let rival = migrator_on(store.clone(), clock.clone(), "rival").migrate(&req(&a)).await;

@@ -11,6 +11,10 @@
 //! after a commit that marks the actor migrated the wrapper reads v1 back (ferry's own v1
 //! reader) while still holding it. v2 is compared with that, never with "v1 now".
 
+mod common;
+
+use common::{Kind, kind_of};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -693,32 +697,6 @@ async fn staged_actor_rewritten_during_staged_migrations_never_commits_a_stale_c
 // ---------------------------------------------------------------------------------------------
 // Deterministic: chunks rewritten between the transactions of one staged migration
 // ---------------------------------------------------------------------------------------------
-
-/// What a migration's commit is, recognised from its shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Begin,
-    Stage,
-    Finalize,
-    /// Anything else (clearing an abandoned stage).
-    Other,
-}
-
-fn kind_of(txn: &Txn) -> Kind {
-    let sets_meta = txn
-        .mutations
-        .iter()
-        .any(|m| matches!(m, Mutation::Set { key, .. } if key.starts_with(V2_PREFIX) && key.ends_with(b"/META")));
-    if txn.checks.iter().any(|c| matches!(c, Check::RangeDigest { .. })) {
-        Kind::Finalize
-    } else if writes_delta(txn) {
-        Kind::Stage
-    } else if sets_meta {
-        Kind::Begin
-    } else {
-        Kind::Other
-    }
-}
 
 /// A hook that runs to completion before the `nth` (from 0) commit of a kind.
 type Armed = (Kind, usize, BoxFuture<'static, Result<()>>);
