@@ -177,7 +177,7 @@ async fn run_actor(runner: Arc<JobRunner>, job: Job) -> Finished {
     let mut attempts = 1;
     loop {
         match runner.run_job(&job, attempts).await {
-            Disposition::Retry { delay, error } => {
+            Disposition::Retry { delay, error, .. } => {
                 warn!(actor = %job.actor_id, attempts, %error, "retrying");
                 tokio::time::sleep(delay).await;
                 attempts += 1;
@@ -214,6 +214,8 @@ pub async fn run_local(cfg: LocalConfig, shutdown: impl Future<Output = ()>) -> 
         retry: cfg.retry.clone(),
         sink: DeadLetterSink::Store,
         budget: MemoryBudget::new(cfg.memory_budget),
+        // Its jobs come from scanning this very store: there is no other store to be pointed at.
+        gate: None,
     });
     let progress = Progress::new("migrating", None);
     let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));

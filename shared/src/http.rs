@@ -37,18 +37,39 @@ pub fn install_metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Readiness as the consumer loop reports it.
+/// Readiness: consuming from the broker (as the consumer loop reports it) and not misdirected
+/// (the jobs delivered name campaigns this worker's store holds; see
+/// [`CampaignGate`](crate::jobs::gate::CampaignGate)).
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    consuming: Arc<AtomicBool>,
+    misdirected: Arc<AtomicBool>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.consuming.store(ready, Ordering::SeqCst);
         metrics::gauge!(crate::metrics::CONSUMING).set(if ready { 1.0 } else { 0.0 });
     }
 
+    /// Jobs name campaigns the store does not have: the worker is pointed at the wrong store.
+    pub fn set_misdirected(&self, misdirected: bool) {
+        self.misdirected.store(misdirected, Ordering::SeqCst);
+    }
+
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.consuming.load(Ordering::SeqCst) && !self.misdirected.load(Ordering::SeqCst)
+    }
+
+    /// Why the worker is not ready, for `/readyz`.
+    fn why_not(&self) -> Option<&'static str> {
+        if self.misdirected.load(Ordering::SeqCst) {
+            Some("not ready: jobs name campaigns this worker's store has no record of (wrong --store?)")
+        } else if !self.consuming.load(Ordering::SeqCst) {
+            Some("not ready: not consuming")
+        } else {
+            None
+        }
     }
 }
 
@@ -64,10 +85,9 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || {
-                let status = if ready.get() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                let status = match ready.why_not() {
+                    None => (StatusCode::OK, "ready"),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 };
                 std::future::ready(status)
             }),

@@ -339,6 +339,7 @@ async fn requeue_embedded(
         retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
         sink: DeadLetterSink::Store,
         budget: MemoryBudget::new(1 << 30),
+        gate: None,
     };
     let mut out = Requeued::default();
     for (raw, d) in embedded_letters(store).await? {

@@ -589,6 +589,8 @@ async fn migrate_while_the_writer_rewrites(backend: Backend, sc: Scenario) -> Re
                     }
                     // Dead-lettered; an operator requeues it as a new job.
                     Fate::DeadLetter(_) => 1,
+                    // Deferred jobs come only from a fleet worker's campaign gate, not here.
+                    Fate::Defer => unreachable!("a migration is never deferred: {err}"),
                 };
             }
         }

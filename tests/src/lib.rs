@@ -373,17 +373,28 @@ impl WorkerSpec {
     }
 }
 
-/// Fetches `/metrics` from a worker.
-pub async fn scrape(addr: SocketAddr) -> Result<String> {
+/// `GET path` from a worker's HTTP endpoint: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw).context("metrics are not UTF-8")?;
+    let text = String::from_utf8(raw).with_context(|| format!("{path} is not UTF-8"))?;
     let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("not an HTTP response: {text}"))?;
-    ensure!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "GET /metrics: {head}");
-    Ok(body.to_string())
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("GET {path}: no status in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Fetches `/metrics` from a worker.
+pub async fn scrape(addr: SocketAddr) -> Result<String> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    ensure!(status == 200, "GET /metrics: {status}");
+    Ok(body)
 }
 
 /// The value of one sample (`name{labels}`, labels exactly as rendered, e.g.
@@ -483,6 +494,24 @@ pub fn enqueue(store: &str, topology: &Topology, campaign: &str, extra: &[&str])
 
 // ---------------------------------------------------------------------------------------------
 // Store readers
+
+/// Records a campaign in `store` as `ferry-producer enqueue` does before its first publish, for
+/// tests that publish jobs themselves: a worker runs only jobs whose campaign its store knows.
+pub async fn register_campaign(store: &DynStore, name: &str) -> Result<()> {
+    let now = ferry::clock::Clock::now_ms(&ferry::clock::SystemClock);
+    let record = ferry::campaign::CampaignRecord {
+        name: name.to_string(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        filters: ferry::campaign::CampaignFilters::default(),
+        status: ferry::campaign::CampaignStatus::Enqueued,
+        checkpoint: None,
+        ids_done: 0,
+        published: 0,
+        skipped: 0,
+    };
+    ferry::campaign::save(&**store, &record).await.with_context(|| format!("registering campaign {name}"))
+}
 
 /// Every audit record, by actor id.
 pub async fn audits(store: &DynStore) -> Result<BTreeMap<String, AuditRecord>> {

@@ -32,8 +32,8 @@ use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry_tests::{
     Broker, Message, Proc, Seed, WorkerSpec, audit_count, audits, bin, bounded, close_connection, connections_named,
-    delta_txids, enqueue, enqueue_command, enqueued, leases, run_json, sample, scrape, v2_head, wait_until,
-    wait_until_every,
+    delta_txids, enqueue, enqueue_command, enqueued, leases, register_campaign, run_json, sample, scrape, v2_head,
+    wait_until, wait_until_every,
 };
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 
@@ -380,6 +380,7 @@ async fn duplicates(backend: Backend) -> Result<()> {
     assert!(v1.main.len() >= 2 << 20, "the duplicated actor is large: {} bytes", v1.main.len());
 
     let campaign = "dup-campaign";
+    register_campaign(&store, campaign).await?;
     let copies = 6;
     let job = Job::new(campaign, actor.clone(), now_ms(), None);
     for _ in 0..copies {

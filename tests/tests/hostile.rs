@@ -20,7 +20,7 @@ use ferry::store::{DynStore, KeyRange, KeyValue, for_each_row};
 use ferry::testing::{Backend, TestStore};
 use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::{Origin, read_v2};
-use ferry_tests::{Broker, Message, Seed, WorkerSpec, audits, bin, bounded, wait_until};
+use ferry_tests::{Broker, Message, Seed, WorkerSpec, audits, bin, bounded, register_campaign, wait_until};
 
 /// Every test finishes well within this, or fails (its processes killed, its queues deleted).
 const LIMIT: Duration = Duration::from_secs(55);
@@ -131,6 +131,7 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         seed.run(&ts.url)?;
         let plan = seed.plan();
         let good = plan[0].0.clone();
+        register_campaign(&store, CAMPAIGN).await?;
         let before = whole(&store).await?;
         ensure!(before.iter().any(|(k, _)| k.starts_with(b"v1/")), "the seed planted v1 data");
 

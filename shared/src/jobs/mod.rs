@@ -2,9 +2,11 @@
 //! disposition.
 
 pub mod dead;
+pub mod gate;
 pub mod message;
 pub mod run;
 
 pub use self::dead::DeadLetter;
+pub use self::gate::CampaignGate;
 pub use self::message::{BadMessage, Job};
 pub use self::run::{DeadLetterSink, Disposition, JobRunner, RetryPolicy};

@@ -6,6 +6,7 @@
 //! dead letter's audit record (and, embedded, its `ferry/dead/` record) is durable before the
 //! disposition is returned; a job's fate is decided by [`Cause::fate`], never by error text.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
@@ -14,13 +15,14 @@ use tracing::{info, warn};
 use crate::budget::MemoryBudget;
 use crate::keys;
 use crate::metrics as m;
-use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Request};
+use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request};
 use crate::reason::DeadLetterReason;
 use crate::store::Txn;
 use crate::v1::FileTag;
 use crate::v1::keys::{decode_meta, meta_key};
 
 use super::dead::{DeadLetter, kept_body};
+use super::gate::{Admission, CampaignGate};
 use super::message::{BadMessage, Job, MAX_MESSAGE_BYTES};
 
 /// How transient failures are retried.
@@ -66,8 +68,9 @@ pub enum DeadLetterSink {
 pub enum Disposition {
     /// Done (migrated or skipped); the audit record is durable.
     Ack(Outcome),
-    /// A transient failure: try again after `delay`.
-    Retry { delay: Duration, error: String },
+    /// A transient failure: try again after `delay`. `uses_attempt` is false when the job was
+    /// deferred ([`Fate::Defer`]): its attempt does not count toward the retry budget.
+    Retry { delay: Duration, error: String, uses_attempt: bool },
     /// Permanent (or out of retries): the dead letter to keep.
     DeadLetter(DeadLetter),
 }
@@ -79,6 +82,8 @@ pub struct JobRunner {
     pub retry: RetryPolicy,
     pub sink: DeadLetterSink,
     pub budget: MemoryBudget,
+    /// Fleet mode: jobs run only when the store holds their campaign's record.
+    pub gate: Option<Arc<CampaignGate>>,
 }
 
 impl JobRunner {
@@ -91,6 +96,9 @@ impl JobRunner {
     }
 
     pub async fn run_job(&self, job: &Job, attempts: u32) -> Disposition {
+        if let Err(e) = self.admit(job).await {
+            return self.failed(job, e, attempts).await;
+        }
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
         let _reservation = self.budget.reserve(self.footprint(job).await).await;
@@ -110,6 +118,20 @@ impl JobRunner {
         }
     }
 
+    /// Passes the campaign gate, if there is one.
+    async fn admit(&self, job: &Job) -> Result<(), MigrateError> {
+        let Some(gate) = &self.gate else { return Ok(()) };
+        let store = self.migrator.store();
+        let cause = match gate.admit(&**store, &job.campaign).await {
+            Ok(Admission::Known) => return Ok(()),
+            Ok(Admission::Unknown) => {
+                Cause::UnknownCampaign { campaign: job.campaign.clone(), store: store.describe() }
+            }
+            Err(e) => Cause::Store(e),
+        };
+        Err(MigrateError { actor: job.actor_id.clone(), phase: Phase::Inspect, cause, files: None })
+    }
+
     /// The bytes this job will hold: its main file (and sidecar, under a recovery).
     async fn footprint(&self, job: &Job) -> u64 {
         let store = self.migrator.store();
@@ -126,12 +148,19 @@ impl JobRunner {
     async fn failed(&self, job: &Job, e: MigrateError, attempts: u32) -> Disposition {
         metrics::counter!(m::FAILURES, "phase" => e.phase.as_str(), "kind" => e.cause.kind()).increment(1);
         let reason = match e.fate() {
+            Fate::Defer => {
+                warn!(actor = %job.actor_id, campaign = %job.campaign, store = %self.migrator.store().describe(),
+                      error = %e, "job handed back: its campaign is not in this worker's store");
+                // The longest delay of the policy: a misdirected worker must not spin on the jobs
+                // it hands back.
+                return Disposition::Retry { delay: self.retry.max_delay, error: e.to_string(), uses_attempt: false };
+            }
             Fate::DeadLetter(reason) => reason,
             Fate::Retry if attempts < self.retry.max_attempts => {
                 let delay = self.retry.delay(attempts);
                 metrics::counter!(m::RETRIES).increment(1);
                 info!(actor = %job.actor_id, attempts, ?delay, error = %e, "transient failure; retrying later");
-                return Disposition::Retry { delay, error: e.to_string() };
+                return Disposition::Retry { delay, error: e.to_string(), uses_attempt: true };
             }
             Fate::Retry => DeadLetterReason::RetriesExhausted,
         };
@@ -159,7 +188,11 @@ impl JobRunner {
             }
             Err(err) => {
                 let delay = self.retry.delay(attempts);
-                return Disposition::Retry { delay, error: format!("recording dead letter: {err}") };
+                return Disposition::Retry {
+                    delay,
+                    error: format!("recording dead letter: {err}"),
+                    uses_attempt: true,
+                };
             }
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);

@@ -47,6 +47,10 @@ pub enum Fate {
     Retry,
     /// Permanent: dead-letter with this reason.
     DeadLetter(DeadLetterReason),
+    /// The job is sound but this worker cannot judge it (its store does not know the job's
+    /// campaign): hand it back for later without using an attempt, so a misdirected worker
+    /// can neither ack nor exhaust it.
+    Defer,
 }
 
 /// The cause of a failed migration.
@@ -66,6 +70,11 @@ pub enum Cause {
     Store(#[from] StoreError),
     #[error("internal: {0}")]
     Internal(String),
+    #[error(
+        "campaign {campaign} has no record in this worker's store {store}: is the worker pointed at the \
+         campaign's store? (handed back for later, no attempt used)"
+    )]
+    UnknownCampaign { campaign: String, store: String },
 }
 
 impl Cause {
@@ -79,6 +88,7 @@ impl Cause {
             Cause::Fenced => Fate::Retry,
             Cause::Store(_) => Fate::Retry,
             Cause::Internal(_) => Fate::Retry,
+            Cause::UnknownCampaign { .. } => Fate::Defer,
         }
     }
 
@@ -92,6 +102,7 @@ impl Cause {
             Cause::Fenced => "fenced",
             Cause::Store(_) => "store_unavailable",
             Cause::Internal(_) => "internal",
+            Cause::UnknownCampaign { .. } => "unknown_campaign",
         }
     }
 }
@@ -131,5 +142,7 @@ mod tests {
         ] {
             assert_eq!(transient.fate(), Fate::Retry, "{transient}");
         }
+        let misdirected = Cause::UnknownCampaign { campaign: "nov".into(), store: "sqlite:x.db".into() };
+        assert_eq!(misdirected.fate(), Fate::Defer);
     }
 }

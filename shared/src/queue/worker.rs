@@ -251,7 +251,11 @@ async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topol
     };
     let settled = match disposition {
         Disposition::Ack(_) => Ok(()),
-        Disposition::Retry { delay, error } => retry(&delivery, publish, topology, attempts, delay, &error).await,
+        Disposition::Retry { delay, error, uses_attempt } => {
+            // A deferred job goes back with the attempts it came with.
+            let counted = if uses_attempt { attempts } else { attempts - 1 };
+            retry(&delivery, publish, topology, counted, delay, &error).await
+        }
         Disposition::DeadLetter(dead) => dead_letter(&delivery, publish, topology, &dead).await,
     };
     let result = match settled {
@@ -357,6 +361,7 @@ pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result
         retry: cfg.retry,
         sink: crate::jobs::DeadLetterSink::Broker,
         budget: crate::budget::MemoryBudget::new(cfg.memory_budget),
+        gate: Some(Arc::new(crate::jobs::CampaignGate::new(ready.clone()))),
     };
     let result = run_worker(cfg.worker, runner, ready, shutdown).await;
     if let Some(task) = http {
