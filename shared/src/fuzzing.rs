@@ -21,7 +21,7 @@ use crate::v1::check::{self, MIN_HEADER_LEN, SQLITE_MAGIC};
 use crate::v1::keys::{self, CHUNK_SIZE, FileTag, META_LEN, META_VERSION, SQLITE_PREFIX, SqliteKey};
 use crate::v1::read::{self, ReadError, ReadOptions, V1Files};
 use crate::v1::reject::V1Rejection;
-use crate::v2::head::{DBHead, PAGE_SIZE};
+use crate::v2::head::{DBHead, LEGACY_HEAD_LEN, Origin, PAGE_SIZE};
 use crate::v2::ltx;
 
 /// The actor every v1 input is laid out under.
@@ -535,10 +535,17 @@ pub fn ltx_decode(data: &[u8]) {
 
 /// Fuzz target `head_decode`: a head that decodes has no trailing bytes, and re-encodes to
 /// a head that decodes equal, byte for byte the same but for the origin's varint (BARE
-/// decoders accept a non-minimal varint; the encoder writes the minimal one).
+/// decoders accept a non-minimal varint; the encoder writes the minimal one). A legacy head
+/// (the eleven fields before `origin`) decodes as native with its fields as written.
 pub fn head_decode(data: &[u8]) {
     let Ok(head) = DBHead::decode(data) else { return };
     let bytes = head.encode();
+    if data.len() == LEGACY_HEAD_LEN {
+        // A legacy head (no origin field) reads as native, with every other field as written.
+        assert_eq!(head.origin, Origin::Native, "a legacy head is native");
+        assert_eq!(data[..], bytes[..LEGACY_HEAD_LEN], "legacy fixed-width fields");
+        return;
+    }
     assert_eq!(DBHead::decode(&bytes).expect("an encoded head decodes"), head);
     // Every field is fixed-width but the origin, which is one varint byte when minimal.
     let fixed = bytes.len() - 1;

@@ -309,7 +309,7 @@ fn seeds_ltx() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn seeds_head() -> Vec<(&'static str, Vec<u8>)> {
-    let staging = DBHead::staging(1, 1, 4, 1_763_900_000_000);
+    let staging = DBHead::staging(1, 1, 1_763_900_000_000);
     let migrated = DBHead {
         head_txid: 1,
         materialized_txid: 1,

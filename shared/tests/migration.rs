@@ -29,7 +29,7 @@ use ferry::synth::{DbFiles, DbSpec, write_v1};
 use ferry::testing::{Backend, TestStore};
 use ferry::v1::keys::{CHUNK_SIZE, FileTag, META_VERSION, chunk_key, encode_meta, meta_key, sqlite_range};
 use ferry::v1::read::DEFAULT_MAX_SIZE;
-use ferry::v2::head::{MAX_STORAGE, PAGE_SIZE, SCHEMA_VERSION, SHARD_SIZE};
+use ferry::v2::head::{LEGACY_HEAD_LEN, MAX_STORAGE, PAGE_SIZE, SCHEMA_VERSION, SHARD_SIZE};
 use ferry::v2::keys as v2keys;
 use ferry::v2::{DBHead, Origin, ltx, read_v2};
 use ferry::{ActorId, DeadLetterReason, Recovery};
@@ -170,6 +170,10 @@ fn small_db(seed: u64) -> Vec<u8> {
 
 fn v2_prefix(actor: &ActorId) -> Vec<u8> {
     [V2_PREFIX, actor.as_bytes(), b"/"].concat()
+}
+
+fn v1_prefix(actor: &ActorId) -> Vec<u8> {
+    [V1_PREFIX, actor.as_bytes(), b"/"].concat()
 }
 
 async fn put_v1(env: &Env, actor: &ActorId, files: &DbFiles) {
@@ -378,7 +382,7 @@ async fn check_v2(env: &Env, actor: &ActorId, expected: &[u8]) -> DBHead {
     assert_eq!(head.next_txid, head.head_txid + 1);
     assert!(!head.stage_in_progress());
     let blob: Vec<u8> = delta.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-    assert_eq!(head.sqlite_storage_used, blob.len() as u64, "storage used is the DELTA bytes");
+    assert_eq!(head.sqlite_storage_used, tracked_storage(store, actor).await, "rivet's quota rule");
     let decoded = ltx::decode(&blob).expect("the DELTA rows are one valid LTX blob");
     assert_eq!(decoded.header.page_size, PAGE_SIZE);
     assert_eq!(decoded.header.commit, pages);
@@ -394,6 +398,17 @@ async fn check_v2(env: &Env, actor: &ActorId, expected: &[u8]) -> DBHead {
     assert!(snapshot(store, &v2keys::shard_prefix(actor)).await.is_empty(), "SHARD rows after a migration");
     assert_eq!(lease_of(store, actor).await, None, "the lease outlived the migration");
     head
+}
+
+/// `sqlite_storage_used` as rivet's quota counts it, from the rows themselves: key and value
+/// lengths of the actor's META, DELTA, PIDX and SHARD entries.
+async fn tracked_storage(store: &dyn Store, actor: &ActorId) -> u64 {
+    let meta = v2keys::meta(actor);
+    let mut used = (meta.len() + store.get(&meta).await.unwrap().expect("a head").len()) as u64;
+    for prefix in [v2keys::delta_prefix(actor), v2keys::pidx_prefix(actor), v2keys::shard_prefix(actor)] {
+        used += snapshot(store, &prefix).await.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+    }
+    used
 }
 
 /// Checks the audit record of a migrated (or since skipped) actor.
@@ -436,7 +451,8 @@ async fn assert_migrated(
     let head = check_v2(env, actor, expected).await;
     let audit = check_audit(env, actor, "migrated", expected, recovery, &head).await;
     assert_eq!(audit, serde_json::to_value(&outcome.audit).unwrap(), "returned audit vs stored audit");
-    assert_eq!(outcome.bytes_written, head.sqlite_storage_used);
+    let blob = ferry::v2::read::read_blob(&*env.store, actor, head.head_txid).await.unwrap();
+    assert_eq!(outcome.bytes_written, blob.len() as u64, "bytes written are the LTX blob's");
     if matches!(recovery, None | Some(Recovery::DiscardShm) | Some(Recovery::Force)) {
         // The main file migrated is v1's own.
         assert_eq!(audit["v1_bytes"], expected.len() as u64);
@@ -510,7 +526,7 @@ impl Store for HookStore {
 /// A stale MigratingFromV1 stage as a crashed worker leaves it: head at `generation`
 /// staging txid `txid`, junk DELTA, PIDX and SHARD rows.
 async fn plant_stale_stage(store: &dyn Store, actor: &ActorId, generation: u64, txid: u64) -> DBHead {
-    let head = DBHead::staging(generation, txid, 99, START_MS - 3_600_000);
+    let head = DBHead::staging(generation, txid, START_MS - 3_600_000);
     let mut txn = Txn::new();
     txn.set(v2keys::meta(actor), head.encode());
     for chunk in 0..3 {
@@ -787,12 +803,32 @@ async fn several_mib_database_is_staged_over_several_transactions_and_migrates_b
     put_v1(&env, &a, &main_only(main.clone())).await;
 
     let hooked = HookStore::new(env.store.clone());
+    // Before every stage and the finalize transaction: the staging head as the previous
+    // transaction left it.
+    let seen: Arc<Mutex<Vec<DBHead>>> = Arc::default();
+    let (inner, seen_by_hook, staged_actor) = (env.store.clone(), seen.clone(), a.clone());
+    hooked.on_commit(move |kind, _| {
+        if !matches!(kind, Kind::Stage | Kind::Finalize) {
+            return None;
+        }
+        let (store, seen, actor) = (inner.clone(), seen_by_hook.clone(), staged_actor.clone());
+        Some(Box::pin(async move {
+            let raw = store.get(&v2keys::meta(&actor)).await.unwrap().expect("a staging head");
+            let head = DBHead::decode(&raw).unwrap();
+            assert_eq!(head.sqlite_storage_used, tracked_storage(&*store, &actor).await, "quota while staging");
+            seen.lock().unwrap().push(head);
+        }))
+    });
     let migrator = migrator_on(hooked.clone(), env.clock.clone(), WORKER);
     let outcome = migrator.migrate(&req(&a)).await.expect("migrates");
     let (head, _) = assert_migrated(&env, &a, &outcome, &main, None).await;
     assert_eq!(item_count(&read_v2(&*env.store, &a).await.unwrap().file).unwrap(), i64::from(spec.rows));
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 2, "{} staging heads seen", seen.len());
+    assert!(seen.iter().all(|h| h.origin == Origin::MigratingFromV1 && h.db_size_pages == 0), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].sqlite_storage_used < w[1].sqlite_storage_used), "usage grows: {seen:?}");
 
-    assert!(head.sqlite_storage_used > STAGE_TXN_BYTES as u64, "{} DELTA bytes", head.sqlite_storage_used);
+    assert!(head.sqlite_storage_used > STAGE_TXN_BYTES as u64, "{} bytes used", head.sqlite_storage_used);
     let delta_rows = snapshot(&*env.store, &v2keys::delta_prefix(&a)).await.len();
     assert!(delta_rows > 1, "{delta_rows} DELTA rows");
     let log = hooked.log();
@@ -826,7 +862,6 @@ async fn nothing_marks_the_actor_migrated_before_finalize(backend: Backend) {
     let env = Env::new(backend).await;
     let a = actor("phases");
     let main = small_db(21);
-    let pages = (main.len() / 4096) as u32;
     put_v1(&env, &a, &main_only(main.clone())).await;
 
     let hooked = HookStore::new(env.store.clone());
@@ -845,7 +880,8 @@ async fn nothing_marks_the_actor_migrated_before_finalize(backend: Backend) {
             assert_eq!(head.generation, 1);
             assert_eq!(head.head_txid, 0);
             assert!(head.stage_in_progress());
-            assert_eq!(head.db_size_pages, pages);
+            assert_eq!(head.db_size_pages, 0, "a staging head has no pages yet (rivet's DBHead::new)");
+            assert_eq!(head.sqlite_storage_used, tracked_storage(&*store, &a).await, "quota while staging");
             assert_eq!(head.page_size, PAGE_SIZE);
             assert_eq!(head.creation_ts_ms, START_MS);
             let lease = lease_of(&*store, &a).await.expect("begin wrote the lease");
@@ -901,8 +937,6 @@ async fn actor_without_v1_sqlite_data_is_skipped_no_v1(backend: Backend) {
 
 async fn native_v2_head_wins_over_v1_and_is_left_unchanged(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("native");
-    put_v1(&env, &a, &main_only(small_db(22))).await;
     let native = DBHead {
         schema_version: SCHEMA_VERSION,
         generation: 7,
@@ -917,20 +951,26 @@ async fn native_v2_head_wins_over_v1_and_is_left_unchanged(backend: Backend) {
         sqlite_max_storage: MAX_STORAGE,
         origin: Origin::Native,
     };
-    let mut txn = Txn::new();
-    txn.set(v2keys::meta(&a), native.encode());
-    txn.set([v2keys::shard_prefix(&a), 0u32.to_be_bytes().to_vec()].concat(), b"native shard".to_vec());
-    txn.set(v2keys::pidx(&a, 1), 12u64.to_be_bytes().to_vec());
-    env.store.commit(txn).await.unwrap();
-    let v1_before = snapshot(&*env.store, V1_PREFIX).await;
-    let v2_before = snapshot(&*env.store, V2_PREFIX).await;
+    // A legacy head (the eleven fields rivet wrote before `origin` existed) is native too.
+    let legacy = native.encode()[..LEGACY_HEAD_LEN].to_vec();
+    for (id, meta) in [("native", native.encode()), ("legacy-native", legacy)] {
+        let a = actor(id);
+        put_v1(&env, &a, &main_only(small_db(22))).await;
+        let mut txn = Txn::new();
+        txn.set(v2keys::meta(&a), meta);
+        txn.set([v2keys::shard_prefix(&a), 0u32.to_be_bytes().to_vec()].concat(), b"native shard".to_vec());
+        txn.set(v2keys::pidx(&a, 1), 12u64.to_be_bytes().to_vec());
+        env.store.commit(txn).await.unwrap();
+        let v1_before = snapshot(&*env.store, &v1_prefix(&a)).await;
+        let v2_before = snapshot(&*env.store, &v2_prefix(&a)).await;
 
-    let outcome = env.migrator().migrate(&req(&a)).await.unwrap();
-    assert_eq!(outcome.kind(), OutcomeKind::SkippedNativeV2);
-    assert_same_rows(&v2_before, &snapshot(&*env.store, V2_PREFIX).await, "native v2");
-    assert_same_rows(&v1_before, &snapshot(&*env.store, V1_PREFIX).await, "v1");
-    assert_eq!(audit_of(&*env.store, &a).await.unwrap()["outcome"], "skipped_native_v2");
-    assert_eq!(lease_of(&*env.store, &a).await, None);
+        let outcome = env.migrator().migrate(&req(&a)).await.unwrap();
+        assert_eq!(outcome.kind(), OutcomeKind::SkippedNativeV2, "{id}");
+        assert_same_rows(&v2_before, &snapshot(&*env.store, &v2_prefix(&a)).await, id);
+        assert_same_rows(&v1_before, &snapshot(&*env.store, &v1_prefix(&a)).await, id);
+        assert_eq!(audit_of(&*env.store, &a).await.unwrap()["outcome"], "skipped_native_v2", "{id}");
+        assert_eq!(lease_of(&*env.store, &a).await, None, "{id}");
+    }
 }
 
 async fn migrating_twice_skips_already_migrated_and_keeps_the_migration_audit(backend: Backend) {
@@ -1004,14 +1044,15 @@ async fn skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it(
 
 async fn unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is(backend: Backend) {
     let env = Env::new(backend).await;
-    let valid = DBHead::staging(1, 1, 1, START_MS).encode();
+    let valid = DBHead::staging(1, 1, START_MS).encode();
     let mut padded = valid.clone();
     padded.push(0);
     let mut bad_origin = valid.clone();
     *bad_origin.last_mut().unwrap() = 9;
     let cases = [
         ("garbage", b"\x00 this is not a BARE DBHead \xff".to_vec()),
-        ("truncated", valid[..valid.len() - 1].to_vec()),
+        // Two bytes short: one short is a legacy head (native), not a corrupt one.
+        ("truncated", valid[..valid.len() - 2].to_vec()),
         ("padded", padded),
         ("bad-origin", bad_origin),
         ("empty-meta", Vec::new()),

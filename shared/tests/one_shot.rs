@@ -118,7 +118,7 @@ async fn v1_rewritten_before_the_commit_is_v1_changed_and_nothing_commits(backen
 async fn stale_stage_is_taken_over_in_one_transaction(backend: Backend) {
     let (ts, actor, main) = seeded(backend, "stale").await;
     let clock = ManualClock::new(START_MS);
-    let stale = DBHead::staging(4, 9, 3, START_MS - 1000);
+    let stale = DBHead::staging(4, 9, START_MS - 1000);
     let lease = Lease { holder: "dead#1".into(), generation: 4, expires_at_ms: START_MS - 1 };
     let mut t = Txn::new();
     t.set(ferry::v2::keys::meta(&actor), stale.encode());
@@ -139,7 +139,7 @@ async fn stale_stage_is_taken_over_in_one_transaction(backend: Backend) {
 async fn live_lease_of_another_holder_is_in_progress_elsewhere(backend: Backend) {
     let (ts, actor, _) = seeded(backend, "live").await;
     let mut t = Txn::new();
-    t.set(ferry::v2::keys::meta(&actor), DBHead::staging(1, 1, 3, START_MS).encode());
+    t.set(ferry::v2::keys::meta(&actor), DBHead::staging(1, 1, START_MS).encode());
     t.set(
         keys::lease(&actor),
         Lease { holder: "other#1".into(), generation: 1, expires_at_ms: START_MS + 60_000 }.encode(),

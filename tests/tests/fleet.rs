@@ -967,7 +967,7 @@ async fn transient_failure_past_its_retry_budget_is_dead_lettered_retries_exhaus
         // The first actor in scan order is being migrated by another holder whose lease never
         // runs out: every attempt is `in_progress_elsewhere`.
         let blocked = plan[0].0.clone();
-        let head = DBHead::staging(1, 1, 1, now_ms()).encode();
+        let head = DBHead::staging(1, 1, now_ms()).encode();
         let lease =
             Lease { holder: "elsewhere#0000000000000001".into(), generation: 1, expires_at_ms: now_ms() + 3_600_000 }
                 .encode();

@@ -35,6 +35,7 @@ use crate::store::{DynStore, StoreError, Txn};
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
 use crate::v2::keys as v2keys;
+use crate::v2::quota;
 
 pub use self::audit::{AuditRecord, OutcomeKind};
 pub use self::error::{Cause, Fate, MigrateError, Phase};
@@ -328,13 +329,14 @@ impl Migrator {
         pages: u32,
         started: i64,
     ) -> Result<Staging, StoreError> {
-        let head = DBHead::staging(generation, txid, pages, started);
+        // Nothing of the actor's v2 is left but the head: the usage is META's own.
+        let (head, head_raw) = quota::with_usage(actor, &DBHead::staging(generation, txid, started), 0);
         let lease = Lease {
             holder: format!("{}#{:016x}", self.cfg.worker_id, rand::random::<u64>()),
             generation,
             expires_at_ms: self.clock.now_ms() + self.cfg.lease_ttl_ms,
         };
-        let (head_raw, new_lease_raw) = (head.encode(), lease.encode());
+        let new_lease_raw = lease.encode();
         let mut txn = Txn::new();
         txn.check_value(v2keys::meta(actor), previous_raw.map(<[u8]>::to_vec));
         txn.check_value(keys::lease(actor), lease_raw.map(<[u8]>::to_vec));
@@ -347,7 +349,16 @@ impl Migrator {
         txn.set(keys::lease(actor), new_lease_raw.clone());
         self.store.commit(txn).await?;
         debug!(generation, txid, pages, "migration begun");
-        Ok(Staging { actor: actor.clone(), txid, head, head_raw, lease, lease_raw: new_lease_raw })
+        Ok(Staging {
+            actor: actor.clone(),
+            txid,
+            pages,
+            head,
+            head_raw,
+            lease,
+            lease_raw: new_lease_raw,
+            delta_usage: 0,
+        })
     }
 
     async fn stage_and_finalize(
@@ -392,10 +403,11 @@ impl Migrator {
             origin: Origin::MigratedFromV1,
             head_txid: staging.txid,
             next_txid: staging.txid + 1,
-            sqlite_storage_used: staged.storage_used,
+            db_size_pages: image.pages,
             ..staging.head.clone()
         };
-        txn.set(v2keys::meta(&req.actor), head.encode());
+        let usage = staging.delta_usage + quota::pidx_usage(&req.actor, image.pages);
+        txn.set(v2keys::meta(&req.actor), quota::with_usage(&req.actor, &head, usage).1);
         txn.set(keys::audit(&req.actor), audit.encode());
         txn.clear(keys::lease(&req.actor));
         match self.store.commit(txn).await {
@@ -408,8 +420,8 @@ impl Migrator {
             Err(e) => return Err(self.abandon(&staging, Phase::Finalize, e.into()).await),
         }
         timings.finalize = finalize_started.elapsed();
-        record_success(started, self.clock.now_ms(), image.pages, staged.main.len() as u64, staged.storage_used);
-        Ok(Outcome { audit, bytes_written: staged.storage_used, timings })
+        record_success(started, self.clock.now_ms(), image.pages, staged.main.len() as u64, staged.delta_bytes);
+        Ok(Outcome { audit, bytes_written: staged.delta_bytes, timings })
     }
 
     fn migrated_audit(
@@ -466,9 +478,10 @@ impl Migrator {
             origin: Origin::MigratedFromV1,
             head_txid: txid,
             next_txid: txid + 1,
-            sqlite_storage_used: blob.len() as u64,
-            ..DBHead::staging(generation, txid, pages, started)
+            db_size_pages: pages,
+            ..DBHead::staging(generation, txid, started)
         };
+        let mut usage = quota::pidx_usage(actor, pages);
         let audit = self.migrated_audit(req, &image, image.main.len() as u64, checksum, generation, started);
         let mut txn = Txn::new();
         txn.check_value(v2keys::meta(actor), prev.head_raw.map(<[u8]>::to_vec));
@@ -481,13 +494,15 @@ impl Migrator {
         }
         for (i, slice) in blob.chunks(stage::DELTA_CHUNK_SIZE).enumerate() {
             // A one-shot blob is a few MiB: a handful of slices.
-            txn.set(v2keys::delta_chunk(actor, txid, i as u32), slice.to_vec());
+            let key = v2keys::delta_chunk(actor, txid, i as u32);
+            usage += quota::entry_size(&key, slice);
+            txn.set(key, slice.to_vec());
         }
         let txid_bytes = txid.to_be_bytes();
         for pgno in 1..=pages {
             txn.set(v2keys::pidx(actor, pgno), txid_bytes.to_vec());
         }
-        txn.set(v2keys::meta(actor), head.encode());
+        txn.set(v2keys::meta(actor), quota::with_usage(actor, &head, usage).1);
         txn.set(keys::audit(actor), audit.encode());
         if prev.lease_raw.is_some() {
             txn.clear(keys::lease(actor));

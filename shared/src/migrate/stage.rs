@@ -15,6 +15,7 @@ use crate::store::{Store, StoreError, Txn};
 use crate::v2::head::{DBHead, PAGE_SIZE};
 use crate::v2::keys as v2keys;
 use crate::v2::ltx::{LtxEncoder, LtxHeader};
+use crate::v2::quota;
 
 use super::error::Cause;
 use super::lease::Lease;
@@ -30,10 +31,14 @@ pub const STAGE_TXN_BYTES: usize = 8 * 1024 * 1024;
 pub struct Staging {
     pub actor: ActorId,
     pub txid: u64,
+    /// Pages of the database being staged (the head says 0 until finalize).
+    pub pages: u32,
     pub head: DBHead,
     pub head_raw: Vec<u8>,
     pub lease: Lease,
     pub lease_raw: Vec<u8>,
+    /// Tracked storage of the DELTA rows committed so far (keys and values, quota rule).
+    pub delta_usage: u64,
 }
 
 impl Staging {
@@ -58,7 +63,8 @@ impl Staging {
 pub struct Staged {
     pub main: Vec<u8>,
     pub checksum: DatabaseChecksum,
-    pub storage_used: u64,
+    /// Bytes of the LTX blob written to DELTA values.
+    pub delta_bytes: u64,
     /// CPU time of the encoder (checksum and LZ4).
     pub encode_time: std::time::Duration,
     /// Time spent committing stage transactions.
@@ -131,7 +137,8 @@ fn take_full_chunks(out: &mut Vec<u8>) -> Batch {
     batch
 }
 
-/// Streams the blob into DELTA rows. Each transaction is fenced and renews the lease.
+/// Streams the blob into DELTA rows. Each transaction is fenced, renews the lease, and rewrites
+/// the head with the storage used so far (the quota stays true at every step).
 pub async fn stage(
     store: &dyn Store,
     staging: &mut Staging,
@@ -142,7 +149,7 @@ pub async fn stage(
 ) -> Result<Staged, Cause> {
     let header = LtxHeader {
         page_size: PAGE_SIZE,
-        commit: staging.head.db_size_pages,
+        commit: staging.pages,
         min_txid: staging.txid,
         max_txid: staging.txid,
         timestamp_ms,
@@ -150,17 +157,22 @@ pub async fn stage(
     let (tx, mut rx) = mpsc::channel::<Batch>(1);
     let encoder = spawn_encoder(main, header, tx);
     let mut next_chunk: u32 = 0;
-    let mut storage_used: u64 = 0;
+    let mut delta_bytes: u64 = 0;
     let mut failure = None;
     let mut write_time = std::time::Duration::ZERO;
     while let Some(batch) = rx.recv().await {
         let mut txn = Txn::new();
         staging.fence(&mut txn);
+        let mut usage = staging.delta_usage;
         for value in batch {
-            storage_used += value.len() as u64;
-            txn.set(v2keys::delta_chunk(&staging.actor, staging.txid, next_chunk), value);
+            let key = v2keys::delta_chunk(&staging.actor, staging.txid, next_chunk);
+            usage += quota::entry_size(&key, &value);
+            delta_bytes += value.len() as u64;
+            txn.set(key, value);
             next_chunk += 1;
         }
+        let (head, head_raw) = quota::with_usage(&staging.actor, &staging.head, usage);
+        txn.set(v2keys::meta(&staging.actor), head_raw.clone());
         let (lease, raw) = staging.renew(&mut txn, now(), lease_ttl_ms);
         let commit_started = std::time::Instant::now();
         let committed = store.commit(txn).await;
@@ -169,6 +181,7 @@ pub async fn stage(
             Ok(()) => {
                 staging.lease = lease;
                 staging.lease_raw = raw;
+                (staging.head, staging.head_raw, staging.delta_usage) = (head, head_raw, usage);
             }
             Err(StoreError::Conflict { .. }) => {
                 failure = Some(Cause::Fenced);
@@ -184,6 +197,6 @@ pub async fn stage(
     let (main, checksum, encode_time) = encoder.await.map_err(|e| Cause::Internal(format!("encoder task: {e}")))?;
     match failure {
         Some(cause) => Err(cause),
-        None => Ok(Staged { main, checksum, storage_used, encode_time, write_time }),
+        None => Ok(Staged { main, checksum, delta_bytes, encode_time, write_time }),
     }
 }

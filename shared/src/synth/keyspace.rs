@@ -368,7 +368,7 @@ async fn put_actor(
         }
         Case::Native => {
             put_files(w, id, files).await?;
-            let head = DBHead { origin: Origin::Native, head_txid: 1, next_txid: 2, ..DBHead::staging(1, 1, 0, 0) };
+            let head = DBHead { origin: Origin::Native, head_txid: 1, next_txid: 2, ..DBHead::staging(1, 1, 0) };
             w.set(crate::v2::keys::meta(id), head.encode()).await?;
         }
         _ => put_files(w, id, files).await?,

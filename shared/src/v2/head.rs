@@ -57,15 +57,17 @@ pub struct DBHead {
 pub struct CorruptHead(pub String);
 
 impl DBHead {
-    /// A head for a migration that is staging `txid` at `generation`.
-    pub fn staging(generation: u64, txid: u64, db_size_pages: u32, creation_ts_ms: i64) -> DBHead {
+    /// A head for a migration that is staging `txid` at `generation`. Its `db_size_pages` is 0
+    /// until finalize, as rivet's `DBHead::new` has it: a reader that takes over a staging head
+    /// must not serve pages that are not committed.
+    pub fn staging(generation: u64, txid: u64, creation_ts_ms: i64) -> DBHead {
         DBHead {
             schema_version: SCHEMA_VERSION,
             generation,
             head_txid: 0,
             next_txid: txid + 1,
             materialized_txid: 0,
-            db_size_pages,
+            db_size_pages: 0,
             page_size: PAGE_SIZE,
             shard_size: SHARD_SIZE,
             creation_ts_ms,
@@ -90,19 +92,81 @@ impl DBHead {
         serde_bare::to_vec(self).expect("DBHead always encodes")
     }
 
+    /// Decodes a head. A legacy head of the eleven fields before `origin` existed is a native
+    /// head, as rivet's `decode_db_head` reads it.
     pub fn decode(bytes: &[u8]) -> Result<DBHead, CorruptHead> {
-        let mut reader = bytes;
-        let head: DBHead = serde_bare::from_reader(&mut reader).map_err(|e| CorruptHead(e.to_string()))?;
-        if !reader.is_empty() {
-            return Err(CorruptHead(format!("{} trailing bytes", reader.len())));
+        match decode_exact::<DBHead>(bytes) {
+            Ok(head) => Ok(head),
+            Err(e) => match decode_exact::<LegacyHead>(bytes) {
+                Ok(legacy) => Ok(legacy.into()),
+                Err(_) => Err(e),
+            },
         }
-        Ok(head)
+    }
+}
+
+/// Decodes `T` from all of `bytes` (trailing bytes are corruption).
+fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CorruptHead> {
+    let mut reader = bytes;
+    let value: T = serde_bare::from_reader(&mut reader).map_err(|e| CorruptHead(e.to_string()))?;
+    if !reader.is_empty() {
+        return Err(CorruptHead(format!("{} trailing bytes", reader.len())));
+    }
+    Ok(value)
+}
+
+/// Encoded length of a [`LegacyHead`]: eleven fixed-width fields.
+pub const LEGACY_HEAD_LEN: usize = 72;
+
+/// The head rivet wrote before the `origin` field existed: every such database is native.
+#[derive(Deserialize)]
+struct LegacyHead {
+    schema_version: u32,
+    generation: u64,
+    head_txid: u64,
+    next_txid: u64,
+    materialized_txid: u64,
+    db_size_pages: u32,
+    page_size: u32,
+    shard_size: u32,
+    creation_ts_ms: i64,
+    sqlite_storage_used: u64,
+    sqlite_max_storage: u64,
+}
+
+impl From<LegacyHead> for DBHead {
+    fn from(h: LegacyHead) -> DBHead {
+        DBHead {
+            schema_version: h.schema_version,
+            generation: h.generation,
+            head_txid: h.head_txid,
+            next_txid: h.next_txid,
+            materialized_txid: h.materialized_txid,
+            db_size_pages: h.db_size_pages,
+            page_size: h.page_size,
+            shard_size: h.shard_size,
+            creation_ts_ms: h.creation_ts_ms,
+            sqlite_storage_used: h.sqlite_storage_used,
+            sqlite_max_storage: h.sqlite_max_storage,
+            origin: Origin::Native,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_head_without_origin_decodes_as_native() {
+        let head = DBHead { db_size_pages: 5, head_txid: 3, next_txid: 4, ..DBHead::staging(2, 3, 77) };
+        let full = head.encode();
+        let legacy = &full[..full.len() - 1];
+        assert_eq!(legacy.len(), LEGACY_HEAD_LEN);
+        let decoded = DBHead::decode(legacy).expect("a legacy head decodes");
+        assert_eq!(decoded, DBHead { origin: Origin::Native, ..head });
+        assert!(DBHead::decode(&legacy[..LEGACY_HEAD_LEN - 1]).is_err(), "a short head is corrupt");
+    }
 
     #[test]
     fn head_encodes_as_fixed_width_little_endian_with_varint_origin() {
@@ -139,8 +203,9 @@ mod tests {
 
     #[test]
     fn truncated_or_padded_heads_are_corrupt() {
-        let bytes = DBHead::staging(1, 1, 0, 0).encode();
-        assert!(DBHead::decode(&bytes[..bytes.len() - 1]).is_err());
+        let bytes = DBHead::staging(1, 1, 0).encode();
+        // One byte short of a legacy head (one short of the full head is a legacy head).
+        assert!(DBHead::decode(&bytes[..bytes.len() - 2]).is_err());
         let mut padded = bytes.clone();
         padded.push(0);
         assert!(DBHead::decode(&padded).is_err());

@@ -5,6 +5,7 @@
 pub mod head;
 pub mod keys;
 pub mod ltx;
+pub mod quota;
 pub mod read;
 
 pub use self::head::{DBHead, Origin};
