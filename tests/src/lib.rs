@@ -48,6 +48,19 @@ pub fn bin(name: &str) -> PathBuf {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "--manifest-path", manifest]);
+        // The variables cargo sets for this test process (package name, manifest dir, ...)
+        // are inputs of some build scripts (ring's): passed on, they would make this build and
+        // the next plain `cargo build` rebuild those crates for each other.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_CRATE_")
+                || name.starts_with("CARGO_BIN_")
+                || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&&*name)
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
