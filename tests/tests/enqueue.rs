@@ -236,7 +236,7 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
         let app = unique_name("enqfaults");
         let url = format!("{}&application_name={app}", ts.url);
         let campaign = "through-faults";
-        let cmd = enqueue_command(&url, &broker.topology, campaign, &["--rate", "250"]);
+        let cmd = enqueue_command(&url, &broker.topology, campaign, &["--rate", "200"]);
         let mut p = Proc::spawn("producer", cmd, logs.path())?;
         let (store, work) = (ts.store(), broker.topology.work_queue());
         let (store_ref, broker_ref, work_ref) = (&store, &broker, work.as_str());
@@ -245,15 +245,16 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
             Ok(rec.is_some_and(|r| r.published >= at_least))
         };
 
-        wait_until(Duration::from_secs(20), "a first checkpoint", || checkpointed(250)).await?;
+        // rabbitmqctl takes seconds: find the connection first, close it once jobs are flowing.
         let pids = producer_connection(campaign).await?;
+        wait_until(Duration::from_secs(20), "a first checkpoint", || checkpointed(200)).await?;
         for pid in &pids {
             close_connection(pid, "ferry test: the producer loses its broker connection")?;
         }
         let at_close = campaign::load(&*store, campaign).await?.context("campaign record")?.published;
         eprintln!("closed the producer's broker connection at {at_close} confirmed jobs");
         wait_until(Duration::from_secs(30), "the producer reconnects and checkpoints again", || {
-            checkpointed(at_close + 250)
+            checkpointed(at_close + 200)
         })
         .await?;
         ensure!(p.running(), "the producer exited after losing its broker connection:\n{}", p.log_tail());
@@ -294,6 +295,7 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
         let _ = work_ref;
 
         let warned = retries(&log);
+        eprintln!("{}", warned.join("\n"));
         ensure!(warned.len() >= 2, "expected a retry for each fault, logged:\n{log}");
         ensure!(warned.iter().any(|l| l.contains("amqp://guest:***@")), "no retry names the broker:\n{log}");
         ensure!(warned.iter().any(|l| l.contains("postgres://")), "no retry names the store:\n{log}");

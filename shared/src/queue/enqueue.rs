@@ -451,50 +451,63 @@ impl Checkpointer {
 /// Pending confirms, oldest first, each with the resume point it makes safe. Skipped actors
 /// ride along with no confirm (and their kind), so the checkpoint never passes an
 /// unconfirmed job.
-type Pending = VecDeque<(Result<PublisherConfirm, SkipKind>, Resume)>;
+type Pending = VecDeque<(Awaited, Resume)>;
+
+/// What an entry of [`Pending`] waits for.
+enum Awaited {
+    Confirm(PublisherConfirm),
+    Skip(SkipKind),
+}
+
+/// How an entry of [`Pending`] settled.
+enum Settled {
+    /// The broker's answer: acked (or nacked).
+    Confirmed {
+        ack: bool,
+    },
+    Skipped(SkipKind),
+}
 
 async fn settle_oldest(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
     let Some((confirm, resume)) = pending.pop_front() else { return Ok(()) };
-    let confirmation = match confirm {
-        Ok(confirm) => Ok(tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??),
-        Err(kind) => Err(kind),
+    let settled = match confirm {
+        Awaited::Confirm(confirm) => Settled::Confirmed {
+            ack: tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
+                .await
+                .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??
+                .is_ack(),
+        },
+        Awaited::Skip(kind) => Settled::Skipped(kind),
     };
-    record_settled(cp, confirmation, &resume, queue)
+    record_settled(cp, settled, &resume, queue)
 }
 
 /// Settles the confirms that have already arrived, without waiting, so the checkpoint keeps
 /// up with a slow (rate-limited) run.
 fn settle_ready(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
     while let Some((confirm, _)) = pending.front_mut() {
-        let confirmation = match confirm {
-            Ok(c) => match c.now_or_never() {
-                Some(result) => Ok(result?),
+        let settled = match confirm {
+            Awaited::Confirm(c) => match c.now_or_never() {
+                Some(result) => Settled::Confirmed { ack: result?.is_ack() },
                 None => return Ok(()),
             },
-            Err(kind) => Err(*kind),
+            Awaited::Skip(kind) => Settled::Skipped(*kind),
         };
         // The front entry exists: it was just inspected.
         let (_, resume) = pending.pop_front().expect("front entry");
-        record_settled(cp, confirmation, &resume, queue)?;
+        record_settled(cp, settled, &resume, queue)?;
     }
     Ok(())
 }
 
-fn record_settled(
-    cp: &mut Checkpointer,
-    confirmation: Result<lapin::Confirmation, SkipKind>,
-    resume: &Resume,
-    queue: &str,
-) -> Result<(), EnqueueError> {
-    match confirmation {
-        Ok(c) if c.is_ack() => {
+fn record_settled(cp: &mut Checkpointer, settled: Settled, resume: &Resume, queue: &str) -> Result<(), EnqueueError> {
+    match settled {
+        Settled::Confirmed { ack: true } => {
             cp.record.published += 1;
             cp.settled.published += 1;
         }
-        Ok(_) => return Err(AmqpError::Nacked(queue.to_string()).into()),
-        Err(kind) => {
+        Settled::Confirmed { ack: false } => return Err(AmqpError::Nacked(queue.to_string()).into()),
+        Settled::Skipped(kind) => {
             cp.record.skipped += 1;
             cp.settled.skip(kind);
         }
@@ -539,9 +552,19 @@ async fn open_session(cfg: &EnqueueConfig) -> Result<Session, EnqueueError> {
     let (record, resumed) = open_campaign(&store, cfg).await?;
     // Named after the campaign, so an operator (or a test) can tell its connection apart.
     let conn = amqp::connect(&cfg.amqp_url, &producer_connection_name(&cfg.campaign)).await?;
-    let ch = amqp::confirm_channel(&conn).await?;
-    cfg.topology.declare(&ch).await?;
-    Ok(Session { store, conn, ch, record, resumed })
+    let ch = async {
+        let ch = amqp::confirm_channel(&conn).await?;
+        cfg.topology.declare(&ch).await?;
+        Ok::<_, EnqueueError>(ch)
+    };
+    match ch.await {
+        Ok(ch) => Ok(Session { store, conn, ch, record, resumed }),
+        Err(e) => {
+            // Not left open behind a retry.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "failed".into())).await;
+            Err(e)
+        }
+    }
 }
 
 /// Connections of the store pool: the scan, the classifications and the checkpoint share it.
@@ -604,7 +627,7 @@ impl Run<'_> {
                 },
             };
             match item {
-                Item::Skipped { kind, resume } => pending.push_back((Err(kind), resume)),
+                Item::Skipped { kind, resume } => pending.push_back((Awaited::Skip(kind), resume)),
                 Item::Publish { actor, resume } => {
                     if let Some(rate) = cfg.rate.filter(|r| *r > 0.0) {
                         let due = started + Duration::from_secs_f64(sent as f64 / rate);
@@ -627,7 +650,7 @@ impl Run<'_> {
                             props,
                         )
                         .await?;
-                    pending.push_back((Ok(confirm), resume));
+                    pending.push_back((Awaited::Confirm(confirm), resume));
                     sent += 1;
                     if let Some(p) = &self.progress {
                         p.inc(1);
@@ -764,4 +787,57 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
         jobs_per_second: totals.published as f64 / seconds.max(1e-9),
         completed: end == End::Completed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    use super::*;
+
+    fn broker(kind: AMQPErrorKind) -> EnqueueError {
+        EnqueueError::Broker(ErrorKind::ProtocolError(AMQPError::new(kind, "test".into())).into())
+    }
+
+    #[test]
+    fn outages_are_transient_and_refusals_are_not() {
+        let unavailable = StoreError::Unavailable { backend: "postgres", message: "connection closed".into() };
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let transient = [
+            EnqueueError::Store(unavailable),
+            EnqueueError::Broker(refused.into()),
+            EnqueueError::Broker(ErrorKind::MissingHeartbeatError.into()),
+            broker(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)),
+            EnqueueError::Amqp(AmqpError::Nacked("q".into())),
+            EnqueueError::Amqp(AmqpError::ConfirmTimeout("q".into())),
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+        let permanent = [
+            EnqueueError::BadCampaign("bad name".into()),
+            EnqueueError::FiltersChanged("c".into()),
+            EnqueueError::Store(StoreError::Failed { backend: "postgres", message: "permission denied".into() }),
+            EnqueueError::Store(StoreError::InvalidUrl("mysql://".into())),
+            EnqueueError::InvalidAmqpUrl("invalid port number".into()),
+            broker(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)),
+            broker(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)),
+            broker(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)),
+            EnqueueError::RetryBudgetSpent {
+                budget: Duration::from_secs(1),
+                last: Box::new(EnqueueError::Amqp(AmqpError::Nacked("q".into()))),
+            },
+        ];
+        for e in &permanent {
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_amqp_url_is_refused_before_any_connect() {
+        assert!(amqp::check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+        let reason = amqp::check_url("amqp://guest:secret@127.0.0.1:notaport/%2f").unwrap_err();
+        assert!(!reason.contains("secret"), "{reason}");
+    }
 }
