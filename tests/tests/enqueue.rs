@@ -8,7 +8,8 @@
 //! - the producer's broker connection closed and its PostgreSQL sessions terminated mid-run:
 //!   the same run reconnects, resumes from its checkpoint and completes;
 //! - a permanent error (a campaign re-run with other filters) still fails at once, and a
-//!   broker that stays down fails once the retry budget is spent.
+//!   broker that stays down fails once the retry budget is spent; SIGTERM stops a producer
+//!   waiting to reconnect at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -381,6 +382,44 @@ async fn enqueue_fails_at_once_on_a_permanent_error_and_after_the_budget_on_a_br
         ensure!(!log.contains("guest:guest"), "the broker password reached the log");
         p.settle();
         broker.delete().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_producer_waiting_to_reconnect_at_once() -> Result<()> {
+    bounded(Duration::from_secs(40), async {
+        let logs = tempfile::tempdir()?;
+        let ts = TestStore::new(Backend::Sqlite).await;
+        planted(&ts, &keyspace(5, "term")).await?;
+        // Nothing listens on port 1: the producer retries with backoff for its whole budget.
+        let mut cmd = std::process::Command::new(ferry_tests::bin("ferry-producer"));
+        cmd.args(["enqueue", "--store", &ts.url, "--json", "--queue-prefix", &unique_name("enq_term")]).args([
+            "--campaign",
+            "term",
+            "--amqp",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+            "--retry-budget-secs",
+            "60",
+        ]);
+        let mut p = Proc::spawn("producer", cmd, logs.path())?;
+        let p_ref = &p;
+        wait_until(
+            Duration::from_secs(20),
+            "the producer retries",
+            || async move { Ok(retries(&p_ref.log()).len() >= 3) },
+        )
+        .await?;
+        let asked = Instant::now();
+        p.sigterm()?;
+        let status = p.wait_exit(Duration::from_secs(10)).await?;
+        let took = asked.elapsed();
+        ensure!(status.code() == Some(130), "an interrupted enqueue exits 130: {status}");
+        ensure!(took < Duration::from_millis(1500), "took {took:?} to stop while waiting to reconnect");
+        let summary: serde_json::Value = serde_json::from_str(&p.stdout()).context("summary")?;
+        ensure!(summary["completed"] == false && summary["published"] == 0, "{summary}");
+        p.settle();
+        Ok(())
     })
     .await
 }
