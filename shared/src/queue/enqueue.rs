@@ -533,7 +533,7 @@ struct Failed {
 struct Run<'c> {
     cfg: &'c EnqueueConfig,
     progress: Option<Progress>,
-    /// Whether the first attempt found the campaign already started.
+    /// Whether the run found the campaign already started (set by the first campaign opened).
     resumed: Option<bool>,
 }
 
@@ -543,13 +543,19 @@ struct Session {
     conn: lapin::Connection,
     ch: lapin::Channel,
     record: CampaignRecord,
-    /// Whether the campaign record existed.
-    resumed: bool,
 }
 
-async fn open_session(cfg: &EnqueueConfig) -> Result<Session, EnqueueError> {
+/// Opens the store, the campaign and the broker; the first campaign opened in a run says
+/// whether the run resumed it (a later attempt finds the record the first one created).
+async fn open_session(cfg: &EnqueueConfig, resumed: &mut Option<bool>) -> Result<Session, EnqueueError> {
     let store = store::open(&cfg.store_url, STORE_POOL).await?;
-    let (record, resumed) = open_campaign(&store, cfg).await?;
+    let (record, existed) = open_campaign(&store, cfg).await?;
+    if resumed.is_none() {
+        *resumed = Some(existed);
+        if existed {
+            info!(campaign = %cfg.campaign, published = record.published, "resuming from the checkpoint");
+        }
+    }
     // Named after the campaign, so an operator (or a test) can tell its connection apart.
     let conn = amqp::connect(&cfg.amqp_url, &producer_connection_name(&cfg.campaign)).await?;
     let ch = async {
@@ -558,7 +564,7 @@ async fn open_session(cfg: &EnqueueConfig) -> Result<Session, EnqueueError> {
         Ok::<_, EnqueueError>(ch)
     };
     match ch.await {
-        Ok(ch) => Ok(Session { store, conn, ch, record, resumed }),
+        Ok(ch) => Ok(Session { store, conn, ch, record }),
         Err(e) => {
             // Not left open behind a retry.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "failed".into())).await;
@@ -581,14 +587,8 @@ impl Run<'_> {
         let session = tokio::select! {
             biased;
             () = shutdown.as_mut() => return Ok((End::Interrupted, Counts::default())),
-            session = open_session(self.cfg) => session.map_err(failed)?,
+            session = open_session(self.cfg, &mut self.resumed) => session.map_err(failed)?,
         };
-        if self.resumed.is_none() {
-            self.resumed = Some(session.resumed);
-            if session.resumed {
-                info!(campaign = %self.cfg.campaign, published = session.record.published, "resuming from the checkpoint");
-            }
-        }
         let mut cp = Checkpointer::new(session.record.clone());
         let end = self.publish(&session, &mut cp, shutdown).await;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.ch.close(200, "done".into())).await;
