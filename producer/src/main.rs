@@ -332,6 +332,10 @@ struct EnqueueArgs {
     /// Jobs per second at most.
     #[arg(long, env = "FERRY_ENQUEUE_RATE")]
     rate: Option<f64>,
+    /// Seconds the store and broker may keep failing transiently (reconnecting, resuming from
+    /// the checkpoint) with no progress before enqueue gives up; 0 gives up at the first error.
+    #[arg(long, env = "FERRY_ENQUEUE_RETRY_BUDGET_SECS", default_value_t = ferry::queue::enqueue::DEFAULT_RETRY_BUDGET.as_secs())]
+    retry_budget_secs: u64,
     #[arg(long)]
     json: bool,
 }
@@ -405,6 +409,7 @@ async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         recovery: None,
         progress: !args.json,
+        retry_budget: std::time::Duration::from_secs(args.retry_budget_secs),
     };
     let summary = enqueue(cfg, shutdown_signal()).await.context("enqueue failed")?;
     if args.json {

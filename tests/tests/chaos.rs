@@ -4,8 +4,8 @@
 //! real RabbitMQ and PostgreSQL with three `ferry-worker run` processes and a rate-limited
 //! `ferry-producer enqueue`, while a driver, paced by the campaign's progress:
 //! - SIGKILLs random workers and starts replacements (new worker ids, as new pods get);
-//! - closes every broker connection of the fleet once (the producer's included: it dies and
-//!   is run again, resuming from its checkpoint);
+//! - closes every broker connection of the fleet once (the producer's included: it
+//!   reconnects and resumes from its checkpoint in the same run);
 //! - terminates every store connection of the workers once;
 //! - re-publishes a batch of duplicate jobs (rejected actors among them).
 //!
@@ -38,8 +38,9 @@ use ferry::testing::{Backend, TestStore, postgres_url, unique_name};
 use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason};
 use ferry_tests::{
-    Broker, Proc, Seed, WorkerSpec, audit_count, audits, bin, bounded, close_connection, connections_of, delta_txids,
-    ended_as_planted, enqueue_command, enqueued, leases, run_json, v2_head, wait_until_every,
+    Broker, Proc, Seed, WorkerSpec, audit_count, audits, bin, bounded, close_connection, connections_named,
+    connections_of, delta_txids, ended_as_planted, enqueue_command, enqueued, leases, run_json, v2_head,
+    wait_until_every,
 };
 use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
@@ -157,26 +158,34 @@ impl Fleet<'_> {
             let status = producer.wait_exit(Duration::from_secs(1)).await?;
             self.log(format!("the producer had finished ({status}) before its connection could be closed"));
         } else {
-            self.restart_producer_after_its_connection_closed().await?;
+            self.producer_reconnects_after_its_connection_closed(&producer_pids.clone()).await?;
         }
         Ok(())
     }
 
-    /// The producer does not reconnect: it fails, and the operator's re-run resumes from the
-    /// campaign checkpoint.
-    async fn restart_producer_after_its_connection_closed(&mut self) -> Result<()> {
-        let producer = self.producer.as_mut().context("no producer")?;
-        let status = producer.wait_exit(Duration::from_secs(30)).await?;
-        if status.success() {
-            self.log("the producer had finished before its connection was closed".into());
-            return Ok(());
+    /// The producer reconnects by itself and resumes from its checkpoint in the same run.
+    async fn producer_reconnects_after_its_connection_closed(&mut self, closed: &[String]) -> Result<()> {
+        let name = producer_connection_name(&self.campaign);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let producer = self.producer.as_mut().context("no producer")?;
+            if !producer.running() {
+                let status = producer.wait_exit(Duration::from_secs(1)).await?;
+                ensure!(
+                    status.success(),
+                    "the producer exited ({status}) instead of reconnecting:\n{}",
+                    producer.log_tail()
+                );
+                self.log("the producer finished after its connection was closed".into());
+                return Ok(());
+            }
+            if connections_named(&name)?.iter().any(|pid| !closed.contains(pid)) {
+                self.log("the producer reconnected in the same run".into());
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "the producer did not reconnect within 30 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let tail = producer.log_tail();
-        // Its failure is expected: no log dump when it is dropped.
-        producer.settle();
-        self.log(format!("the producer exited ({status}); running it again to resume"));
-        ensure!(tail.contains("enqueue failed"), "the producer failed without saying why:\n{tail}");
-        self.start_producer()
     }
 
     async fn terminate_store_connections(&mut self) -> Result<()> {

@@ -29,6 +29,72 @@ pub enum AmqpError {
     ConfirmTimeout(String),
 }
 
+impl AmqpError {
+    /// Whether a new connection can succeed where this failed: the broker went away, closed
+    /// the connection or lost a publish, as opposed to refusing what was asked of it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            AmqpError::Broker(e) => is_transient(e),
+            // Both say the broker could not take the message now (a queue leader moving, a
+            // memory alarm); a new connection publishes it again.
+            AmqpError::Nacked(_) | AmqpError::ConfirmTimeout(_) => true,
+        }
+    }
+}
+
+/// Whether a lapin error can pass on a new connection: lost or closed connections and
+/// channels, and the broker's own passing failures, are transient; refusals (access, vhost,
+/// arguments), protocol misuse and anything that says the peer is not an AMQP broker are not.
+pub fn is_transient(e: &lapin::Error) -> bool {
+    use lapin::ErrorKind as K;
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError as H, AMQPSoftError as S};
+    match e.kind() {
+        K::IOError(_) | K::MissingHeartbeatError => true,
+        K::InvalidChannel(_) | K::InvalidChannelState(..) | K::InvalidConnectionState(_) => true,
+        K::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => match soft {
+                S::RESOURCELOCKED => true,
+                S::ACCESSREFUSED
+                | S::NOTFOUND
+                | S::PRECONDITIONFAILED
+                | S::CONTENTTOOLARGE
+                | S::NOROUTE
+                | S::NOCONSUMERS => false,
+            },
+            AMQPErrorKind::Hard(hard) => match hard {
+                // An operator or a stopping broker closed the connection; out of resources;
+                // an internal error (a queue's leader moving).
+                H::CONNECTIONFORCED | H::RESOURCEERROR | H::INTERNALERROR => true,
+                H::INVALIDPATH
+                | H::NOTALLOWED
+                | H::FRAMEERROR
+                | H::SYNTAXERROR
+                | H::COMMANDINVALID
+                | H::CHANNELERROR
+                | H::UNEXPECTEDFRAME
+                | H::NOTIMPLEMENTED => false,
+            },
+        },
+        K::ChannelsLimitReached
+        | K::InvalidProtocolVersion(_)
+        | K::RuntimeShutdownError(_)
+        | K::ParsingError(_)
+        | K::SerialisationError(_)
+        | K::AuthProviderError(_)
+        | K::FutureCompleted
+        | K::NoDefaultRuntime => false,
+        // lapin's kinds are `#[non_exhaustive]`: a kind this version does not know is not
+        // retried blindly.
+        _ => false,
+    }
+}
+
+/// Checks that a URL parses as an AMQP URI, so a malformed one fails at once instead of as
+/// an I/O error on every connect (which reads as transient). The reason never echoes the URL.
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<lapin::uri::AMQPUri>().map(drop)
+}
+
 /// How long a publish waits for its confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 

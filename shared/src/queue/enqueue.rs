@@ -4,15 +4,34 @@
 //!
 //! The scan runs ahead of the publisher in its own task, so store lookups and broker round
 //! trips overlap; confirms are awaited in order through a bounded window.
+//!
+//! Invariants:
+//! - The checkpoint never passes an unconfirmed job: skipped actors settle in order with the
+//!   confirms around them.
+//! - No store call is ever left unpolled while it holds a pooled connection. The scanner
+//!   awaits its own scan call to the end before it hands anything over, and each actor's
+//!   checks run in a spawned task that the runtime drives whatever the scanner waits for; so
+//!   when the publisher falls behind and the scanner blocks on the full channel, every
+//!   connection comes back to the pool, and the publisher's checkpoint save gets one. (Holding
+//!   the checks in a `buffered` stream that stopped being polled starved the save on
+//!   PostgreSQL's pool for its 30 s wait past about 4,096 actors.)
+//! - A transient failure (see [`EnqueueError::is_transient`]) ends an attempt, not the run: a
+//!   new attempt reopens the store and the broker after a backoff and resumes from the
+//!   checkpoint as stored; only a permanent error, or failing for the whole retry budget with no
+//!   checkpoint saved, ends the run. Jobs confirmed after the last saved checkpoint are
+//!   published again (the workers collapse duplicates); the summary counts each actor once.
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use backon::BackoffBuilder;
+use futures::FutureExt;
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::actor::ActorId;
@@ -50,7 +69,14 @@ pub struct EnqueueConfig {
     pub rate: Option<f64>,
     pub recovery: Option<Recovery>,
     pub progress: bool,
+    /// How long the store and the broker may keep failing transiently, with no checkpoint
+    /// saved, before the run gives up.
+    pub retry_budget: Duration,
 }
+
+/// The default of [`EnqueueConfig::retry_budget`]: long enough for a broker or PostgreSQL
+/// restart or failover.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
@@ -64,6 +90,40 @@ pub enum EnqueueError {
     Amqp(#[from] AmqpError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("invalid AMQP URL: {0}")]
+    InvalidAmqpUrl(String),
+    #[error("still failing after the retry budget of {} s", budget.as_secs())]
+    RetryBudgetSpent {
+        budget: Duration,
+        #[source]
+        last: Box<EnqueueError>,
+    },
+}
+
+impl EnqueueError {
+    /// Whether a new attempt (the store reopened, the broker reconnected) can succeed: the
+    /// one place a failure of the run is judged transient or permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EnqueueError::Store(e) => e.is_transient(),
+            EnqueueError::Amqp(e) => e.is_transient(),
+            EnqueueError::Broker(e) => amqp::is_transient(e),
+            EnqueueError::BadCampaign(_)
+            | EnqueueError::FiltersChanged(_)
+            | EnqueueError::InvalidAmqpUrl(_)
+            | EnqueueError::RetryBudgetSpent { .. } => false,
+        }
+    }
+
+    /// The URL of the service that failed, if one did (logged redacted).
+    fn failing_url<'c>(&self, cfg: &'c EnqueueConfig) -> Option<&'c str> {
+        match self {
+            EnqueueError::Store(_) => Some(&cfg.store_url),
+            EnqueueError::Amqp(_) | EnqueueError::Broker(_) | EnqueueError::InvalidAmqpUrl(_) => Some(&cfg.amqp_url),
+            EnqueueError::RetryBudgetSpent { last, .. } => last.failing_url(cfg),
+            EnqueueError::BadCampaign(_) | EnqueueError::FiltersChanged(_) => None,
+        }
+    }
 }
 
 /// What an enqueue run did.
@@ -169,63 +229,119 @@ type Found = (Result<ActorId, ()>, Option<bool>, Resume);
 
 /// Actors whose store checks run at once while scanning (order is kept).
 const CLASSIFY_AHEAD: usize = 32;
+/// Classified actors waiting for the publisher.
+const SCAN_AHEAD: usize = 4096;
 
-/// Scans (or walks the id list) and classifies each actor, a window of actors at a time, in
-/// order, so the checkpoint advances exactly as before.
-async fn scan_actors(
-    store: DynStore,
-    record: CampaignRecord,
-    ids: Option<Vec<ActorId>>,
-    tx: mpsc::Sender<Result<Item, StoreError>>,
-) {
-    let include = record.filters.include_migrated;
-    let classify = |found: Result<Found, StoreError>| {
-        let (store, record) = (store.clone(), &record);
-        async move {
-            let (id, has_sqlite, resume) = found?;
-            let Ok(actor) = id else { return Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }) };
-            Ok(match wanted(&store, &actor, has_sqlite, include).await? {
-                None => Item::Publish { actor, resume },
-                Some((kind, head)) => {
-                    record_skip(&store, &record.name, &actor, kind, head.as_ref()).await?;
-                    Item::Skipped { kind, resume }
-                }
-            })
+/// Where the actors come from: the id list or the keyspace scan.
+enum Source<'a> {
+    Ids(std::iter::Skip<std::iter::Enumerate<std::vec::IntoIter<ActorId>>>),
+    Scan(ActorScan<'a>),
+}
+
+impl Source<'_> {
+    /// The next actor; at most one store call, awaited to its end.
+    async fn next(&mut self) -> Result<Option<Found>, StoreError> {
+        match self {
+            Source::Ids(ids) => Ok(ids.next().map(|(i, a)| (Ok(a), None, Resume::Index(i as u64 + 1)))),
+            Source::Scan(scan) => {
+                Ok(scan.next().await?.map(|f| (f.id.map_err(|_| ()), f.has_sqlite, Resume::After(f.raw))))
+            }
         }
-    };
-    let found: futures::stream::BoxStream<'_, Result<Found, StoreError>> = match ids {
-        Some(ids) => futures::stream::iter(
-            ids.into_iter()
-                .enumerate()
-                .skip(record.ids_done as usize)
-                .map(|(i, a)| Ok((Ok(a), None, Resume::Index(i as u64 + 1)))),
-        )
-        .boxed(),
+    }
+}
+
+/// Classifies one actor: its store checks and, for a skip, its audit record.
+async fn classify(
+    store: DynStore,
+    campaign: Arc<str>,
+    include_migrated: bool,
+    found: Found,
+) -> Result<Item, StoreError> {
+    let (id, has_sqlite, resume) = found;
+    let Ok(actor) = id else { return Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }) };
+    Ok(match wanted(&store, &actor, has_sqlite, include_migrated).await? {
+        None => Item::Publish { actor, resume },
+        Some((kind, head)) => {
+            record_skip(&store, &campaign, &actor, kind, head.as_ref()).await?;
+            Item::Skipped { kind, resume }
+        }
+    })
+}
+
+/// Classifications in flight, oldest first, each in a task of its own. Dropping it (the
+/// scanner ends or is aborted) aborts them, so none outlives its attempt.
+struct Classifying(VecDeque<JoinHandle<Result<Item, StoreError>>>);
+
+impl Drop for Classifying {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl Classifying {
+    /// The oldest classification's result, once it is done; `None` if there is none (or the
+    /// scanner is being torn down). A panic in a classification is the scanner's panic.
+    async fn oldest(&mut self) -> Option<Result<Item, StoreError>> {
+        match self.0.pop_front()?.await {
+            Ok(item) => Some(item),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Scans (or walks the id list) and classifies each actor, [`CLASSIFY_AHEAD`] actors at a
+/// time, in order, so the checkpoint advances exactly as before.
+///
+/// The scanner never waits on the channel while a store call of its own is unfinished: the
+/// scan call is awaited to its end before anything is sent, and classifications run in
+/// spawned tasks that the runtime drives whatever the scanner waits for. So a full channel
+/// (a publisher slower than the scan) never holds a pooled connection hostage.
+async fn scan_actors(store: DynStore, record: CampaignRecord, ids: Option<Vec<ActorId>>, tx: mpsc::Sender<Scanned>) {
+    let include = record.filters.include_migrated;
+    let campaign: Arc<str> = record.name.as_str().into();
+    let mut source = match ids {
+        Some(ids) => Source::Ids(ids.into_iter().enumerate().skip(record.ids_done as usize)),
         None => {
             let checkpoint = record.checkpoint_raw();
-            let scan = match &record.filters.actor_prefix {
+            Source::Scan(match &record.filters.actor_prefix {
                 Some(p) => ActorScan::with_prefix(&*store, p, checkpoint.as_deref()),
                 None => ActorScan::new(&*store, checkpoint.as_deref()),
-            };
-            futures::stream::unfold(Some(scan), |scan| async move {
-                let mut scan = scan?;
-                match scan.next().await {
-                    Ok(None) => None,
-                    // Report the error once, then end.
-                    Err(e) => Some((Err(e), None)),
-                    Ok(Some(f)) => Some((Ok((f.id.map_err(|_| ()), f.has_sqlite, Resume::After(f.raw))), Some(scan))),
-                }
             })
-            .boxed()
         }
     };
-    let mut items = found.map(classify).buffered(CLASSIFY_AHEAD);
-    while let Some(item) = items.next().await {
+    let mut ahead = Classifying(VecDeque::with_capacity(CLASSIFY_AHEAD));
+    let failed = loop {
+        match source.next().await {
+            Ok(Some(found)) => {
+                let task = classify(Arc::clone(&store), Arc::clone(&campaign), include, found);
+                ahead.0.push_back(tokio::spawn(task));
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+        if ahead.0.len() >= CLASSIFY_AHEAD {
+            let Some(item) = ahead.oldest().await else { return };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    };
+    while let Some(item) = ahead.oldest().await {
         if tx.send(item).await.is_err() {
             return;
         }
     }
+    // A scan error comes after every actor found before it, then the scan ends.
+    if let Some(e) = failed {
+        let _ = tx.send(Err(e)).await;
+    }
 }
+
+/// What the scanner hands the publisher, in order.
+type Scanned = Result<Item, StoreError>;
 
 async fn open_campaign(store: &DynStore, cfg: &EnqueueConfig) -> Result<(CampaignRecord, bool), EnqueueError> {
     if !crate::jobs::message::valid_campaign(&cfg.campaign) {
@@ -253,14 +369,61 @@ async fn open_campaign(store: &DynStore, cfg: &EnqueueConfig) -> Result<(Campaig
     }
 }
 
+/// What this run has settled: confirmed jobs and skipped actors, by kind.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    published: u64,
+    skipped_no_v1: u64,
+    skipped_migrated: u64,
+    skipped_native_v2: u64,
+    skipped_invalid_id: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.published += other.published;
+        self.skipped_no_v1 += other.skipped_no_v1;
+        self.skipped_migrated += other.skipped_migrated;
+        self.skipped_native_v2 += other.skipped_native_v2;
+        self.skipped_invalid_id += other.skipped_invalid_id;
+    }
+
+    fn skip(&mut self, kind: SkipKind) {
+        match kind {
+            SkipKind::NoV1 => self.skipped_no_v1 += 1,
+            SkipKind::Native => self.skipped_native_v2 += 1,
+            SkipKind::Migrated => self.skipped_migrated += 1,
+            SkipKind::InvalidId => self.skipped_invalid_id += 1,
+        }
+    }
+
+    fn scanned(&self) -> u64 {
+        self.published + self.skipped_no_v1 + self.skipped_migrated + self.skipped_native_v2 + self.skipped_invalid_id
+    }
+}
+
 /// Confirmed progress not yet written to the campaign record.
 struct Checkpointer {
     record: CampaignRecord,
     unsaved: u64,
     saved_at: Instant,
+    /// Settled in this attempt, and as of its last saved checkpoint: what a later attempt
+    /// resumes after, so the summary counts each actor once across attempts.
+    settled: Counts,
+    saved: Counts,
 }
 
 impl Checkpointer {
+    fn new(record: CampaignRecord) -> Checkpointer {
+        Checkpointer {
+            record,
+            unsaved: 0,
+            saved_at: Instant::now(),
+            settled: Counts::default(),
+            saved: Counts::default(),
+        }
+    }
+
     fn advance(&mut self, resume: &Resume) {
         match resume {
             Resume::After(raw) => self.record.checkpoint = Some(hex::encode(raw)),
@@ -274,6 +437,7 @@ impl Checkpointer {
         campaign::save(&**store, &self.record).await?;
         self.unsaved = 0;
         self.saved_at = Instant::now();
+        self.saved = self.settled;
         Ok(())
     }
 
@@ -285,143 +449,395 @@ impl Checkpointer {
 }
 
 /// Pending confirms, oldest first, each with the resume point it makes safe. Skipped actors
-/// ride along with no confirm, so the checkpoint never passes an unconfirmed job.
-type Pending = VecDeque<(Option<PublisherConfirm>, Resume)>;
+/// ride along with no confirm (and their kind), so the checkpoint never passes an
+/// unconfirmed job.
+type Pending = VecDeque<(Awaited, Resume)>;
+
+/// What an entry of [`Pending`] waits for.
+enum Awaited {
+    Confirm(PublisherConfirm),
+    Skip(SkipKind),
+}
+
+/// How an entry of [`Pending`] settled.
+enum Settled {
+    /// The broker's answer: acked (or nacked).
+    Confirmed {
+        ack: bool,
+    },
+    Skipped(SkipKind),
+}
 
 async fn settle_oldest(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
     let Some((confirm, resume)) = pending.pop_front() else { return Ok(()) };
-    let confirmation = match confirm {
-        Some(confirm) => Some(
-            tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
+    let settled = match confirm {
+        Awaited::Confirm(confirm) => Settled::Confirmed {
+            ack: tokio::time::timeout(amqp::CONFIRM_TIMEOUT, confirm)
                 .await
-                .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??,
-        ),
-        None => None,
+                .map_err(|_| AmqpError::ConfirmTimeout(queue.to_string()))??
+                .is_ack(),
+        },
+        Awaited::Skip(kind) => Settled::Skipped(kind),
     };
-    record_settled(cp, confirmation, &resume, queue)
+    record_settled(cp, settled, &resume, queue)
 }
 
 /// Settles the confirms that have already arrived, without waiting, so the checkpoint keeps
 /// up with a slow (rate-limited) run.
 fn settle_ready(pending: &mut Pending, cp: &mut Checkpointer, queue: &str) -> Result<(), EnqueueError> {
     while let Some((confirm, _)) = pending.front_mut() {
-        let confirmation = match confirm {
-            Some(c) => match c.now_or_never() {
-                Some(result) => Some(result?),
+        let settled = match confirm {
+            Awaited::Confirm(c) => match c.now_or_never() {
+                Some(result) => Settled::Confirmed { ack: result?.is_ack() },
                 None => return Ok(()),
             },
-            None => None,
+            Awaited::Skip(kind) => Settled::Skipped(*kind),
         };
         // The front entry exists: it was just inspected.
         let (_, resume) = pending.pop_front().expect("front entry");
-        record_settled(cp, confirmation, &resume, queue)?;
+        record_settled(cp, settled, &resume, queue)?;
     }
     Ok(())
 }
 
-fn record_settled(
-    cp: &mut Checkpointer,
-    confirmation: Option<lapin::Confirmation>,
-    resume: &Resume,
-    queue: &str,
-) -> Result<(), EnqueueError> {
-    match confirmation {
-        Some(c) if c.is_ack() => cp.record.published += 1,
-        Some(_) => return Err(AmqpError::Nacked(queue.to_string()).into()),
-        None => cp.record.skipped += 1,
+fn record_settled(cp: &mut Checkpointer, settled: Settled, resume: &Resume, queue: &str) -> Result<(), EnqueueError> {
+    match settled {
+        Settled::Confirmed { ack: true } => {
+            cp.record.published += 1;
+            cp.settled.published += 1;
+        }
+        Settled::Confirmed { ack: false } => return Err(AmqpError::Nacked(queue.to_string()).into()),
+        Settled::Skipped(kind) => {
+            cp.record.skipped += 1;
+            cp.settled.skip(kind);
+        }
     }
     cp.advance(resume);
     Ok(())
 }
 
-/// Runs an enqueue until the scan ends, the limit is reached, or `shutdown` resolves.
-pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> Result<EnqueueSummary, EnqueueError> {
-    let started = Instant::now();
-    let store = store::open(&cfg.store_url, 4).await?;
-    let (record, resumed) = open_campaign(&store, &cfg).await?;
-    let already = record.published;
-    if resumed {
-        info!(campaign = %cfg.campaign, published = record.published, "resuming from the checkpoint");
+/// How an attempt ended, short of an error.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    Interrupted,
+}
+
+/// A failed attempt: its error, and what it had settled as of its last saved checkpoint.
+struct Failed {
+    error: EnqueueError,
+    saved: Counts,
+}
+
+/// What every attempt of a run shares.
+struct Run<'c> {
+    cfg: &'c EnqueueConfig,
+    progress: Option<Progress>,
+    /// Whether the run found the campaign already started (set by the first campaign opened).
+    resumed: Option<bool>,
+}
+
+/// The store and the broker of one attempt.
+struct Session {
+    store: DynStore,
+    conn: lapin::Connection,
+    ch: lapin::Channel,
+    record: CampaignRecord,
+}
+
+/// Opens the store, the campaign and the broker; the first campaign opened in a run says
+/// whether the run resumed it (a later attempt finds the record the first one created).
+async fn open_session(cfg: &EnqueueConfig, resumed: &mut Option<bool>) -> Result<Session, EnqueueError> {
+    let store = store::open(&cfg.store_url, STORE_POOL).await?;
+    let (record, existed) = open_campaign(&store, cfg).await?;
+    if resumed.is_none() {
+        *resumed = Some(existed);
+        if existed {
+            info!(campaign = %cfg.campaign, published = record.published, "resuming from the checkpoint");
+        }
     }
     // Named after the campaign, so an operator (or a test) can tell its connection apart.
     let conn = amqp::connect(&cfg.amqp_url, &producer_connection_name(&cfg.campaign)).await?;
-    let ch = amqp::confirm_channel(&conn).await?;
-    cfg.topology.declare(&ch).await?;
+    let ch = async {
+        let ch = amqp::confirm_channel(&conn).await?;
+        cfg.topology.declare(&ch).await?;
+        Ok::<_, EnqueueError>(ch)
+    };
+    match ch.await {
+        Ok(ch) => Ok(Session { store, conn, ch, record }),
+        Err(e) => {
+            // Not left open behind a retry.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "failed".into())).await;
+            Err(e)
+        }
+    }
+}
 
-    let (tx, mut rx) = mpsc::channel(4096);
-    let scanner = tokio::spawn(scan_actors(store.clone(), record.clone(), cfg.ids.clone(), tx));
-    let progress =
-        if cfg.progress { Some(Progress::new("enqueueing", cfg.ids.as_ref().map(|i| i.len() as u64))) } else { None };
-    let mut summary = EnqueueSummary { campaign: cfg.campaign.clone(), resumed, ..EnqueueSummary::default() };
-    let mut cp = Checkpointer { record, unsaved: 0, saved_at: Instant::now() };
-    let mut pending: Pending = VecDeque::new();
-    let exchange = cfg.topology.jobs_exchange();
-    let limit = cfg.filters.limit.unwrap_or(u64::MAX);
-    tokio::pin!(shutdown);
-    let mut interrupted = false;
-    while already + summary.published < limit {
-        let item = tokio::select! {
+/// Connections of the store pool: the scan, the classifications and the checkpoint share it.
+const STORE_POOL: usize = 4;
+
+impl Run<'_> {
+    /// One attempt: opens the store and the broker, resumes from the stored checkpoint and
+    /// publishes until the end, `shutdown`, or an error.
+    async fn attempt<S: Future<Output = ()>>(
+        &mut self,
+        shutdown: &mut std::pin::Pin<&mut S>,
+    ) -> Result<(End, Counts), Failed> {
+        let failed = |error| Failed { error, saved: Counts::default() };
+        let session = tokio::select! {
             biased;
-            () = &mut shutdown => { interrupted = true; break; }
-            item = rx.recv() => match item { Some(item) => item?, None => break },
+            () = shutdown.as_mut() => return Ok((End::Interrupted, Counts::default())),
+            session = open_session(self.cfg, &mut self.resumed) => session.map_err(failed)?,
         };
-        summary.scanned += 1;
-        match item {
-            Item::Skipped { kind, resume } => {
-                match kind {
-                    SkipKind::NoV1 => summary.skipped_no_v1 += 1,
-                    SkipKind::Native => summary.skipped_native_v2 += 1,
-                    SkipKind::Migrated => summary.skipped_migrated += 1,
-                    SkipKind::InvalidId => summary.skipped_invalid_id += 1,
-                }
-                pending.push_back((None, resume));
-            }
-            Item::Publish { actor, resume } => {
-                if let Some(rate) = cfg.rate.filter(|r| *r > 0.0) {
-                    let due = started + Duration::from_secs_f64(summary.published as f64 / rate);
-                    // The actor is not published: the checkpoint stays before it, so a re-run
-                    // publishes it.
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => { interrupted = true; break; }
-                        () = tokio::time::sleep_until(due.into()) => {}
+        let mut cp = Checkpointer::new(session.record.clone());
+        let end = self.publish(&session, &mut cp, shutdown).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.ch.close(200, "done".into())).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.conn.close(200, "done".into())).await;
+        match end {
+            Ok(end) => Ok((end, cp.settled)),
+            Err(error) => Err(Failed { error, saved: cp.saved }),
+        }
+    }
+
+    async fn publish<S: Future<Output = ()>>(
+        &self,
+        session: &Session,
+        cp: &mut Checkpointer,
+        shutdown: &mut std::pin::Pin<&mut S>,
+    ) -> Result<End, EnqueueError> {
+        let (cfg, store, ch) = (self.cfg, &session.store, &session.ch);
+        let started = Instant::now();
+        let (tx, mut rx) = mpsc::channel(SCAN_AHEAD);
+        let mut scanner =
+            Scanner(tokio::spawn(scan_actors(store.clone(), session.record.clone(), cfg.ids.clone(), tx)));
+        let mut pending: Pending = VecDeque::new();
+        let exchange = cfg.topology.jobs_exchange();
+        let limit = cfg.filters.limit.unwrap_or(u64::MAX);
+        let already = session.record.published;
+        // Jobs sent in this attempt (the rate's clock and the limit count them).
+        let mut sent = 0u64;
+        let mut end = End::Completed;
+        while already + sent < limit {
+            let item = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => { end = End::Interrupted; break; }
+                item = rx.recv() => match item {
+                    Some(item) => item?,
+                    None => { scanner.ended().await; break }
+                },
+            };
+            match item {
+                Item::Skipped { kind, resume } => pending.push_back((Awaited::Skip(kind), resume)),
+                Item::Publish { actor, resume } => {
+                    if let Some(rate) = cfg.rate.filter(|r| *r > 0.0) {
+                        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                        // The actor is not published: the checkpoint stays before it, so a
+                        // re-run publishes it.
+                        tokio::select! {
+                            biased;
+                            () = shutdown.as_mut() => { end = End::Interrupted; break; }
+                            () = tokio::time::sleep_until(due.into()) => {}
+                        }
+                    }
+                    let job = Job::new(&cfg.campaign, actor, SystemClock.now_ms(), cfg.recovery);
+                    let props = amqp::json_properties(&job.message_id(), FieldTable::default());
+                    let confirm = ch
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            WORK_KEY.into(),
+                            Default::default(),
+                            &job.encode(),
+                            props,
+                        )
+                        .await?;
+                    pending.push_back((Awaited::Confirm(confirm), resume));
+                    sent += 1;
+                    if let Some(p) = &self.progress {
+                        p.inc(1);
                     }
                 }
-                let job = Job::new(&cfg.campaign, actor, SystemClock.now_ms(), cfg.recovery);
-                let props = amqp::json_properties(&job.message_id(), FieldTable::default());
-                let confirm = ch
-                    .basic_publish(exchange.as_str().into(), WORK_KEY.into(), Default::default(), &job.encode(), props)
-                    .await?;
-                pending.push_back((Some(confirm), resume));
-                summary.published += 1;
-                if let Some(p) = &progress {
-                    p.inc(1);
-                }
             }
+            settle_ready(&mut pending, cp, &exchange)?;
+            while pending.len() >= CONFIRM_WINDOW {
+                settle_oldest(&mut pending, cp, &exchange).await?;
+            }
+            cp.maybe_save(store).await?;
         }
-        settle_ready(&mut pending, &mut cp, &exchange)?;
-        while pending.len() >= CONFIRM_WINDOW {
-            settle_oldest(&mut pending, &mut cp, &exchange).await?;
+        drop(scanner);
+        while !pending.is_empty() {
+            settle_oldest(&mut pending, cp, &exchange).await?;
         }
-        cp.maybe_save(&store).await?;
+        if end == End::Completed {
+            cp.record.status = CampaignStatus::Enqueued;
+        }
+        cp.save(store).await?;
+        Ok(end)
     }
-    scanner.abort();
-    while !pending.is_empty() {
-        settle_oldest(&mut pending, &mut cp, &exchange).await?;
+}
+
+/// How long closing a session may take before it is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The scanner task, aborted when its attempt ends however it ends.
+struct Scanner(JoinHandle<()>);
+
+impl Scanner {
+    /// Called once the scanner closed its channel: a panic in it is this task's panic, never
+    /// a scan taken for complete.
+    async fn ended(&mut self) {
+        if let Err(e) = (&mut self.0).await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
     }
-    summary.completed = !interrupted;
-    if summary.completed {
-        cp.record.status = CampaignStatus::Enqueued;
-    } else {
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Delays between attempts after a transient failure.
+fn retry_backoff() -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs an enqueue until the scan ends, the limit is reached, or `shutdown` resolves.
+///
+/// A transient failure (see [`EnqueueError::is_transient`]) ends the attempt, not the run:
+/// after a backoff a new attempt reopens the store and the broker and resumes from the
+/// checkpoint as stored, until the store and broker have failed for `retry_budget` with no
+/// checkpoint saved in between. Jobs published after the last saved checkpoint are published
+/// again (workers collapse duplicates).
+pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> Result<EnqueueSummary, EnqueueError> {
+    let started = Instant::now();
+    amqp::check_url(&cfg.amqp_url).map_err(EnqueueError::InvalidAmqpUrl)?;
+    let progress =
+        if cfg.progress { Some(Progress::new("enqueueing", cfg.ids.as_ref().map(|i| i.len() as u64))) } else { None };
+    let mut run = Run { cfg: &cfg, progress, resumed: None };
+    tokio::pin!(shutdown);
+    let mut totals = Counts::default();
+    let mut backoff = retry_backoff();
+    // When the store or broker began failing with no checkpoint saved since.
+    let mut failing_since: Option<Instant> = None;
+    let mut attempt = 0u32;
+    let end = loop {
+        attempt += 1;
+        let failure = match run.attempt(&mut shutdown).await {
+            Ok((end, settled)) => {
+                totals.add(settled);
+                break end;
+            }
+            Err(failure) => failure,
+        };
+        totals.add(failure.saved);
+        if failure.saved.scanned() > 0 {
+            // It got somewhere: this is a new outage, with a fresh budget and backoff.
+            failing_since = None;
+            backoff = retry_backoff();
+        }
+        let error = failure.error;
+        if !error.is_transient() {
+            return Err(error);
+        }
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        let left = cfg.retry_budget.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(EnqueueError::RetryBudgetSpent { budget: cfg.retry_budget, last: Box::new(error) });
+        }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(10)).min(left);
+        warn!(
+            campaign = %cfg.campaign,
+            url = %error.failing_url(&cfg).map(store::redact_url).unwrap_or_default(),
+            error = %error,
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            "enqueue: transient failure; reconnecting and resuming from the checkpoint"
+        );
+        tokio::select! {
+            biased;
+            () = shutdown.as_mut() => break End::Interrupted,
+            () = tokio::time::sleep(delay) => {}
+        }
+    };
+    if end == End::Interrupted {
         warn!("interrupted: the checkpoint holds every confirmed job; run again to resume");
     }
-    cp.save(&store).await?;
-    if let Some(p) = &progress {
+    if let Some(p) = &run.progress {
         p.finish();
     }
-    let _ = ch.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.jobs_per_second = summary.published as f64 / summary.seconds.max(1e-9);
-    Ok(summary)
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(EnqueueSummary {
+        campaign: cfg.campaign.clone(),
+        resumed: run.resumed.unwrap_or(false),
+        scanned: totals.scanned(),
+        published: totals.published,
+        skipped_no_v1: totals.skipped_no_v1,
+        skipped_migrated: totals.skipped_migrated,
+        skipped_native_v2: totals.skipped_native_v2,
+        skipped_invalid_id: totals.skipped_invalid_id,
+        seconds,
+        jobs_per_second: totals.published as f64 / seconds.max(1e-9),
+        completed: end == End::Completed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    use super::*;
+
+    fn broker(kind: AMQPErrorKind) -> EnqueueError {
+        EnqueueError::Broker(ErrorKind::ProtocolError(AMQPError::new(kind, "test".into())).into())
+    }
+
+    #[test]
+    fn outages_are_transient_and_refusals_are_not() {
+        let unavailable = StoreError::Unavailable { backend: "postgres", message: "connection closed".into() };
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let transient = [
+            EnqueueError::Store(unavailable),
+            EnqueueError::Broker(refused.into()),
+            EnqueueError::Broker(ErrorKind::MissingHeartbeatError.into()),
+            broker(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)),
+            EnqueueError::Amqp(AmqpError::Nacked("q".into())),
+            EnqueueError::Amqp(AmqpError::ConfirmTimeout("q".into())),
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+        let permanent = [
+            EnqueueError::BadCampaign("bad name".into()),
+            EnqueueError::FiltersChanged("c".into()),
+            EnqueueError::Store(StoreError::Failed { backend: "postgres", message: "permission denied".into() }),
+            EnqueueError::Store(StoreError::InvalidUrl("mysql://".into())),
+            EnqueueError::InvalidAmqpUrl("invalid port number".into()),
+            broker(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)),
+            broker(AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)),
+            broker(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)),
+            EnqueueError::RetryBudgetSpent {
+                budget: Duration::from_secs(1),
+                last: Box::new(EnqueueError::Amqp(AmqpError::Nacked("q".into()))),
+            },
+        ];
+        for e in &permanent {
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_amqp_url_is_refused_before_any_connect() {
+        assert!(amqp::check_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+        let reason = amqp::check_url("amqp://guest:secret@127.0.0.1:notaport/%2f").unwrap_err();
+        assert!(!reason.contains("secret"), "{reason}");
+    }
 }

@@ -208,6 +208,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) 
         rate: None,
         recovery: None,
         progress: false,
+        retry_budget: ferry::queue::enqueue::DEFAULT_RETRY_BUDGET,
     };
     let summary = ferry::queue::enqueue::enqueue(cfg, std::future::pending()).await?;
     ensure!(summary.published == n, "enqueued {} of {n}", summary.published);
