@@ -337,7 +337,7 @@ fn record_settled(
 /// Runs an enqueue until the scan ends, the limit is reached, or `shutdown` resolves.
 pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> Result<EnqueueSummary, EnqueueError> {
     let started = Instant::now();
-    let store = store::open(&cfg.store_url, 4).await?;
+    let store = store::open_existing(&cfg.store_url, 4).await?;
     let (record, resumed) = open_campaign(&store, &cfg).await?;
     let already = record.published;
     if resumed {
