@@ -160,7 +160,7 @@ fn when(ms: i64) -> String {
 }
 
 async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let store = store::open_existing(&args.store.store, 2).await.context("opening the store")?;
     let source = if args.embedded {
         Source::Embedded
     } else {
@@ -250,7 +250,7 @@ async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn verify_cmd(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 4).await.context("opening the store")?;
+    let store = store::open_existing(&args.store.store, 4).await.context("opening the store")?;
     let selection = match (args.campaign, args.actor.is_empty()) {
         (Some(c), _) => Selection::Campaign(c),
         (None, false) => Selection::Actors(
@@ -353,7 +353,7 @@ struct StatusArgs {
 }
 
 async fn scan_cmd(args: ScanArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let store = store::open_existing(&args.store.store, 2).await.context("opening the store")?;
     let progress = Progress::new("scanning", None);
     let census = ferry::census::census(&*store, args.prefix.as_deref(), || progress.inc(1)).await?;
     progress.finish();
@@ -432,7 +432,7 @@ async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let store = store::open_existing(&args.store.store, 2).await.context("opening the store")?;
     let s = ferry::queue::status::status(&*store, &args.broker.amqp, &args.broker.topology(), args.campaign.as_deref())
         .await
         .context("status")?;

@@ -204,7 +204,10 @@ async fn seed_if_empty(store: &DynStore, actors: u64) -> Result<Option<u64>, Loc
 /// Runs an embedded campaign until every actor is handled or `shutdown` resolves.
 pub async fn run_local(cfg: LocalConfig, shutdown: impl Future<Output = ()>) -> Result<LocalSummary, LocalError> {
     let started = Instant::now();
-    let store = store::open(&cfg.store_url, cfg.concurrency + 1).await?;
+    // Only a run that seeds its demo keyspace may create the store.
+    let mode = if cfg.seed_demo.is_some() { store::OpenMode::Create } else { store::OpenMode::Existing };
+    let opts = store::OpenOptions::new(cfg.concurrency + 1, mode).lease_ttl(cfg.migrate.lease_ttl());
+    let store = store::open_with(&cfg.store_url, &opts).await?;
     let mut summary = LocalSummary { store: store.describe(), ..LocalSummary::default() };
     if let Some(n) = cfg.seed_demo {
         summary.seeded = seed_if_empty(&store, n).await?;

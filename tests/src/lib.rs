@@ -3,7 +3,8 @@
 //!
 //! - [`bin`]: the workspace binaries, built once per test process;
 //! - [`Proc`]: a child process (a worker, a producer) that is killed when dropped, can be sent
-//!   SIGTERM or SIGKILL, and whose stderr goes to a file printed when the test fails;
+//!   SIGTERM or SIGKILL, paused (SIGSTOP) and resumed, and whose stderr goes to a file printed
+//!   when the test fails;
 //! - [`WorkerSpec`]: `ferry-worker run` with test-friendly settings;
 //! - [`Broker`]: a unique queue prefix on the test broker, its topology declared, with the
 //!   queue reads tests need (depths, `basic_get` drains), deleted at the end, also on panic;
@@ -193,6 +194,24 @@ impl Proc {
             .context("running kill(1)")?;
         ensure!(status.success(), "kill -{sig} {} failed", self.pid());
         Ok(())
+    }
+
+    /// Freezes the process with SIGSTOP, as a stalled VM or a debugger would: its sockets stay
+    /// open and its kernel still answers TCP, but it runs no code until [`Proc::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    /// Whether the process is stopped by a signal (state `T` in `/proc/PID/stat`).
+    pub fn is_paused(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("T")
     }
 
     pub fn sigterm(&self) -> Result<()> {

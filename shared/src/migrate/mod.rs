@@ -75,6 +75,14 @@ impl Default for MigrateConfig {
     }
 }
 
+impl MigrateConfig {
+    /// The lease TTL as a duration, which bounds every store session (see
+    /// `store::postgres::SessionLimits`).
+    pub fn lease_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::try_from(self.lease_ttl_ms).unwrap_or(0))
+    }
+}
+
 /// What a job asks for.
 #[derive(Clone, Debug)]
 pub struct Request {

@@ -548,7 +548,7 @@ struct Session {
 /// Opens the store, the campaign and the broker; the first campaign opened in a run says
 /// whether the run resumed it (a later attempt finds the record the first one created).
 async fn open_session(cfg: &EnqueueConfig, resumed: &mut Option<bool>) -> Result<Session, EnqueueError> {
-    let store = store::open(&cfg.store_url, STORE_POOL).await?;
+    let store = store::open_existing(&cfg.store_url, STORE_POOL).await?;
     let (record, existed) = open_campaign(&store, cfg).await?;
     if resumed.is_none() {
         *resumed = Some(existed);

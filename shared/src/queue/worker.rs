@@ -345,7 +345,10 @@ pub enum FleetError {
 /// Opens the store, serves HTTP, and consumes until `shutdown`.
 pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result<(), FleetError> {
     let pool = usize::from(cfg.worker.concurrency) + 2;
-    let store = crate::store::open(&cfg.store_url, pool).await?;
+    // The worker never creates its store: a wrong URL must fail, not ack a campaign away.
+    let opts =
+        crate::store::OpenOptions::new(pool, crate::store::OpenMode::Existing).lease_ttl(cfg.migrate.lease_ttl());
+    let store = crate::store::open_with(&cfg.store_url, &opts).await?;
     info!(store = %store.describe(), broker = %amqp::redacted(&cfg.worker.amqp_url), "worker starting");
     let ready = Readiness::default();
     let http = match cfg.http {

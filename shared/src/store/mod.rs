@@ -192,6 +192,10 @@ pub enum StoreError {
     TransactionTooLarge { size: usize, max: usize },
     #[error("invalid store URL: {0}")]
     InvalidUrl(String),
+    /// An [`OpenMode::Existing`] open found no store (no file, schema or `kv` table) at the
+    /// URL; nothing was created.
+    #[error("no ferry store at {url}: {what}")]
+    Missing { url: String, what: String },
 }
 
 impl StoreError {
@@ -203,7 +207,8 @@ impl StoreError {
             | StoreError::ValueTooLarge { .. }
             | StoreError::KeyTooLarge { .. }
             | StoreError::TransactionTooLarge { .. }
-            | StoreError::InvalidUrl(_) => false,
+            | StoreError::InvalidUrl(_)
+            | StoreError::Missing { .. } => false,
         }
     }
 }
@@ -235,11 +240,58 @@ pub trait Store: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
-/// Opens the backend a URL names (`sqlite:PATH` or `postgres://...`).
+/// Whether opening a store may create it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create the file and its directories (SQLite) or the schema and table (PostgreSQL) if
+    /// missing: for the commands that load data (`seed`, `import`, `local --seed-demo`).
+    Create,
+    /// The store must exist already: a missing one is [`StoreError::Missing`] and nothing is
+    /// created. Every other command opens this way, so a mistyped URL fails instead of
+    /// running a campaign against a new empty store.
+    #[default]
+    Existing,
+}
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Connections (PostgreSQL) or reader connections (SQLite).
+    pub pool_size: usize,
+    pub mode: OpenMode,
+    /// Time bounds of every PostgreSQL session (ignored by SQLite).
+    pub session: postgres::SessionLimits,
+}
+
+impl OpenOptions {
+    pub fn new(pool_size: usize, mode: OpenMode) -> OpenOptions {
+        OpenOptions { pool_size, mode, session: postgres::SessionLimits::default() }
+    }
+
+    /// Session bounds derived from the lease TTL of the workers using the store.
+    pub fn lease_ttl(mut self, ttl: std::time::Duration) -> OpenOptions {
+        self.session = postgres::SessionLimits::for_lease_ttl(ttl);
+        self
+    }
+}
+
+/// Opens the backend a URL names (`sqlite:PATH` or `postgres://...`), creating it if missing.
 pub async fn open(url: &str, pool_size: usize) -> Result<DynStore, StoreError> {
+    open_with(url, &OpenOptions::new(pool_size, OpenMode::Create)).await
+}
+
+/// Opens the store a URL names, which must exist: creates nothing.
+pub async fn open_existing(url: &str, pool_size: usize) -> Result<DynStore, StoreError> {
+    open_with(url, &OpenOptions::new(pool_size, OpenMode::Existing)).await
+}
+
+/// Opens the backend a URL names with explicit options.
+pub async fn open_with(url: &str, opts: &OpenOptions) -> Result<DynStore, StoreError> {
     match StoreUrl::parse(url)? {
-        StoreUrl::Sqlite { path } => Ok(Arc::new(sqlite::SqliteStore::open(&path, pool_size).await?)),
-        StoreUrl::Postgres(cfg) => Ok(Arc::new(postgres::PostgresStore::connect(cfg, pool_size).await?)),
+        StoreUrl::Sqlite { path } => {
+            Ok(Arc::new(sqlite::SqliteStore::open_with(&path, opts.pool_size, opts.mode).await?))
+        }
+        StoreUrl::Postgres(cfg) => Ok(Arc::new(postgres::PostgresStore::connect_with(cfg, opts).await?)),
     }
 }
 

@@ -6,26 +6,133 @@
 //! transaction (checks included, so a retried commit never acts on a stale read) a bounded
 //! number of times before it is reported as transient. Writes are batched: runs of sets and
 //! clears go out as one `UNNEST` statement each, never one round trip per key.
+//!
+//! Every session is bounded in time ([`SessionLimits`]), so a process that stops in the middle
+//! of a transaction (SIGSTOP, a stalled VM, a partitioned host) cannot hold row or predicate
+//! locks for longer than a lease: FoundationDB, which the store is modelled on, aborts a
+//! transaction after 5 s. Derived from the lease TTL `L` of the workers (`--lease-ttl-secs`,
+//! default 60 s; [`SessionLimits::for_lease_ttl`]) and sent in the startup packet of every
+//! connection:
+//!
+//! | setting | default | why |
+//! |---|---|---|
+//! | `idle_in_transaction_session_timeout` | `L/2` (30 s) | a paused holder's transaction, and its locks, end before its lease does |
+//! | `lock_timeout` | `L/4` (15 s) | a takeover blocked on a paused holder's row lock fails (transient, retried) instead of hanging |
+//! | `statement_timeout` | `3L/4` (45 s) | no statement outlives a lease |
+//! | `tcp_keepalives_idle` / `_interval` / `_count` (server) | 30 s / 10 s / 3 | the server drops a dead client's session in about a minute, not hours |
+//! | keepalives (client) | 30 s / 10 s / 3 | a dead server is noticed as fast |
+//! | `connect_timeout` | 10 s | a server that does not answer is an error, not a hang |
+//!
+//! The operator overrides any of them in the URL with the driver's own parameters:
+//! `options=-c%20lock_timeout%3D5s` (ferry's settings come first, so the URL's win),
+//! `connect_timeout=`, `keepalives_idle=`, `keepalives_interval=`, `keepalives_retries=`.
+//! `application_name` defaults to `ferry`.
+//!
+//! Errors keep their root cause (the server's SQLSTATE and message, or the chain of I/O
+//! errors, never a DETAIL line, which can quote row values) and name the server
+//! (`host:port`); the password never appears (the URL is redacted by `store::url`).
+//!
+//! [`OpenMode::Existing`] runs no DDL: a missing schema or `kv` table is
+//! [`StoreError::Missing`], naming it.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use futures::TryStreamExt;
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
 use super::url::{PostgresUrl, redact};
-use super::{Check, KeyRange, KeyValue, Mutation, RangeDigest, Store, StoreError, Txn, limits};
+use super::{Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Store, StoreError, Txn, limits};
 
 const BACKEND: &str = "postgres";
 /// How often one commit is re-run after a serialization failure before giving up as transient.
 const SERIALIZATION_RETRIES: u32 = 12;
 
+/// The time bounds of every ferry session (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub idle_in_transaction: Duration,
+    pub statement: Duration,
+    pub lock: Duration,
+    pub connect: Duration,
+    pub keepalives_idle: Duration,
+    pub keepalives_interval: Duration,
+    pub keepalives_retries: u32,
+}
+
+impl SessionLimits {
+    /// Bounds for workers whose leases live `ttl`: every one of them below it.
+    pub fn for_lease_ttl(ttl: Duration) -> SessionLimits {
+        let ttl = ttl.max(Duration::from_secs(2));
+        SessionLimits {
+            idle_in_transaction: ttl / 2,
+            statement: ttl * 3 / 4,
+            lock: ttl / 4,
+            connect: Duration::from_secs(10),
+            keepalives_idle: Duration::from_secs(30),
+            keepalives_interval: Duration::from_secs(10),
+            keepalives_retries: 3,
+        }
+    }
+
+    /// The server settings, as `-c name=value` switches of the startup `options`.
+    fn server_options(&self) -> String {
+        let ms = |d: Duration| d.as_millis();
+        format!(
+            "-c idle_in_transaction_session_timeout={} -c statement_timeout={} -c lock_timeout={} \
+             -c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}",
+            ms(self.idle_in_transaction),
+            ms(self.statement),
+            ms(self.lock),
+            self.keepalives_idle.as_secs(),
+            self.keepalives_interval.as_secs(),
+            self.keepalives_retries,
+        )
+    }
+
+    /// Applies the limits to a driver config, leaving every setting the URL gave alone.
+    fn apply(&self, config: &mut tokio_postgres::Config, url: &PostgresUrl) {
+        let options = match config.get_options().filter(|o| !o.trim().is_empty()) {
+            Some(theirs) => format!("{} {theirs}", self.server_options()),
+            None => self.server_options(),
+        };
+        config.options(options);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.connect);
+        }
+        config.keepalives(true);
+        if !url.has_param("keepalives_idle") {
+            config.keepalives_idle(self.keepalives_idle);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(self.keepalives_interval);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(self.keepalives_retries);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("ferry");
+        }
+    }
+}
+
+impl Default for SessionLimits {
+    /// The bounds for workers at the default lease TTL.
+    fn default() -> SessionLimits {
+        let ttl = u64::try_from(crate::migrate::DEFAULT_LEASE_TTL_MS).unwrap_or(60_000);
+        SessionLimits::for_lease_ttl(Duration::from_millis(ttl))
+    }
+}
+
 /// The PostgreSQL store: a deadpool connection pool and the statements it runs.
 pub struct PostgresStore {
     pool: Pool,
     described: String,
+    /// `host:port` of every server the URL names, for errors.
+    endpoint: String,
     sql: Statements,
 }
 
@@ -62,28 +169,42 @@ impl Statements {
 impl PostgresStore {
     /// Connects a pool of `pool_size` connections and creates the schema and table if missing.
     pub async fn connect(url: PostgresUrl, pool_size: usize) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_with(url, &OpenOptions::new(pool_size, OpenMode::Create)).await
+    }
+
+    /// Connects a pool; in [`OpenMode::Create`] creates the schema and table if missing, in
+    /// [`OpenMode::Existing`] checks they exist and runs no DDL.
+    pub async fn connect_with(url: PostgresUrl, opts: &OpenOptions) -> Result<PostgresStore, StoreError> {
         let described = redact(&url.conninfo);
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             url.conninfo.parse().map_err(|e| StoreError::InvalidUrl(format!("{described}: {e}")))?;
+        opts.session.apply(&mut config, &url);
+        let endpoint = endpoint(&config);
         let mgr_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let create_timeout = config.get_connect_timeout().copied().unwrap_or(opts.session.connect);
         let manager = if url.tls {
             Manager::from_config(config, tls_connector(), mgr_config)
         } else {
             Manager::from_config(config, NoTls, mgr_config)
         };
         let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
+            .max_size(opts.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
+            // The driver's own connect timeout fires first and says which server timed out;
+            // this one also covers the TLS handshake and authentication.
+            .create_timeout(Some(create_timeout + Duration::from_secs(5)))
             .build()
-            .map_err(|e| StoreError::Failed { backend: BACKEND, message: e.to_string() })?;
+            .map_err(|e| StoreError::Failed { backend: BACKEND, message: format!("{described}: {e}") })?;
         let table = match &url.schema {
             Some(schema) => format!("{schema}.kv"),
             None => "kv".to_string(),
         };
-        let store = PostgresStore { pool, described, sql: Statements::new(&table) };
-        store.create_table(url.schema.as_deref(), &table).await?;
+        let store = PostgresStore { pool, described, endpoint, sql: Statements::new(&table) };
+        match opts.mode {
+            OpenMode::Create => store.create_table(url.schema.as_deref(), &table).await?,
+            OpenMode::Existing => store.check_table(url.schema.as_deref(), &table).await?,
+        }
         Ok(store)
     }
 
@@ -99,21 +220,68 @@ impl PostgresStore {
             // Two processes creating the same table at once: the loser sees a unique violation
             // on the catalog, and the table exists.
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(()),
-            Err(e) => Err(map_err(e)),
+            Err(e) => Err(self.err(e)),
         }
     }
 
+    /// [`OpenMode::Existing`]: the schema and table must be there; nothing is created.
+    async fn check_table(&self, schema: Option<&str>, table: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let missing = |what: String| StoreError::Missing { url: self.described.clone(), what };
+        if let Some(schema) = schema {
+            let row = client
+                .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])
+                .await
+                .map_err(|e| self.err(e))?;
+            if !row.get::<_, bool>(0) {
+                return Err(missing(format!("schema {schema} does not exist")));
+            }
+        }
+        let row = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.map_err(|e| self.err(e))?;
+        if !row.get::<_, bool>(0) {
+            return Err(missing(format!("table {table} does not exist")));
+        }
+        Ok(())
+    }
+
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Unavailable { backend: BACKEND, message: e.to_string() })
+        self.pool.get().await.map_err(|e| self.pool_err(e))
+    }
+
+    /// A driver error as a store error: transient or not, with its root cause and the server.
+    fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        let message = format!("{} (server {}, {})", root_cause(&e), self.endpoint, self.described);
+        if is_transient(&e) {
+            StoreError::Unavailable { backend: BACKEND, message }
+        } else {
+            StoreError::Failed { backend: BACKEND, message }
+        }
+    }
+
+    /// A pool error: a failed connect keeps the driver's cause; every pool error is named.
+    fn pool_err(&self, e: PoolError) -> StoreError {
+        match e {
+            PoolError::Backend(e) => match self.err(e) {
+                StoreError::Unavailable { backend, message } => {
+                    StoreError::Unavailable { backend, message: format!("connecting: {message}") }
+                }
+                StoreError::Failed { backend, message } => {
+                    StoreError::Failed { backend, message: format!("connecting: {message}") }
+                }
+                other => other,
+            },
+            other => StoreError::Unavailable {
+                backend: BACKEND,
+                message: format!("{other} (server {}, {})", self.endpoint, self.described),
+            },
+        }
     }
 
     /// One attempt at a commit; `Ok(Err(..))` is a failed check.
     async fn try_commit(&self, txn: &Txn) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
         let mut client = match self.pool.get().await {
             Ok(c) => c,
-            Err(e) => {
-                return Ok(Err(StoreError::Unavailable { backend: BACKEND, message: e.to_string() }));
-            }
+            Err(e) => return Ok(Err(self.pool_err(e))),
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
         for (index, check) in txn.checks.iter().enumerate() {
@@ -218,62 +386,106 @@ fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
     tokio_postgres_rustls::MakeRustlsConnect::new(config)
 }
 
+/// Re-run inside [`Store::commit`]: the server gave up on this attempt, not on the commit.
 fn is_retryable(e: &tokio_postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
 }
 
-fn map_err(e: tokio_postgres::Error) -> StoreError {
-    let message = e.to_string();
-    let transient = match e.code() {
+/// Whether retrying later can succeed.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
         None => true, // I/O, closed connection, timeouts: the server or network went away.
         Some(c) => {
-            is_retryable(&e)
+            is_retryable(e)
                 || *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::TOO_MANY_CONNECTIONS
                 || *c == SqlState::CONNECTION_FAILURE
                 || *c == SqlState::CONNECTION_EXCEPTION
+                // statement_timeout, or a cancel.
                 || *c == SqlState::QUERY_CANCELED
+                // lock_timeout: a takeover waited on the row lock of a paused holder, whose
+                // session the idle timeout is about to end.
+                || *c == SqlState::LOCK_NOT_AVAILABLE
+                // Our own session outlived idle_in_transaction_session_timeout.
+                || *c == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+                // Class 53, insufficient resources: out of memory (`out of shared memory` when
+                // a long transaction exhausts max_pred_locks_per_transaction), disk full, too
+                // many connections. They pass when the transaction holding them ends.
+                || c.code().starts_with("53")
                 || c.code().starts_with("08")
         }
-    };
-    if transient {
-        StoreError::Unavailable { backend: BACKEND, message }
-    } else {
-        StoreError::Failed { backend: BACKEND, message }
     }
+}
+
+/// The root cause of a driver error: the server's severity, SQLSTATE and message (never its
+/// DETAIL, which can quote row values), or the error and its chain of sources.
+fn root_cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!(" (hint: {hint})"));
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// `host:port` of every server a config names (a Unix socket by its directory).
+fn endpoint(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            // The driver's rule: one port for every host, or one each; 5432 when none.
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}/.s.PGSQL.{port}", path.display()),
+            }
+        })
+        .collect();
+    if hosts.is_empty() { "localhost:5432".into() } else { hosts.join(",") }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.get).await.map_err(map_err)?;
-        let row = client.query_opt(&stmt, &[&key]).await.map_err(map_err)?;
+        let stmt = client.prepare_cached(&self.sql.get).await.map_err(|e| self.err(e))?;
+        let row = client.query_opt(&stmt, &[&key]).await.map_err(|e| self.err(e))?;
         Ok(row.map(|r| r.get(0)))
     }
 
     async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.scan).await.map_err(map_err)?;
+        let stmt = client.prepare_cached(&self.sql.scan).await.map_err(|e| self.err(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client.query(&stmt, &[&range.start, &range.end, &limit]).await.map_err(map_err)?;
+        let rows = client.query(&stmt, &[&range.start, &range.end, &limit]).await.map_err(|e| self.err(e))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.first_key).await.map_err(map_err)?;
-        let row = client.query_opt(&stmt, &[&range.start, &range.end]).await.map_err(map_err)?;
+        let stmt = client.prepare_cached(&self.sql.first_key).await.map_err(|e| self.err(e))?;
+        let row = client.query_opt(&stmt, &[&range.start, &range.end]).await.map_err(|e| self.err(e))?;
         Ok(row.map(|r| r.get(0)))
     }
 
     async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sql.scan_keys).await.map_err(map_err)?;
+        let stmt = client.prepare_cached(&self.sql.scan_keys).await.map_err(|e| self.err(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client.query(&stmt, &[&range.start, &range.end, &limit]).await.map_err(map_err)?;
+        let rows = client.query(&stmt, &[&range.start, &range.end, &limit]).await.map_err(|e| self.err(e))?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
@@ -288,12 +500,83 @@ impl Store for PostgresStore {
                     let jitter = rand::random_range(0..=(5u64 << attempt.min(6)));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
-                Err(e) => return Err(map_err(e)),
+                Err(e) => return Err(self.err(e)),
             }
         }
     }
 
     fn describe(&self) -> String {
         self.described.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(conninfo: &str) -> PostgresUrl {
+        match super::super::StoreUrl::parse(conninfo).expect("test URL parses") {
+            super::super::StoreUrl::Postgres(p) => p,
+            other => panic!("not postgres: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_are_below_the_lease_ttl_and_the_url_overrides_them() {
+        let limits = SessionLimits::for_lease_ttl(Duration::from_secs(5));
+        for bound in [limits.idle_in_transaction, limits.statement, limits.lock] {
+            assert!(bound < Duration::from_secs(5), "{limits:?}");
+        }
+        assert!(limits.lock < limits.idle_in_transaction, "{limits:?}");
+
+        let plain = url("postgres://u@h/db");
+        let mut config: tokio_postgres::Config = plain.conninfo.parse().unwrap();
+        limits.apply(&mut config, &plain);
+        let options = config.get_options().unwrap();
+        assert!(options.contains("-c idle_in_transaction_session_timeout=2500"), "{options}");
+        assert!(options.contains("-c lock_timeout=1250"), "{options}");
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(config.get_application_name(), Some("ferry"));
+
+        // The operator's settings come after ferry's (the server keeps the last) or replace them.
+        let custom = url(
+            "postgres://u@h/db?options=-c%20lock_timeout%3D300&connect_timeout=3&keepalives_idle=7&application_name=x",
+        );
+        let mut config: tokio_postgres::Config = custom.conninfo.parse().unwrap();
+        limits.apply(&mut config, &custom);
+        let options = config.get_options().unwrap();
+        assert!(options.ends_with(" -c lock_timeout=300"), "{options}");
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(7));
+        assert_eq!(config.get_application_name(), Some("x"));
+    }
+
+    /// A real server error of SQLSTATE `code`.
+    async fn server_error(client: &tokio_postgres::Client, code: &str) -> tokio_postgres::Error {
+        let sql = format!("DO $$ BEGIN RAISE EXCEPTION 'raised {code}' USING ERRCODE = '{code}'; END $$");
+        client.batch_execute(&sql).await.expect_err("RAISE fails")
+    }
+
+    #[tokio::test]
+    async fn timeouts_and_exhausted_server_resources_are_transient_schema_and_auth_errors_are_not() {
+        let base = crate::testing::postgres_url();
+        let (client, conn) = tokio_postgres::connect(&base, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL must be running for this test ({base}): {e}"));
+        tokio::spawn(conn);
+        // 53200: `out of shared memory` (max_pred_locks_per_transaction) while a paused worker
+        // keeps a SERIALIZABLE transaction open; 55P03 lock_timeout; 57014 statement_timeout;
+        // 25P03 idle_in_transaction_session_timeout; 53300 too many connections.
+        for code in ["53200", "55P03", "57014", "25P03", "53300", "40001", "40P01"] {
+            let e = server_error(&client, code).await;
+            assert!(is_transient(&e), "{code} should be transient: {}", root_cause(&e));
+        }
+        for code in ["3D000", "28000", "42P01", "42501", "22000"] {
+            let e = server_error(&client, code).await;
+            assert!(!is_transient(&e), "{code} should be permanent: {}", root_cause(&e));
+        }
+        let e = server_error(&client, "53200").await;
+        assert_eq!(root_cause(&e), "ERROR 53200: raised 53200");
     }
 }

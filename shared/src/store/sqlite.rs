@@ -5,6 +5,10 @@
 //! `spawn_blocking`, on one of a few reader connections or the single writer connection
 //! (SQLite has one writer at a time anyway; `BEGIN IMMEDIATE` makes other processes on the
 //! same file wait for the busy timeout instead of failing a commit half-way).
+//!
+//! Opening in [`OpenMode::Existing`] creates nothing: the file is opened read-write without
+//! `SQLITE_OPEN_CREATE`, no directory is made, and a file without the `kv` table is
+//! [`StoreError::Missing`] before any pragma writes to it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use super::{Check, KeyRange, KeyValue, Mutation, RangeDigest, Store, StoreError, Txn, limits};
+use super::{Check, KeyRange, KeyValue, Mutation, OpenMode, RangeDigest, Store, StoreError, Txn, limits};
 
 const BACKEND: &str = "sqlite";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,17 +38,29 @@ struct Inner {
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, with `readers` reader connections.
     pub async fn open(path: &str, readers: usize) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, readers, OpenMode::Create).await
+    }
+
+    /// Opens the store at `path`; in [`OpenMode::Existing`] it must exist with its `kv` table.
+    pub async fn open_with(path: &str, readers: usize, mode: OpenMode) -> Result<SqliteStore, StoreError> {
         let path = path.to_string();
         let readers = readers.clamp(1, 16);
         let inner = tokio::task::spawn_blocking(move || -> Result<Inner, StoreError> {
-            let writer = open_connection(&path)?;
-            writer
-                .execute_batch(
-                    "CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
-                )
-                .map_err(map_err)?;
-            let readers =
-                (0..readers).map(|_| open_connection(&path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+            let writer = match mode {
+                OpenMode::Create => {
+                    let writer = open_connection(&path, OpenMode::Create)?;
+                    writer
+                        .execute_batch(
+                            "CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+                        )
+                        .map_err(map_err)?;
+                    writer
+                }
+                OpenMode::Existing => open_connection(&path, OpenMode::Existing)?,
+            };
+            let readers = (0..readers)
+                .map(|_| open_connection(&path, OpenMode::Existing).map(Mutex::new))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Inner { path, readers, writer: Mutex::new(writer), next_reader: AtomicUsize::new(0) })
         })
         .await
@@ -67,14 +83,37 @@ impl SqliteStore {
     }
 }
 
-fn open_connection(path: &str) -> Result<Connection, StoreError> {
-    if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Failed {
-            backend: BACKEND,
-            message: format!("creating {}: {e}", dir.display()),
-        })?;
-    }
-    let conn = Connection::open(path).map_err(map_err)?;
+fn open_connection(path: &str, mode: OpenMode) -> Result<Connection, StoreError> {
+    let conn = match mode {
+        OpenMode::Create => {
+            if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Failed {
+                    backend: BACKEND,
+                    message: format!("creating {}: {e}", dir.display()),
+                })?;
+            }
+            Connection::open(path).map_err(map_err)?
+        }
+        OpenMode::Existing => {
+            let missing = |what: String| StoreError::Missing { url: format!("sqlite:{path}"), what };
+            if !Path::new(path).is_file() {
+                return Err(missing("no such file".into()));
+            }
+            let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = Connection::open_with_flags(path, flags)
+                .map_err(|e| missing(format!("cannot open the file: {}", map_err(e))))?;
+            // Checked before the pragmas below, which would write a header into an empty file.
+            let has_kv = conn
+                .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'kv'", [], |_| Ok(()))
+                .optional()
+                .map_err(|e| missing(format!("not a ferry store ({})", map_err(e))))?
+                .is_some();
+            if !has_kv {
+                return Err(missing("the file has no kv table".into()));
+            }
+            conn
+        }
+    };
     conn.busy_timeout(BUSY_TIMEOUT).map_err(map_err)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(map_err)?;

@@ -31,6 +31,14 @@ impl std::fmt::Debug for PostgresUrl {
     }
 }
 
+impl PostgresUrl {
+    /// Whether the driver URL sets query parameter `name` (an operator's override).
+    pub fn has_param(&self, name: &str) -> bool {
+        let query = self.conninfo.split_once('?').map_or("", |(_, q)| q);
+        query.split('&').any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == name)
+    }
+}
+
 impl StoreUrl {
     pub fn parse(url: &str) -> Result<StoreUrl, StoreError> {
         if let Some(path) = url.strip_prefix("sqlite:") {
