@@ -578,7 +578,6 @@ fn record_success(started: i64, now: i64, pages: u32, v1_bytes: u64, delta_bytes
     metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(pages));
     metrics::counter!(m::V1_BYTES_MIGRATED).increment(v1_bytes);
     metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(delta_bytes);
-    debug!(pages, bytes = v1_bytes, "migrated");
 }
 
 /// The SQLite-level checks on a read image (blocking). Records which recovery actually
