@@ -103,7 +103,7 @@ impl JobRunner {
     pub fn span(&self, body: &[u8]) -> tracing::Span {
         let worker = &self.migrator.config().worker_id;
         match Job::parse(body) {
-            Ok(job) => job_span(Some(job.actor_id.as_str()), Some(&job.campaign), worker),
+            Ok(job) => self.job_span(&job),
             Err(_) => {
                 let names = BadMessage::names(body);
                 job_span(names.actor.as_deref(), names.campaign.as_deref(), worker)
@@ -111,13 +111,18 @@ impl JobRunner {
         }
     }
 
-    /// Runs `job` in its span.
-    pub async fn run_job(&self, job: &Job, attempts: u32) -> Disposition {
-        let span = job_span(Some(job.actor_id.as_str()), Some(&job.campaign), &self.migrator.config().worker_id);
-        self.run_job_in_current_span(job, attempts).instrument(span).await
+    /// The span of `job` (see [`JobRunner::span`]).
+    pub fn job_span(&self, job: &Job) -> tracing::Span {
+        job_span(Some(job.actor_id.as_str()), Some(&job.campaign), &self.migrator.config().worker_id)
     }
 
-    async fn run_job_in_current_span(&self, job: &Job, attempts: u32) -> Disposition {
+    /// Runs `job` in its span.
+    pub async fn run_job(&self, job: &Job, attempts: u32) -> Disposition {
+        self.run_job_in_current_span(job, attempts).instrument(self.job_span(job)).await
+    }
+
+    /// [`JobRunner::run_job`] in the caller's span (a caller that logs more about the job).
+    pub(crate) async fn run_job_in_current_span(&self, job: &Job, attempts: u32) -> Disposition {
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
         let _reservation = self.budget.reserve(self.footprint(job).await).await;

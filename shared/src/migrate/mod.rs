@@ -162,8 +162,8 @@ impl Migrator {
         self.clock.now_ms()
     }
 
-    /// Migrates one actor (or records why it was skipped).
-    #[tracing::instrument(name = "migrate", skip_all, fields(actor = %req.actor, campaign = %req.campaign))]
+    /// Migrates one actor (or records why it was skipped). Its lines are logged in the caller's
+    /// job span (`telemetry::job_span`: actor, campaign, worker).
     pub async fn migrate(&self, req: &Request) -> Result<Outcome, MigrateError> {
         let started = self.clock.now_ms();
         let fail = |phase: Phase, cause: Cause, files: Option<V1Files>| MigrateError {
