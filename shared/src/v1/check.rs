@@ -115,13 +115,18 @@ pub fn one_line_report(rows: &[String]) -> String {
         .flat_map(|r| r.lines())
         .map(str::trim)
         // The check is always of `main`: SQLite's per-database heading says nothing.
-        .filter(|l| !l.is_empty() && !(l.starts_with("*** in database ") && l.ends_with(" ***")))
+        .filter(|l| !l.is_empty() && !is_database_heading(l))
         .collect();
     let mut detail = lines.iter().take(MAX_REPORTED_PROBLEMS).copied().collect::<Vec<_>>().join("; ");
     if lines.len() > MAX_REPORTED_PROBLEMS {
         detail.push_str(&format!("; and {} more", lines.len() - MAX_REPORTED_PROBLEMS));
     }
     detail
+}
+
+/// SQLite's `*** in database main ***` line.
+fn is_database_heading(line: &str) -> bool {
+    line.starts_with("*** in database ") && line.ends_with(" ***")
 }
 
 #[cfg(test)]
