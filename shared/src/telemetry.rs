@@ -100,3 +100,30 @@ pub fn default_worker_id() -> String {
         .unwrap_or_else(|| "ferry".into());
     format!("{host}-{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ceiling_holds_libraries_down_and_leaves_ferry_free() {
+        let c = ceiling();
+        for target in ["ferry", "ferry::jobs::run", "ferry_producer", "ferry_worker"] {
+            assert!(c.would_enable(target, &Level::TRACE), "{target}");
+        }
+        // What logs credentials and payloads below these levels stays below them.
+        for (target, highest_off) in [
+            ("lapin::channel", Level::INFO),
+            ("lapin::returned_messages", Level::WARN),
+            ("amq_protocol_tcp", Level::INFO),
+            ("tokio_postgres::query", Level::DEBUG),
+            ("deadpool.postgres", Level::DEBUG),
+            ("rustls::client::hs", Level::DEBUG),
+            ("some_future_dependency", Level::DEBUG),
+        ] {
+            assert!(!c.would_enable(target, &highest_off), "{target} at {highest_off}");
+        }
+        assert!(c.would_enable("tokio_postgres::connection", &Level::INFO));
+        assert!(c.would_enable("lapin::channel", &Level::WARN));
+    }
+}

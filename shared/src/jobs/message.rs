@@ -141,6 +141,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_message_gives_only_valid_names_to_the_logs() {
+        let names = BadMessage::names(br#"{"version":2,"campaign":"c-1","actor_id":"a1","x":"secret payload"}"#);
+        assert_eq!((names.actor.as_deref(), names.campaign.as_deref()), (Some("a1"), Some("c-1")));
+        let names = BadMessage::names(br#"{"version":1,"campaign":"c/../d","actor_id":"../x","enqueued_at_ms":0}"#);
+        assert_eq!((names.actor, names.campaign), (None, None));
+        assert_eq!((names.raw_actor.as_str(), names.raw_campaign.as_str()), ("../x", "c/../d"));
+        assert_eq!(BadMessage::names(b"not json"), BodyNames::default());
+        let bad = Job::parse(br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":"secret payload"}"#);
+        let bad = bad.unwrap_err();
+        assert_eq!(bad.kind(), "malformed");
+    }
+
+    #[test]
     fn hostile_messages_are_bad_messages() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let huge = format!(
