@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::actor::ActorId;
 use crate::budget::MemoryBudget;
@@ -173,20 +173,25 @@ struct Finished {
 }
 
 /// Runs one actor to a final disposition, retrying transient failures in-process.
+/// All in the job's span, the retry lines included.
 async fn run_actor(runner: Arc<JobRunner>, job: Job) -> Finished {
-    let mut attempts = 1;
-    loop {
-        match runner.run_job(&job, attempts).await {
-            Disposition::Retry { delay, error, .. } => {
-                warn!(actor = %job.actor_id, attempts, %error, "retrying");
-                tokio::time::sleep(delay).await;
-                attempts += 1;
-            }
-            disposition => {
-                return Finished { disposition, attempts };
+    let span = runner.job_span(&job);
+    let run = async {
+        let mut attempts = 1;
+        loop {
+            match runner.run_job_in_current_span(&job, attempts).await {
+                Disposition::Retry { delay, error, .. } => {
+                    warn!(attempts, %error, "retrying");
+                    tokio::time::sleep(delay).await;
+                    attempts += 1;
+                }
+                disposition => {
+                    return Finished { disposition, attempts };
+                }
             }
         }
-    }
+    };
+    run.instrument(span).await
 }
 
 /// Seeds a demo keyspace when asked and the store has no v1 data.

@@ -40,6 +40,51 @@ pub enum BadMessage {
     Campaign(String),
 }
 
+impl BadMessage {
+    /// The kind of problem, safe to log (the error text may quote the body).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BadMessage::TooLarge(_) => "too_large",
+            BadMessage::Malformed(_) => "malformed",
+            BadMessage::Version(_) => "version",
+            BadMessage::Campaign(_) => "campaign",
+        }
+    }
+
+    /// The actor and campaign names a body that is not a valid job carries, as far as they can
+    /// be read safely: only a body within [`MAX_MESSAGE_BYTES`] is parsed (an oversized one
+    /// would be outside the memory budget).
+    pub fn names(body: &[u8]) -> BodyNames {
+        let raw: serde_json::Value = if body.len() <= MAX_MESSAGE_BYTES {
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)
+        } else {
+            serde_json::Value::Null
+        };
+        let field = |name: &str| raw.get(name).and_then(|v| v.as_str()).unwrap_or("");
+        let (actor, campaign) = (field("actor_id"), field("campaign"));
+        BodyNames {
+            actor: ActorId::parse(actor).ok().map(|a| a.to_string()),
+            campaign: Some(campaign).filter(|c| valid_campaign(c)).map(str::to_string),
+            raw_actor: actor.chars().take(80).collect(),
+            raw_campaign: campaign.chars().take(80).collect(),
+        }
+    }
+}
+
+/// What [`BadMessage::names`] read from a body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BodyNames {
+    /// The actor id, when it is a valid one (safe to log).
+    pub actor: Option<String>,
+    /// The campaign, when it is a valid name (safe to log).
+    pub campaign: Option<String>,
+    /// The first 80 characters of `actor_id` as sent, valid or not: kept in the dead letter
+    /// for triage, never logged.
+    pub raw_actor: String,
+    /// The first 80 characters of `campaign` as sent, valid or not (dead letter only).
+    pub raw_campaign: String,
+}
+
 /// Whether `name` can name a campaign (it appears in keys and message ids).
 pub fn valid_campaign(name: &str) -> bool {
     !name.is_empty()
@@ -93,6 +138,19 @@ mod tests {
         let with_recovery =
             br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":0,"recovery":"rollback_journal"}"#;
         assert_eq!(Job::parse(with_recovery).unwrap().recovery, Some(Recovery::RollbackJournal));
+    }
+
+    #[test]
+    fn a_bad_message_gives_only_valid_names_to_the_logs() {
+        let names = BadMessage::names(br#"{"version":2,"campaign":"c-1","actor_id":"a1","x":"secret payload"}"#);
+        assert_eq!((names.actor.as_deref(), names.campaign.as_deref()), (Some("a1"), Some("c-1")));
+        let names = BadMessage::names(br#"{"version":1,"campaign":"c/../d","actor_id":"../x","enqueued_at_ms":0}"#);
+        assert_eq!((names.actor, names.campaign), (None, None));
+        assert_eq!((names.raw_actor.as_str(), names.raw_campaign.as_str()), ("../x", "c/../d"));
+        assert_eq!(BadMessage::names(b"not json"), BodyNames::default());
+        let bad = Job::parse(br#"{"version":1,"campaign":"c","actor_id":"a","enqueued_at_ms":"secret payload"}"#);
+        let bad = bad.unwrap_err();
+        assert_eq!(bad.kind(), "malformed");
     }
 
     #[test]

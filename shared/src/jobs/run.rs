@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::budget::MemoryBudget;
 use crate::keys;
@@ -23,7 +23,8 @@ use crate::v1::keys::{decode_meta, meta_key};
 
 use super::dead::{DeadLetter, kept_body};
 use super::gate::{Admission, CampaignGate};
-use super::message::{BadMessage, Job, MAX_MESSAGE_BYTES};
+use super::message::{BadMessage, Job};
+use crate::telemetry::job_span;
 
 /// How transient failures are retried.
 #[derive(Clone, Debug)]
@@ -87,15 +88,46 @@ pub struct JobRunner {
 }
 
 impl JobRunner {
-    /// Runs the job in `body`, delivered for the `attempts`-th time.
+    /// Runs the job in `body`, delivered for the `attempts`-th time, in its [`JobRunner::span`].
     pub async fn run(&self, body: &[u8], attempts: u32) -> Disposition {
+        self.run_in_current_span(body, attempts).instrument(self.span(body)).await
+    }
+
+    /// [`JobRunner::run`] in the caller's span: for a caller that keeps the job's span around
+    /// more than the run (the worker settles the delivery in it).
+    pub(crate) async fn run_in_current_span(&self, body: &[u8], attempts: u32) -> Disposition {
         match Job::parse(body) {
-            Ok(job) => self.run_job(&job, attempts).await,
+            Ok(job) => self.run_job_in_current_span(&job, attempts).await,
             Err(bad) => self.bad_message(body, &bad, attempts),
         }
     }
 
+    /// The span every line about the job in `body` is logged in: its actor, campaign and this
+    /// worker. Of a body that is not a valid job, only the names that are valid ids are kept
+    /// (nothing else of a body ever reaches a log).
+    pub fn span(&self, body: &[u8]) -> tracing::Span {
+        let worker = &self.migrator.config().worker_id;
+        match Job::parse(body) {
+            Ok(job) => self.job_span(&job),
+            Err(_) => {
+                let names = BadMessage::names(body);
+                job_span(names.actor.as_deref(), names.campaign.as_deref(), worker)
+            }
+        }
+    }
+
+    /// The span of `job` (see [`JobRunner::span`]).
+    pub fn job_span(&self, job: &Job) -> tracing::Span {
+        job_span(Some(job.actor_id.as_str()), Some(&job.campaign), &self.migrator.config().worker_id)
+    }
+
+    /// Runs `job` in its span.
     pub async fn run_job(&self, job: &Job, attempts: u32) -> Disposition {
+        self.run_job_in_current_span(job, attempts).instrument(self.job_span(job)).await
+    }
+
+    /// [`JobRunner::run_job`] in the caller's span (a caller that logs more about the job).
+    pub(crate) async fn run_job_in_current_span(&self, job: &Job, attempts: u32) -> Disposition {
         if let Err(e) = self.admit(job).await {
             return self.failed(job, e, attempts).await;
         }
@@ -109,8 +141,13 @@ impl JobRunner {
         match result {
             Ok(outcome) => {
                 metrics::counter!(m::OUTCOMES, "outcome" => outcome.kind().as_str()).increment(1);
-                if let Some(bytes) = outcome.audit.v1_bytes.filter(|_| outcome.kind() == OutcomeKind::Migrated) {
-                    metrics::histogram!(m::JOB_V1_BYTES).record(bytes as f64);
+                if outcome.kind() == OutcomeKind::Migrated {
+                    let a = &outcome.audit;
+                    if let Some(bytes) = a.v1_bytes {
+                        metrics::histogram!(m::JOB_V1_BYTES).record(bytes as f64);
+                    }
+                    let ms = (a.finished_at_ms - a.started_at_ms).max(0);
+                    info!(pages = a.pages, bytes = a.v1_bytes, ms, "migrated");
                 }
                 Disposition::Ack(outcome)
             }
@@ -149,8 +186,8 @@ impl JobRunner {
         metrics::counter!(m::FAILURES, "phase" => e.phase.as_str(), "kind" => e.cause.kind()).increment(1);
         let reason = match e.fate() {
             Fate::Defer => {
-                warn!(actor = %job.actor_id, campaign = %job.campaign, store = %self.migrator.store().describe(),
-                      error = %e, "job handed back: its campaign is not in this worker's store");
+                warn!(store = %self.migrator.store().describe(), error = %e,
+                      "job handed back: its campaign is not in this worker's store");
                 // The longest delay of the policy: a misdirected worker must not spin on the jobs
                 // it hands back.
                 return Disposition::Retry { delay: self.retry.max_delay, error: e.to_string(), uses_attempt: false };
@@ -159,7 +196,7 @@ impl JobRunner {
             Fate::Retry if attempts < self.retry.max_attempts => {
                 let delay = self.retry.delay(attempts);
                 metrics::counter!(m::RETRIES).increment(1);
-                info!(actor = %job.actor_id, attempts, ?delay, error = %e, "transient failure; retrying later");
+                info!(attempts, ?delay, error = %e, "transient failure; retrying later");
                 return Disposition::Retry { delay, error: e.to_string(), uses_attempt: true };
             }
             Fate::Retry => DeadLetterReason::RetriesExhausted,
@@ -184,7 +221,7 @@ impl JobRunner {
             Ok(()) => {}
             // Out of retries and the store is down: the broker's dead letter is the record.
             Err(err) if reason == DeadLetterReason::RetriesExhausted && self.sink == DeadLetterSink::Broker => {
-                warn!(actor = %job.actor_id, error = %err, "could not write the audit of an exhausted job");
+                warn!(error = %err, "could not write the audit of an exhausted job");
             }
             Err(err) => {
                 let delay = self.retry.delay(attempts);
@@ -197,7 +234,7 @@ impl JobRunner {
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
-        warn!(actor = %job.actor_id, %reason, error = %e, "dead-lettered");
+        warn!(%reason, attempts, error = %e, "dead-lettered");
         Disposition::DeadLetter(dead)
     }
 
@@ -234,18 +271,12 @@ impl JobRunner {
     fn bad_message(&self, body: &[u8], bad: &BadMessage, attempts: u32) -> Disposition {
         metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
-        warn!(error = %bad, "bad message dead-lettered");
-        // Only a body within the message limit is parsed for its names: an oversized one is
-        // never parsed at all (it would be outside the memory budget).
-        let raw: serde_json::Value = if body.len() <= MAX_MESSAGE_BYTES {
-            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null)
-        } else {
-            serde_json::Value::Null
-        };
-        let field = |name: &str| raw.get(name).and_then(|v| v.as_str()).unwrap_or("").chars().take(80).collect();
+        // The log names the problem, never the body (the dead letter keeps it for triage).
+        warn!(problem = bad.kind(), bytes = body.len(), "bad message dead-lettered");
+        let names = BadMessage::names(body);
         Disposition::DeadLetter(DeadLetter {
-            actor_id: field("actor_id"),
-            campaign: field("campaign"),
+            actor_id: names.raw_actor,
+            campaign: names.raw_campaign,
             reason: DeadLetterReason::BadMessage,
             phase: "parse".into(),
             error: bad.to_string(),

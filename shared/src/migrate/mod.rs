@@ -171,8 +171,8 @@ impl Migrator {
         self.clock.now_ms()
     }
 
-    /// Migrates one actor (or records why it was skipped).
-    #[tracing::instrument(name = "migrate", skip_all, fields(actor = %req.actor, campaign = %req.campaign))]
+    /// Migrates one actor (or records why it was skipped). Its lines are logged in the caller's
+    /// job span (`telemetry::job_span`: actor, campaign, worker).
     pub async fn migrate(&self, req: &Request) -> Result<Outcome, MigrateError> {
         let started = self.clock.now_ms();
         let fail = |phase: Phase, cause: Cause, files: Option<V1Files>| MigrateError {
@@ -601,7 +601,6 @@ fn record_success(started: i64, now: i64, pages: u32, v1_bytes: u64, delta_bytes
     metrics::counter!(m::PAGES_MIGRATED).increment(u64::from(pages));
     metrics::counter!(m::V1_BYTES_MIGRATED).increment(v1_bytes);
     metrics::counter!(m::DELTA_BYTES_WRITTEN).increment(delta_bytes);
-    debug!(pages, bytes = v1_bytes, "migrated");
 }
 
 /// The SQLite-level checks on a read image (blocking). Records which recovery actually

@@ -26,7 +26,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::http::Readiness;
 use crate::jobs::{DeadLetter, Disposition, JobRunner};
@@ -236,12 +236,18 @@ async fn close(conn: &Connection, consume: &Channel, publish: &Channel) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
-/// Runs one delivery and settles it.
+/// Runs one delivery and settles it, in the job's span: the run's lines and the settle's
+/// (retry, dead letter, hand-back) carry its actor, campaign and worker.
 async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topology: &Topology) {
+    let span = runner.span(&delivery.data);
+    handle_in_span(delivery, runner, publish, topology).instrument(span).await;
+}
+
+async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channel, topology: &Topology) {
     let attempts = amqp::attempts_before(&delivery.properties).saturating_add(1);
     // A panic in a job is a bug; hand the job back instead of holding its prefetch slot, so
     // the broker's delivery limit dead-letters it if it keeps happening.
-    let run = std::panic::AssertUnwindSafe(runner.run(&delivery.data, attempts));
+    let run = std::panic::AssertUnwindSafe(runner.run_in_current_span(&delivery.data, attempts));
     let Ok(disposition) = futures::FutureExt::catch_unwind(run).await else {
         error!("a job panicked; handing it back");
         if let Err(e) = delivery.acker.reject(BasicRejectOptions { requeue: true }).await {

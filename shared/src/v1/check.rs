@@ -102,9 +102,63 @@ fn run_quick_check(file: &[u8]) -> Result<(), V1Rejection> {
     if lines.len() == 1 && lines[0] == "ok" {
         return Ok(());
     }
-    let mut detail = lines.iter().take(MAX_REPORTED_PROBLEMS).cloned().collect::<Vec<_>>().join("; ");
+    Err(failed(one_line_report(&lines)))
+}
+
+/// A quick_check report as one line: its rows (SQLite puts several lines in one row, e.g.
+/// `*** in database main ***\nPage 5: ...`) split into lines, the heading dropped, the first
+/// [`MAX_REPORTED_PROBLEMS`] kept, joined with `"; "`. The rejection carries this text into
+/// logs, audit records, dead letters and `dlq export`, where one problem is one line.
+pub fn one_line_report(rows: &[String]) -> String {
+    let lines: Vec<&str> = rows
+        .iter()
+        .flat_map(|r| r.lines())
+        .map(str::trim)
+        // The check is always of `main`: SQLite's per-database heading says nothing.
+        .filter(|l| !l.is_empty() && !is_database_heading(l))
+        .collect();
+    let mut detail = lines.iter().take(MAX_REPORTED_PROBLEMS).copied().collect::<Vec<_>>().join("; ");
     if lines.len() > MAX_REPORTED_PROBLEMS {
         detail.push_str(&format!("; and {} more", lines.len() - MAX_REPORTED_PROBLEMS));
     }
-    Err(failed(detail))
+    detail
+}
+
+/// SQLite's `*** in database main ***` line.
+fn is_database_heading(line: &str) -> bool {
+    line.starts_with("*** in database ") && line.ends_with(" ***")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::sqlite::{DbSpec, scribbled};
+
+    fn rejection_detail(mut file: Vec<u8>) -> String {
+        match quick_check(&mut file) {
+            Err(V1Rejection::IntegrityCheckFailed { detail }) => detail,
+            other => panic!("expected integrity_check_failed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_corrupt_database_is_reported_on_one_line() {
+        // A real database with a scribbled b-tree page: SQLite reports its twenty broken cells
+        // in one row of many lines.
+        let detail = rejection_detail(scribbled(&DbSpec::small(17)).unwrap());
+        assert!(!detail.contains(['\n', '\r']), "{detail:?}");
+        let problems: Vec<&str> = detail.split("; ").collect();
+        assert_eq!(problems.len(), MAX_REPORTED_PROBLEMS + 1, "{detail:?}");
+        assert!(problems[..MAX_REPORTED_PROBLEMS].iter().all(|p| p.starts_with("Tree ")), "{detail:?}");
+        assert!(problems[MAX_REPORTED_PROBLEMS].starts_with("and ") && detail.ends_with(" more"), "{detail:?}");
+        let rejection = V1Rejection::IntegrityCheckFailed { detail };
+        assert!(!rejection.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn a_report_of_several_rows_of_several_lines_is_one_line() {
+        let rows =
+            ["*** in database main ***\nPage 5: never used\r\n".to_string(), "row 3 missing from index i".into()];
+        assert_eq!(one_line_report(&rows), "Page 5: never used; row 3 missing from index i");
+    }
 }
