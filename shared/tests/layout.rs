@@ -420,3 +420,41 @@ fn v2_clear_ranges_cover_the_actors_keys_and_chunk_rows_only() {
     assert!(!covered(&v2_chunk_key(format!("v2/{other}/META").as_bytes(), 0).unwrap()));
     assert!(!covered(&v1_metadata_key(&id, b"\x08")));
 }
+
+#[test]
+fn v1_user_key_prefix_ranges_hold_exactly_the_keys_with_that_prefix() {
+    let id = doc_id();
+    // The meta keys of the four files, and a prefix ending in a zero byte.
+    for prefix in [h("08 01 00"), h("08 01 01 00"), h("08 00"), h("00")] {
+        let range = v1_user_key_prefix_range(&id, &prefix);
+        for k in [
+            h("08"),
+            h("08 00"),
+            h("08 00 ff"),
+            h("08 01 00"),
+            h("08 01 00 03"),
+            h("08 01 01 00 00 00 00 07"),
+            h("08 01 01"),
+            h("00"),
+            h("00 00"),
+            h("01"),
+        ] {
+            let rows = [v1_data_key(&id, &k, 0), v1_data_key(&id, &k, 9), v1_metadata_key(&id, &k)];
+            for row in rows {
+                assert_eq!(range.contains(&row), k.starts_with(&prefix), "prefix {prefix:02x?} key {k:02x?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn v1_logical_keys_split_into_rivet_id_and_user_key() {
+    let id = doc_id();
+    let logical = v1_logical_key(&id, &h("08 01 01 00 00 00 00 05"));
+    assert_eq!(logical, [format!("v1/{DOC_ID}/").into_bytes(), h("08 01 01 00 00 00 00 05")].concat());
+    assert_eq!(v1_split_logical(&logical).unwrap(), (id, h("08 01 01 00 00 00 00 05")));
+    assert_eq!(v1_split_logical(&v1_logical_key(&id, b"")).unwrap(), (id, Vec::new()));
+    assert!(matches!(v1_split_logical(b"v1/abc/\x08"), Err(LayoutError::NotUnderPrefix(_))));
+    assert!(matches!(v1_split_logical(format!("v1/{}/x", "0".repeat(30)).as_bytes()), Err(LayoutError::BadActor(_))));
+    assert!(v1_split_logical(format!("v2/{DOC_ID}/x").as_bytes()).is_err());
+}

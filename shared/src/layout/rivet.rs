@@ -22,9 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use foundationdb_tuple::{Bytes, pack, unpack};
 
-use super::rivet_id::{ID_LEN, RivetId};
-use super::tuple::ID_CODE;
-use crate::keys::V2_PREFIX;
+use super::rivet_id::{ID_LEN, ID_STRING_LEN, RivetId};
+use crate::keys::{V1_PREFIX, V2_PREFIX};
 use crate::store::KeyRange;
 
 /// Tuple-layer key constants of universaldb (`utils/keys.rs`).
@@ -64,6 +63,8 @@ pub type Row = (Vec<u8>, Vec<u8>);
 pub enum LayoutError {
     #[error("key is not under the expected prefix: {0}")]
     NotUnderPrefix(String),
+    #[error("key names an actor that is not a rivet id: {0}")]
+    BadActor(String),
     #[error("key does not unpack as a rivet tuple: {0}")]
     BadTuple(String),
     #[error("key under an actor's KV has sub key {0}, neither DATA nor METADATA")]
@@ -146,26 +147,47 @@ pub fn v1_actor_skip_key(id: &RivetId) -> Vec<u8> {
 
 /// `[P 05 01 08, P 05 01 09)`: the actor's SQLite keys; a row in it means "has v1 SQLite data".
 pub fn v1_sqlite_range(id: &RivetId) -> KeyRange {
-    let mut start = v1_actor_prefix(id);
-    // A nested tuple holding a byte string that starts with 08, left open.
-    start.extend_from_slice(&[NESTED, BYTES, V1_SQLITE_PREFIX]);
-    let mut end = start.clone();
-    *end.last_mut().expect("just pushed") += 1;
-    KeyRange::new(start, end)
+    v1_user_key_prefix_range(id, &[V1_SQLITE_PREFIX])
 }
 
-const NESTED: u8 = 0x05;
-const BYTES: u8 = 0x01;
+/// Every row of every user key that starts with `prefix`: `K'` of `prefix` without its two
+/// closing `00` bytes, as a prefix. (The escaping is a prefix code, so an escaped key starts
+/// with the escaped `prefix` exactly when the key starts with `prefix`.)
+pub fn v1_user_key_prefix_range(id: &RivetId, prefix: &[u8]) -> KeyRange {
+    let mut start = v1_entry_prefix(id, prefix);
+    // v1_entry_prefix always ends with the byte string's 00 and the nested tuple's 00.
+    start.truncate(start.len() - 2);
+    KeyRange::prefix(&start)
+}
 
 /// The actor whose KV holds `key` (a key found while skip-scanning [`v1_root`]).
 pub fn v1_actor_of_key(key: &[u8]) -> Result<RivetId, LayoutError> {
     let root = v1_root();
     let rest = key.strip_prefix(root.as_slice()).ok_or_else(|| LayoutError::NotUnderPrefix("v1 root".into()))?;
     let element = rest.get(..1 + ID_LEN).ok_or_else(|| LayoutError::BadTuple("key ends inside the actor id".into()))?;
-    if element[0] != ID_CODE {
-        return Err(LayoutError::BadTuple(format!("element code {:#04x} where an id belongs", element[0])));
-    }
     unpack::<RivetId>(element).map_err(|e| LayoutError::BadTuple(e.to_string()))
+}
+
+/// The logical key `v1/{actor}/{user_key}` (section 2) of a user key of actor `id`.
+pub fn v1_logical_key(id: &RivetId, user_key: &[u8]) -> Vec<u8> {
+    let mut k = V1_PREFIX.to_vec();
+    k.extend_from_slice(id.to_string().as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(user_key);
+    k
+}
+
+/// The actor and user key of a logical key `v1/{actor}/{user_key}`; the actor must be a rivet
+/// id string.
+pub fn v1_split_logical(logical: &[u8]) -> Result<(RivetId, Vec<u8>), LayoutError> {
+    let rest = logical.strip_prefix(V1_PREFIX).ok_or_else(|| LayoutError::NotUnderPrefix("v1/".into()))?;
+    let (actor, user_key) = match rest.get(ID_STRING_LEN) {
+        Some(b'/') => (&rest[..ID_STRING_LEN], &rest[ID_STRING_LEN + 1..]),
+        _ => return Err(LayoutError::NotUnderPrefix("v1/{rivet id}/".into())),
+    };
+    let actor = std::str::from_utf8(actor).map_err(|_| LayoutError::NotUnderPrefix("v1/{rivet id}/".into()))?;
+    let id = RivetId::parse(actor).map_err(|e| LayoutError::BadActor(e.to_string()))?;
+    Ok((id, user_key.to_vec()))
 }
 
 /// `K'`: the prefix of every row of user key `user_key`. It is prefix-free (its byte string
