@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use foundationdb_tuple::{Bytes, pack, unpack};
 
-use super::rivet_id::{ID_LEN, ID_STRING_LEN, RivetId};
+use super::rivet_id::{ID_LEN, ID_STRING_LEN, RivetId, RivetIdError};
 use crate::keys::{V1_PREFIX, V2_PREFIX};
 use crate::store::KeyRange;
 
@@ -64,7 +64,7 @@ pub enum LayoutError {
     #[error("key is not under the expected prefix: {0}")]
     NotUnderPrefix(String),
     #[error("key names an actor that is not a rivet id: {0}")]
-    BadActor(String),
+    BadActor(RivetIdError),
     #[error("key does not unpack as a rivet tuple: {0}")]
     BadTuple(String),
     #[error("key under an actor's KV has sub key {0}, neither DATA nor METADATA")]
@@ -123,8 +123,8 @@ impl KvMetadata {
     }
 
     /// As rivet decodes it (`serde_bare::from_slice`: bytes after the struct are ignored).
-    pub fn decode(bytes: &[u8]) -> Result<KvMetadata, String> {
-        serde_bare::from_slice(bytes).map_err(|e| e.to_string())
+    pub fn decode(bytes: &[u8]) -> Result<KvMetadata, serde_bare::error::Error> {
+        serde_bare::from_slice(bytes)
     }
 }
 
@@ -186,7 +186,7 @@ pub fn v1_split_logical(logical: &[u8]) -> Result<(RivetId, Vec<u8>), LayoutErro
         _ => return Err(LayoutError::NotUnderPrefix("v1/{rivet id}/".into())),
     };
     let actor = std::str::from_utf8(actor).map_err(|_| LayoutError::NotUnderPrefix("v1/{rivet id}/".into()))?;
-    let id = RivetId::parse(actor).map_err(|e| LayoutError::BadActor(e.to_string()))?;
+    let id = RivetId::parse(actor).map_err(LayoutError::BadActor)?;
     Ok((id, user_key.to_vec()))
 }
 
@@ -303,7 +303,7 @@ pub fn v1_decode_entry(id: &RivetId, rows: &[Row]) -> Result<V1Entry, V1EntryErr
     }
     let metadata = match KvMetadata::decode(metadata) {
         Ok(m) => m,
-        Err(detail) => return Err(V1EntryError::BadMetadata { user_key, detail }),
+        Err(e) => return Err(V1EntryError::BadMetadata { user_key, detail: e.to_string() }),
     };
     Ok(V1Entry { user_key, value, metadata })
 }
