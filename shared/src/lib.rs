@@ -15,6 +15,7 @@ pub mod http;
 pub mod import;
 pub mod jobs;
 pub mod keys;
+pub mod layout;
 pub mod metrics;
 pub mod migrate;
 pub mod progress;
