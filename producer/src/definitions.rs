@@ -4,22 +4,22 @@
 use clap::Args;
 use ferry::queue::topology;
 
-use crate::args::BrokerArgs;
+use crate::args::TopologyArgs;
 
 #[derive(Args)]
 pub struct DefinitionsArgs {
     #[command(flatten)]
-    pub broker: BrokerArgs,
+    pub topology: TopologyArgs,
     /// Virtual host.
-    #[arg(long, default_value = "/")]
+    #[arg(long, env = "FERRY_VHOST", default_value = "/")]
     pub vhost: String,
     /// rabbit_password_hashing_sha256 hash of the worker user's password.
-    #[arg(long, default_value = topology::PLACEHOLDER_PASSWORD_HASH)]
+    #[arg(long, env = "FERRY_WORKER_PASSWORD_HASH", hide_env_values = true, default_value = topology::PLACEHOLDER_PASSWORD_HASH)]
     pub worker_password_hash: String,
 }
 
 pub fn definitions_cmd(args: DefinitionsArgs) -> anyhow::Result<std::process::ExitCode> {
-    let defs = args.broker.topology().deploy_definitions(&args.vhost, &args.worker_password_hash);
+    let defs = args.topology.topology()?.deploy_definitions(&args.vhost, &args.worker_password_hash);
     println!("{}", serde_json::to_string_pretty(&defs)?);
     Ok(std::process::ExitCode::SUCCESS)
 }

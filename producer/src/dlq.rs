@@ -9,16 +9,17 @@ use clap::{Args, Subcommand};
 use ferry::store;
 use ferry::triage::{self, Filter, Source};
 
-use crate::args::{BrokerArgs, StoreArg};
+use crate::args::{GlobalBrokerArgs, GlobalStoreArg};
 
 #[derive(Args)]
+#[command(after_help = crate::exit::AFTER_HELP)]
 pub struct DlqArgs {
     #[command(flatten)]
-    pub store: StoreArg,
+    pub store: GlobalStoreArg,
     #[command(flatten)]
-    pub broker: BrokerArgs,
+    pub broker: GlobalBrokerArgs,
     /// Work on the embedded dead letters under ferry/dead/ instead of the broker's queue.
-    #[arg(long, global = true)]
+    #[arg(long, env = "FERRY_DLQ_EMBEDDED", global = true)]
     pub embedded: bool,
     #[command(subcommand)]
     pub command: DlqCommand,
@@ -27,10 +28,10 @@ pub struct DlqArgs {
 #[derive(Args, Clone)]
 pub struct DlqFilter {
     /// Only dead letters with this reason.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_DLQ_REASON")]
     pub reason: Option<String>,
     /// Only this campaign's.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_CAMPAIGN")]
     pub campaign: Option<String>,
 }
 
@@ -38,40 +39,52 @@ pub struct DlqFilter {
 pub enum DlqCommand {
     /// Dead letters grouped by reason and campaign.
     Summary {
-        #[arg(long)]
+        /// Print the summary as JSON.
+        #[arg(long, env = "FERRY_JSON")]
         json: bool,
     },
     /// One line per dead letter.
     List {
         #[command(flatten)]
         filter: DlqFilter,
-        #[arg(long)]
-        limit: Option<usize>,
-        #[arg(long)]
+        /// List at most this many.
+        #[arg(long, env = "FERRY_DLQ_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Print the list as JSON.
+        #[arg(long, env = "FERRY_JSON")]
         json: bool,
     },
-    /// Everything known about one actor's dead letter, and its state in the store now.
-    Show { actor: String },
-    /// Move dead letters back to work (embedded: re-run them), optionally with a recovery.
+    /// Everything known about one actor's dead letter, and its state in the store now
+    /// (exit 4 when the actor has no dead letter).
+    Show {
+        /// The actor id.
+        #[arg(env = "FERRY_ACTOR")]
+        actor: String,
+    },
+    /// Move dead letters back to work (embedded: re-run them), optionally with a recovery
+    /// (exit 4 when nothing was requeued).
     Requeue {
         #[command(flatten)]
         filter: DlqFilter,
         /// Actors to requeue (default: every dead letter the filter selects).
+        #[arg(env = "FERRY_DLQ_ACTORS", value_delimiter = ',')]
         actors: Vec<String>,
         /// rollback_journal, checkpoint_wal, discard_shm or force.
-        #[arg(long)]
+        #[arg(long, env = "FERRY_DLQ_RECOVERY")]
         recovery: Option<String>,
         /// Requeue even when the recovery does not fit the reason.
-        #[arg(long)]
+        #[arg(long, env = "FERRY_DLQ_FORCE")]
         force: bool,
-        #[arg(long)]
+        /// Print what was requeued as JSON.
+        #[arg(long, env = "FERRY_JSON")]
         json: bool,
     },
     /// Print dead letters for tickets and spreadsheets.
     Export {
         #[command(flatten)]
         filter: DlqFilter,
-        #[arg(long, value_parser = ["json", "csv"], default_value = "json")]
+        /// Output format.
+        #[arg(long, env = "FERRY_DLQ_FORMAT", value_parser = ["json", "csv"], default_value = "json")]
         format: String,
     },
     /// Drop dead letters (noted in each actor's audit record).
@@ -79,7 +92,7 @@ pub enum DlqCommand {
         #[command(flatten)]
         filter: DlqFilter,
         /// Confirm the purge.
-        #[arg(long)]
+        #[arg(long, env = "FERRY_DLQ_YES")]
         yes: bool,
     },
 }
@@ -97,11 +110,15 @@ pub fn when(ms: i64) -> String {
 }
 
 pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let store = store::open(args.store.url()?, 2).await.context("opening the store")?;
     let source = if args.embedded {
         Source::Embedded
     } else {
-        Source::Broker { amqp_url: args.broker.amqp.clone(), topology: args.broker.topology() }
+        Source::Broker {
+            amqp_url: args.broker.amqp()?.to_string(),
+            topology: args.broker.topology.topology()?,
+            connect_timeout: args.broker.connect_timeout(),
+        }
     };
     match args.command {
         DlqCommand::Summary { json } => {
@@ -131,7 +148,7 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
         }
         DlqCommand::List { filter, limit, json } => {
             let mut letters = triage::list(&store, &source, &dlq_filter(&filter, vec![])?).await?;
-            letters.truncate(limit.unwrap_or(usize::MAX));
+            letters.truncate(limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)));
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else {
@@ -148,6 +165,14 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
             let actor = ferry::ActorId::parse(&actor).context("actor id")?;
             let state = triage::show(&store, &source, &actor).await?;
             println!("{}", serde_json::to_string_pretty(&state)?);
+            if state.dead_letters.is_empty() {
+                let known = if state.audit.is_some() || state.v2_head.is_some() || state.v1_files.main.is_some() {
+                    "its state in the store is printed above"
+                } else {
+                    "the store has no v1, v2 or audit record of it either"
+                };
+                return Ok(crate::exit::nothing(format_args!("actor {actor} has no dead letter ({known})")));
+            }
         }
         DlqCommand::Requeue { filter, actors, recovery, force, json } => {
             let recovery = match recovery {
@@ -165,6 +190,13 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
                 for why in &done.skipped {
                     println!("  skipped {why}");
                 }
+            }
+            if done.actors.is_empty() {
+                return Ok(crate::exit::nothing(if done.skipped.is_empty() {
+                    "no dead letter matched: nothing requeued".to_string()
+                } else {
+                    format!("every matching dead letter was skipped ({}): nothing requeued", done.skipped.len())
+                }));
             }
         }
         DlqCommand::Export { filter, format } => {

@@ -13,6 +13,7 @@ use ferry::telemetry::shutdown_signal;
 use crate::args::{BrokerArgs, StoreArg};
 
 #[derive(Args)]
+#[command(after_help = crate::exit::AFTER_HELP)]
 pub struct EnqueueArgs {
     #[command(flatten)]
     pub store: StoreArg,
@@ -22,21 +23,22 @@ pub struct EnqueueArgs {
     #[arg(long, env = "FERRY_CAMPAIGN")]
     pub campaign: String,
     /// Only actors whose id starts with this.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_ACTOR_PREFIX")]
     pub prefix: Option<String>,
     /// Only the actor ids in this file (one per line).
-    #[arg(long)]
+    #[arg(long, env = "FERRY_IDS_FILE")]
     pub ids_file: Option<PathBuf>,
     /// Publish at most this many jobs.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_ENQUEUE_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
     /// Also enqueue actors whose v2 is already migrated or native.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_INCLUDE_MIGRATED")]
     pub include_migrated: bool,
-    /// Jobs per second at most.
-    #[arg(long, env = "FERRY_ENQUEUE_RATE")]
+    /// Jobs per second at most (above 0; default: unlimited).
+    #[arg(long, env = "FERRY_ENQUEUE_RATE", value_parser = crate::args::positive_f64)]
     pub rate: Option<f64>,
-    #[arg(long)]
+    /// Print the summary as JSON.
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 
@@ -55,7 +57,8 @@ pub async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     let cfg = EnqueueConfig {
         store_url: args.store.store,
         amqp_url: args.broker.amqp.clone(),
-        topology: args.broker.topology(),
+        amqp_connect_timeout: args.broker.connect_timeout(),
+        topology: args.broker.topology.topology()?,
         campaign: args.campaign,
         filters: CampaignFilters {
             actor_prefix: args.prefix,
@@ -85,5 +88,5 @@ pub async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
             if summary.completed { "" } else { "; INTERRUPTED, run again to resume" },
         );
     }
-    Ok(if summary.completed { ExitCode::SUCCESS } else { ExitCode::from(130) })
+    Ok(if summary.completed { ExitCode::SUCCESS } else { ExitCode::from(crate::exit::INTERRUPTED) })
 }

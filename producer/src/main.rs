@@ -7,6 +7,7 @@ mod args;
 mod definitions;
 mod dlq;
 mod enqueue;
+mod exit;
 mod scan;
 mod seed;
 mod status;
@@ -18,7 +19,13 @@ use clap::{Parser, Subcommand};
 use ferry::telemetry::{LogFormat, init_tracing};
 
 #[derive(Parser)]
-#[command(name = "ferry-producer", version, about = "Plan, enqueue and triage ferry campaigns")]
+#[command(
+    name = "ferry-producer",
+    version,
+    propagate_version = true,
+    about = "Plan, enqueue and triage ferry campaigns",
+    after_help = exit::AFTER_HELP
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "pretty", global = true)]
@@ -49,7 +56,14 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // As clap's own `parse`, with the codes spelled in exit.rs: help and version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Seed(args) => seed::seed_cmd(args).await,
@@ -65,7 +79,41 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry-producer: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILED)
         }
+    }
+}
+
+#[cfg(test)]
+#[path = "../../tests/src/cli_check.rs"]
+mod ferry_cli_check;
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::{Cli, ferry_cli_check};
+
+    #[test]
+    fn the_walk_reaches_every_subcommand() {
+        // 8 commands and 6 dlq subcommands, each with flags: far more than the root's one.
+        assert!(ferry_cli_check::count(&Cli::command()) > 60, "{}", ferry_cli_check::count(&Cli::command()));
+    }
+
+    #[test]
+    fn every_flag_reads_an_env_variable_and_has_help() {
+        let missing = ferry_cli_check::missing_env_or_help(&Cli::command());
+        assert!(missing.is_empty(), "args without an env variable or help: {missing:#?}");
+    }
+
+    #[test]
+    fn secret_bearing_flags_never_print_their_env_values() {
+        let shown = ferry_cli_check::secret_env_values_shown(&Cli::command());
+        assert!(shown.is_empty(), "secret flags whose env value --help would print: {shown:?}");
+    }
+
+    #[test]
+    fn the_command_tree_is_valid() {
+        Cli::command().debug_assert();
     }
 }

@@ -15,9 +15,10 @@ pub struct ScanArgs {
     #[command(flatten)]
     pub store: StoreArg,
     /// Only actors whose id starts with this.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_ACTOR_PREFIX")]
     pub prefix: Option<String>,
-    #[arg(long)]
+    /// Print the census as JSON.
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 

@@ -17,41 +17,44 @@ pub struct SeedArgs {
     #[command(flatten)]
     pub store: StoreArg,
     /// Number of actors.
-    #[arg(long, env = "FERRY_SEED_ACTORS")]
+    #[arg(long, env = "FERRY_SEED_ACTORS", value_parser = clap::value_parser!(u64).range(1..))]
     pub actors: u64,
     /// Random seed: the same seed gives the same keyspace.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "FERRY_SEED", default_value_t = 1)]
     pub seed: u64,
     /// Hard-case shares, e.g. journal=0.02,wal=0.01 (or `default`, `none`).
-    #[arg(long, default_value = "default")]
+    #[arg(long, env = "FERRY_SEED_MIX", default_value = "default")]
     pub mix: String,
     /// Largest database of the long tail, in MiB.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "FERRY_SEED_MAX_MIB", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_mib: u64,
     /// Share of actors in the long tail (over 1 MiB).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, env = "FERRY_SEED_LARGE_SHARE", default_value_t = 0.01, value_parser = crate::args::share)]
     pub large_share: f64,
     /// Share of actors of 64 KiB to 1 MiB (the rest are a few pages).
-    #[arg(long, default_value_t = 0.09)]
+    #[arg(long, env = "FERRY_SEED_MEDIUM_SHARE", default_value_t = 0.09, value_parser = crate::args::share)]
     pub medium_share: f64,
     /// Actor id prefix.
-    #[arg(long, default_value = "actor")]
+    #[arg(long, env = "FERRY_SEED_PREFIX", default_value = "actor")]
     pub prefix: String,
     /// Write each actor's planted case and expected outcome to this JSON file.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_SEED_MANIFEST")]
     pub manifest: Option<PathBuf>,
     /// Print the report as JSON.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 
 #[derive(Args)]
+#[command(after_help = crate::exit::AFTER_HELP)]
 pub struct ImportArgs {
     #[command(flatten)]
     pub store: StoreArg,
     /// Directory of SQLite files; actor id = file name without extension.
+    #[arg(env = "FERRY_IMPORT_DIR")]
     pub dir: PathBuf,
-    #[arg(long)]
+    /// Print what was imported as JSON.
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 
@@ -122,5 +125,5 @@ pub async fn import_cmd(args: ImportArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{} imported, {failed} skipped", imported.len() - failed);
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(crate::exit::PARTIAL) })
 }

@@ -4,27 +4,35 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use ferry::queue::status::{StatusError, status};
 use ferry::store;
 
 use crate::args::{BrokerArgs, StoreArg};
 
 #[derive(Args)]
+#[command(after_help = crate::exit::AFTER_HELP)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub store: StoreArg,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Only this campaign (default: every campaign in the store); exit 4 when it is unknown.
     #[arg(long, env = "FERRY_CAMPAIGN")]
     pub campaign: Option<String>,
-    #[arg(long)]
+    /// Print the status as JSON.
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 
 pub async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let store = store::open(&args.store.store, 2).await.context("opening the store")?;
-    let s = ferry::queue::status::status(&*store, &args.broker.amqp, &args.broker.topology(), args.campaign.as_deref())
-        .await
-        .context("status")?;
+    let topology = args.broker.topology.topology()?;
+    let got =
+        status(&*store, &args.broker.amqp, args.broker.connect_timeout(), &topology, args.campaign.as_deref()).await;
+    let s = match got {
+        Err(e @ StatusError::UnknownCampaign(_)) => return Ok(crate::exit::nothing(e)),
+        other => other.context("status")?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
@@ -44,10 +52,11 @@ pub async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = s.enqueued {
         println!("  enqueued                         {n:>10}");
     }
-    println!(
-        "rate {:.1} jobs/s (last 5 min), ETA {}",
-        s.rate_per_second,
-        s.eta_seconds.map_or("unknown".into(), |e| format!("{:.0} s", e))
-    );
+    let eta = match (s.eta_seconds, s.eta_note) {
+        (_, Some(note)) => format!("unknown: {note}"),
+        (Some(e), None) => format!("{e:.0} s"),
+        (None, None) => "unknown".into(),
+    };
+    println!("rate {:.1} jobs/s (over the last {:.0} s), ETA {eta}", s.rate_per_second, s.rate_span_seconds);
     Ok(ExitCode::SUCCESS)
 }

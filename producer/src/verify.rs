@@ -12,16 +12,18 @@ use ferry::verify::Selection;
 use crate::args::StoreArg;
 
 #[derive(Args)]
+#[command(after_help = crate::exit::AFTER_HELP)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub store: StoreArg,
     /// Only this campaign's migrated actors.
-    #[arg(long, conflicts_with = "actor")]
+    #[arg(long, env = "FERRY_CAMPAIGN", conflicts_with = "actor")]
     pub campaign: Option<String>,
-    /// Only these actors.
-    #[arg(long)]
+    /// Only these actors (repeat the flag, or commas in the env variable).
+    #[arg(long, env = "FERRY_VERIFY_ACTORS", value_delimiter = ',')]
     pub actor: Vec<String>,
-    #[arg(long)]
+    /// Print the report as JSON.
+    #[arg(long, env = "FERRY_JSON")]
     pub json: bool,
 }
 
@@ -40,6 +42,9 @@ pub async fn verify_cmd(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let progress = Progress::new("verifying", None);
     let report = ferry::verify::verify(&*store, &selection, || progress.inc(1)).await?;
     progress.finish();
+    if report.checked == 0 {
+        return Ok(crate::exit::nothing("verify selected no migrated actor: nothing was checked"));
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -51,5 +56,5 @@ pub async fn verify_cmd(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             println!("  {} {:?}: {}", p.actor, p.verdict, p.detail.as_deref().unwrap_or(""));
         }
     }
-    Ok(if report.clean() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if report.clean() { ExitCode::SUCCESS } else { ExitCode::from(crate::exit::MISMATCH) })
 }
