@@ -67,7 +67,7 @@ impl Default for LocalConfig {
 /// Why an embedded run could not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("seeding the demo keyspace: {0}")]
     Seed(String),

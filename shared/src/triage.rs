@@ -34,20 +34,32 @@ use crate::store::{DynStore, KeyRange, StoreError, Txn, for_each_row};
 /// Where the dead letters are.
 #[derive(Clone)]
 pub enum Source {
-    Broker { amqp_url: String, topology: Topology },
+    /// The broker's dead queue; connecting waits at most `connect_timeout`.
+    Broker {
+        amqp_url: String,
+        topology: Topology,
+        connect_timeout: std::time::Duration,
+    },
     Embedded,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriageError {
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    /// lapin's errors display their cause and expose it as source: kept as text only.
     #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(lapin::Error),
     #[error("{0}")]
     Refused(String),
+}
+
+impl From<lapin::Error> for TriageError {
+    fn from(e: lapin::Error) -> Self {
+        TriageError::Broker(e)
+    }
 }
 
 /// Which dead letters a command acts on.
@@ -117,8 +129,13 @@ struct Fetched {
 }
 
 impl Fetched {
-    async fn fetch(amqp_url: &str, topology: &Topology, max: usize) -> Result<Fetched, TriageError> {
-        let conn = amqp::connect(amqp_url, "ferry-producer dlq").await?;
+    async fn fetch(
+        amqp_url: &str,
+        topology: &Topology,
+        connect_timeout: std::time::Duration,
+        max: usize,
+    ) -> Result<Fetched, TriageError> {
+        let conn = amqp::connect_within(amqp_url, "ferry-producer dlq", connect_timeout).await?;
         let ch = amqp::confirm_channel(&conn).await?;
         topology.declare(&ch).await?;
         let mut messages = Vec::new();
@@ -142,8 +159,8 @@ impl Fetched {
 /// Reads every dead letter (the broker's are returned to the queue afterwards).
 pub async fn list(store: &DynStore, source: &Source, filter: &Filter) -> Result<Vec<DeadLetter>, TriageError> {
     let all = match source {
-        Source::Broker { amqp_url, topology } => {
-            let fetched = Fetched::fetch(amqp_url, topology, usize::MAX).await?;
+        Source::Broker { amqp_url, topology, connect_timeout } => {
+            let fetched = Fetched::fetch(amqp_url, topology, *connect_timeout, usize::MAX).await?;
             let letters: Vec<DeadLetter> = fetched.messages.iter().map(|(d, _)| d.clone()).collect();
             fetched.release().await;
             letters
@@ -280,7 +297,9 @@ pub async fn requeue(
     force: bool,
 ) -> Result<Requeued, TriageError> {
     match source {
-        Source::Broker { amqp_url, topology } => requeue_broker(amqp_url, topology, filter, recovery, force).await,
+        Source::Broker { amqp_url, topology, connect_timeout } => {
+            requeue_broker(amqp_url, topology, *connect_timeout, filter, recovery, force).await
+        }
         Source::Embedded => requeue_embedded(store, filter, recovery, force).await,
     }
 }
@@ -288,11 +307,12 @@ pub async fn requeue(
 async fn requeue_broker(
     amqp_url: &str,
     topology: &Topology,
+    connect_timeout: std::time::Duration,
     filter: &Filter,
     recovery: Option<Recovery>,
     force: bool,
 ) -> Result<Requeued, TriageError> {
-    let fetched = Fetched::fetch(amqp_url, topology, usize::MAX).await?;
+    let fetched = Fetched::fetch(amqp_url, topology, connect_timeout, usize::MAX).await?;
     let mut by_actor: BTreeMap<(String, String), Vec<&lapin::Acker>> = BTreeMap::new();
     let mut out = Requeued::default();
     for (d, acker) in &fetched.messages {
@@ -385,8 +405,8 @@ async fn requeue_embedded(
 pub async fn purge(store: &DynStore, source: &Source, filter: &Filter) -> Result<u64, TriageError> {
     let mut purged = 0;
     match source {
-        Source::Broker { amqp_url, topology } => {
-            let fetched = Fetched::fetch(amqp_url, topology, usize::MAX).await?;
+        Source::Broker { amqp_url, topology, connect_timeout } => {
+            let fetched = Fetched::fetch(amqp_url, topology, *connect_timeout, usize::MAX).await?;
             let result = async {
                 for (d, acker) in &fetched.messages {
                     if filter.matches(d) {

@@ -112,6 +112,20 @@ fn run_json(cmd: &mut Command) -> Result<Value> {
     serde_json::from_str(&stdout).with_context(|| format!("stdout of {cmd:?} is not JSON: {stdout}"))
 }
 
+/// Runs a command that did nothing: it exits 4 ("nothing matched") and still prints its JSON
+/// report.
+fn run_json_nothing(cmd: &mut Command) -> Result<Value> {
+    let out = output(cmd)?;
+    ensure!(
+        out.status.code() == Some(4),
+        "{cmd:?}: exit {}, not 4: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("nothing requeued"), "{cmd:?} does not say why");
+    serde_json::from_slice(&out.stdout).with_context(|| format!("stdout of {cmd:?} is not JSON"))
+}
+
 /// Where `ferry-producer dlq` reads dead letters.
 #[derive(Clone)]
 enum Dlq {
@@ -416,7 +430,7 @@ async fn hot_journal_actor_is_dead_lettered_stays_rejected_without_recovery_and_
         // A recovery that does not fit the reason is refused.
         let wrong =
             dlq(&ts.url, &Dlq::Embedded, &["requeue", actor.as_str(), "--recovery", "checkpoint_wal", "--json"]);
-        let wrong = run_json(&mut { wrong })?;
+        let wrong = run_json_nothing(&mut { wrong })?;
         assert_eq!(wrong["actors"], serde_json::json!([]), "{wrong}");
         assert!(wrong["skipped"][0].as_str().is_some_and(|s| s.contains("does not fit")), "{wrong}");
         assert_eq!(head(&store, &actor).await?, None);
@@ -478,7 +492,7 @@ async fn wal_actor_migrates_every_committed_row_with_checkpoint_wal_and_shm_only
         assert_eq!(audit(&store, &shm_actor).await?.reason, Some(DeadLetterReason::ShmSidecar));
 
         // discard_shm does not fit a WAL rejection (it would lose the WAL's rows).
-        let refused = run_json(&mut dlq(
+        let refused = run_json_nothing(&mut dlq(
             &ts.url,
             &Dlq::Embedded,
             &["requeue", wal_actor.as_str(), "--recovery", "discard_shm", "--json"],
@@ -632,7 +646,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
 
         // A recovery that fits none of the selection moves nothing.
-        let none = run_json(&mut dlq(
+        let none = run_json_nothing(&mut dlq(
             &ts.url,
             &broker.source(),
             &["requeue", "--reason", "wal_sidecar", "--recovery", "rollback_journal", "--json"],

@@ -66,7 +66,7 @@ pub enum Cause {
     V1Changed,
     #[error("lost the migration to another holder (generation or lease changed)")]
     Fenced,
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal: {0}")]
     Internal(String),
@@ -108,12 +108,14 @@ impl Cause {
 }
 
 /// A failed migration: which actor, in which phase, why, and the v1 files it saw.
+///
+/// The display names the cause (dead letters and audit records keep `to_string()`), so the
+/// cause is not also its `source`: a `{:#}` chain would print it twice.
 #[derive(Debug, thiserror::Error)]
 #[error("actor {actor}: {phase}: {cause}")]
 pub struct MigrateError {
     pub actor: ActorId,
     pub phase: Phase,
-    #[source]
     pub cause: Cause,
     pub files: Option<V1Files>,
 }

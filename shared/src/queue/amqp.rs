@@ -21,12 +21,27 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Why an AMQP operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
+    /// lapin's errors display their cause and also expose it as `source`: kept as text only,
+    /// so a `{:#}` chain names it once.
     #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(lapin::Error),
+    /// The broker at this (redacted) URL did not accept the connection and finish the AMQP
+    /// handshake in time: a port that is not RabbitMQ, a firewall that drops packets.
+    #[error("connecting to {url}: no AMQP handshake within {}s", timeout.as_secs_f64())]
+    Timeout { url: String, timeout: Duration },
+    /// Connecting to this (redacted) URL failed: refused, unresolvable, wrong credentials.
+    #[error("connecting to {url}: {cause}")]
+    Connect { url: String, cause: lapin::Error },
     #[error("broker refused (nacked) a publish to {0}")]
     Nacked(String),
     #[error("publish to {0} timed out waiting for its confirm")]
     ConfirmTimeout(String),
+}
+
+impl From<lapin::Error> for AmqpError {
+    fn from(e: lapin::Error) -> Self {
+        AmqpError::Broker(e)
+    }
 }
 
 impl AmqpError {
@@ -35,6 +50,10 @@ impl AmqpError {
     pub fn is_transient(&self) -> bool {
         match self {
             AmqpError::Broker(e) => is_transient(e),
+            AmqpError::Connect { cause, .. } => is_transient(cause),
+            // No handshake in time: a broker still starting, or a port that is not RabbitMQ;
+            // the retry budget tells the two apart.
+            AmqpError::Timeout { .. } => true,
             // Both say the broker could not take the message now (a queue leader moving, a
             // memory alarm); a new connection publishes it again.
             AmqpError::Nacked(_) | AmqpError::ConfirmTimeout(_) => true,
@@ -98,10 +117,24 @@ pub fn check_url(url: &str) -> Result<(), String> {
 /// How long a publish waits for its confirm.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connects, naming the connection after this process.
+/// How long [`connect`] waits for the TCP connection and the AMQP handshake together, unless
+/// told otherwise (`--amqp-connect-timeout-secs`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects within [`DEFAULT_CONNECT_TIMEOUT`], naming the connection after this process.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    connect_within(url, name, DEFAULT_CONNECT_TIMEOUT).await
+}
+
+/// Connects, naming the connection after this process. The TCP connect and the handshake
+/// share one bound: lapin waits for the broker's `connection.start` for ever, so a port that
+/// accepts and never speaks AMQP would hang the caller.
+pub async fn connect_within(url: &str, name: &str, timeout: Duration) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect(url, props).await?)
+    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+        Ok(conn) => conn.map_err(|cause| AmqpError::Connect { url: redacted(url), cause }),
+        Err(_) => Err(AmqpError::Timeout { url: redacted(url), timeout }),
+    }
 }
 
 /// The URL with its password hidden, for logs.
@@ -206,4 +239,77 @@ pub fn long_string(s: &str) -> AMQPValue {
 /// Whether a URL names an AMQP broker.
 pub fn is_amqp_url(url: &str) -> bool {
     url.starts_with("amqp://") || url.starts_with("amqps://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The segments of a `{:#}` chain that repeat an earlier one (`a: b: b` repeats `b`).
+    fn repeated_segments(chain: &str) -> Vec<String> {
+        let parts: Vec<&str> = chain.split(": ").collect();
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            if parts[..i].contains(p) {
+                out.push(p.to_string());
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause_once_in_a_chain() {
+        // Port 1 on loopback: nothing listens there.
+        let e = connect_within("amqp://guest:secret@127.0.0.1:1/%2f", "test", Duration::from_secs(5))
+            .await
+            .expect_err("nothing listens on port 1");
+        let status = crate::queue::status::StatusError::from(e);
+        let chain = format!("{:#}", anyhow::Error::new(status).context("status"));
+        assert!(chain.contains("Connection refused") && chain.contains("127.0.0.1:1"), "{chain}");
+        assert!(!chain.contains("secret"), "{chain}");
+        assert_eq!(repeated_segments(&chain), Vec::<String>::new(), "{chain}");
+    }
+
+    #[test]
+    fn a_store_failure_of_a_migration_names_its_cause_once_in_a_chain() {
+        use crate::migrate::{Cause, MigrateError, Phase};
+        let store = crate::store::StoreError::Unavailable { backend: "postgres", message: "connection reset".into() };
+        let e = MigrateError {
+            actor: crate::ActorId::parse("a1").expect("a valid id"),
+            phase: Phase::Stage,
+            cause: Cause::from(store),
+            files: None,
+        };
+        // Dead letters and audits keep `to_string()`: it must still name the cause.
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        let chain = format!("{:#}", anyhow::Error::new(e).context("job failed"));
+        assert_eq!(repeated_segments(&chain), Vec::<String>::new(), "{chain}");
+        let local = crate::embedded::LocalError::from(crate::store::StoreError::Failed {
+            backend: "sqlite",
+            message: "disk I/O error".into(),
+        });
+        let chain = format!("{:#}", anyhow::Error::new(local).context("embedded run failed"));
+        assert_eq!(repeated_segments(&chain), Vec::<String>::new(), "{chain}");
+    }
+
+    #[tokio::test]
+    async fn a_port_that_never_speaks_amqp_times_out_naming_the_redacted_url() {
+        // Accepts connections and never answers, like a service that is not RabbitMQ.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let port = listener.local_addr().expect("bound address").port();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                held.push(sock);
+            }
+        });
+        let url = format!("amqp://guest:secret@127.0.0.1:{port}/%2f");
+        let started = std::time::Instant::now();
+        let e = connect_within(&url, "test", Duration::from_millis(500)).await.expect_err("no handshake");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(matches!(e, AmqpError::Timeout { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(&format!("127.0.0.1:{port}")) && !text.contains("secret"), "{text}");
+        hold.abort();
+    }
 }

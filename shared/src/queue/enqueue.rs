@@ -60,6 +60,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 pub struct EnqueueConfig {
     pub store_url: String,
     pub amqp_url: String,
+    /// How long connecting to the broker (TCP and handshake) may take.
+    pub amqp_connect_timeout: Duration,
     pub topology: Topology,
     pub campaign: String,
     pub filters: CampaignFilters,
@@ -84,12 +86,13 @@ pub enum EnqueueError {
     BadCampaign(String),
     #[error("campaign {0} exists with other filters; use another name")]
     FiltersChanged(String),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Amqp(#[from] AmqpError),
+    /// lapin's errors display their cause and expose it as source: kept as text only.
     #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(lapin::Error),
     #[error("invalid AMQP URL: {0}")]
     InvalidAmqpUrl(String),
     #[error("still failing after the retry budget of {} s", budget.as_secs())]
@@ -98,6 +101,12 @@ pub enum EnqueueError {
         #[source]
         last: Box<EnqueueError>,
     },
+}
+
+impl From<lapin::Error> for EnqueueError {
+    fn from(e: lapin::Error) -> Self {
+        EnqueueError::Broker(e)
+    }
 }
 
 impl EnqueueError {
@@ -557,7 +566,8 @@ async fn open_session(cfg: &EnqueueConfig, resumed: &mut Option<bool>) -> Result
         }
     }
     // Named after the campaign, so an operator (or a test) can tell its connection apart.
-    let conn = amqp::connect(&cfg.amqp_url, &producer_connection_name(&cfg.campaign)).await?;
+    let conn =
+        amqp::connect_within(&cfg.amqp_url, &producer_connection_name(&cfg.campaign), cfg.amqp_connect_timeout).await?;
     let ch = async {
         let ch = amqp::confirm_channel(&conn).await?;
         cfg.topology.declare(&ch).await?;

@@ -21,6 +21,8 @@ use lapin::{Channel, ExchangeKind, options::*};
 
 /// Default name prefix.
 pub const DEFAULT_PREFIX: &str = "ferry";
+/// Longest name prefix: exchange and queue names stay far below the broker's 255 bytes.
+pub const MAX_PREFIX_LEN: usize = 64;
 /// Routing key of work queue bindings.
 pub const WORK_KEY: &str = "work";
 /// Routing key of dead-letter bindings.
@@ -73,7 +75,40 @@ impl ArgValue {
     }
 }
 
+/// Why a topology was refused before any name reached the broker.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TopologyError {
+    #[error("queue prefix {0:?}: 1 to 64 bytes of [A-Za-z0-9_.-]")]
+    BadPrefix(String),
+    #[error("delivery limit {0}: must be at least 1")]
+    BadDeliveryLimit(i64),
+}
+
+/// Checks a name prefix: 1 to [`MAX_PREFIX_LEN`] bytes of `[A-Za-z0-9_.-]`, so every name
+/// derived from it is a plain AMQP short string an operator can type (no spaces, no
+/// separators of the management API's paths).
+pub fn check_prefix(prefix: &str) -> Result<(), TopologyError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok { Ok(()) } else { Err(TopologyError::BadPrefix(prefix.to_string())) }
+}
+
 impl Topology {
+    /// A topology whose prefix and delivery limit are checked.
+    pub fn checked(prefix: &str, delivery_limit: i64) -> Result<Topology, TopologyError> {
+        check_prefix(prefix)?;
+        if delivery_limit < 1 {
+            return Err(TopologyError::BadDeliveryLimit(delivery_limit));
+        }
+        Ok(Topology { prefix: prefix.to_string(), delivery_limit })
+    }
+
+    /// Checks a topology built field by field.
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        Topology::checked(&self.prefix, self.delivery_limit).map(|_| ())
+    }
+
     pub fn new(prefix: &str) -> Topology {
         Topology { prefix: prefix.to_string(), delivery_limit: DEFAULT_DELIVERY_LIMIT }
     }
@@ -237,5 +272,22 @@ impl Topology {
             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}]);
         defs["permissions"] = serde_json::json!([self.worker_permissions(vhost)]);
         defs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_plain_names_of_1_to_64_bytes() {
+        for good in ["ferry", "a", "ferry-prod_2.eu", &"p".repeat(MAX_PREFIX_LEN)] {
+            assert_eq!(check_prefix(good), Ok(()), "{good:?}");
+        }
+        for bad in ["", "bad prefix!", "a b", "a/b", "é", &"p".repeat(MAX_PREFIX_LEN + 1)] {
+            assert_eq!(check_prefix(bad), Err(TopologyError::BadPrefix(bad.to_string())), "{bad:?}");
+        }
+        assert_eq!(Topology::checked("ferry", 0), Err(TopologyError::BadDeliveryLimit(0)));
+        assert!(Topology { prefix: "bad prefix!".into(), delivery_limit: 10 }.validate().is_err());
     }
 }

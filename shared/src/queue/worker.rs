@@ -39,6 +39,8 @@ use super::topology::{DEAD_KEY, Topology};
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub amqp_url: String,
+    /// How long connecting to the broker (TCP and handshake) may take.
+    pub connect_timeout: Duration,
     pub topology: Topology,
     /// Jobs at once; also the prefetch count.
     pub concurrency: u16,
@@ -55,6 +57,13 @@ pub struct WorkerConfig {
 pub enum WorkerError {
     #[error("AMQP URL {0}: must start with amqp:// or amqps://")]
     BadUrl(String),
+    /// The first connection failed: a worker that never reached its broker is misconfigured
+    /// (or started before it); it exits so the operator, or the orchestrator's restart
+    /// backoff, sees why. Once connected, losses are reconnected for ever.
+    #[error("first connection to the broker failed: {0}")]
+    FirstConnect(AmqpError),
+    #[error(transparent)]
+    Topology(#[from] super::topology::TopologyError),
 }
 
 enum SessionEnd {
@@ -72,14 +81,21 @@ pub async fn run_worker(
     if !amqp::is_amqp_url(&cfg.amqp_url) {
         return Err(WorkerError::BadUrl(amqp::redacted(&cfg.amqp_url)));
     }
+    cfg.topology.validate()?;
     let runner = Arc::new(runner);
     tokio::pin!(shutdown);
     let mut backoff = reconnect_backoff();
     // In-flight jobs outlive a lost session: they are drained only at shutdown.
     let mut in_flight = InFlight::new(cfg.concurrency);
+    let mut connected_once = false;
     loop {
         let end = match session(&cfg, &runner, &ready, &mut in_flight, &mut shutdown).await {
-            Ok(end) => end,
+            // A session ends Lost only after it was opened.
+            Ok(end) => {
+                connected_once = true;
+                end
+            }
+            Err(e) if !connected_once => return Err(WorkerError::FirstConnect(e)),
             Err(e) => SessionEnd::Lost(e.to_string()),
         };
         ready.set(false);
@@ -160,7 +176,8 @@ struct Session {
 }
 
 async fn open_session(cfg: &WorkerConfig) -> Result<Session, AmqpError> {
-    let conn = amqp::connect(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id)).await?;
+    let conn =
+        amqp::connect_within(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id), cfg.connect_timeout).await?;
     let consume = conn.create_channel().await?;
     if cfg.declare {
         cfg.topology.declare(&consume).await?;
@@ -340,10 +357,12 @@ pub struct FleetConfig {
 /// Why the fleet worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("HTTP listener: {0}")]
-    Http(#[from] std::io::Error),
+    /// Names the address and where it came from: two workers on one host collide on the
+    /// default port.
+    #[error("HTTP listener on {addr} (--http / FERRY_HTTP_ADDR): {cause}")]
+    Http { addr: std::net::SocketAddr, cause: std::io::Error },
     #[error(transparent)]
     Worker(#[from] WorkerError),
 }
@@ -359,7 +378,9 @@ pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result
     let ready = Readiness::default();
     let http = match cfg.http {
         Some(addr) => {
-            let (bound, task) = crate::http::serve(addr, crate::http::install_metrics(), ready.clone()).await?;
+            let (bound, task) = crate::http::serve(addr, crate::http::install_metrics(), ready.clone())
+                .await
+                .map_err(|cause| FleetError::Http { addr, cause })?;
             info!(%bound, "serving /metrics, /healthz, /readyz");
             Some(task)
         }

@@ -201,6 +201,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) 
     let cfg = ferry::queue::enqueue::EnqueueConfig {
         store_url: store.url.clone(),
         amqp_url: amqp_url(),
+        amqp_connect_timeout: ferry::queue::amqp::DEFAULT_CONNECT_TIMEOUT,
         topology: Topology::new(&prefix),
         campaign: prefix.clone(),
         filters: Default::default(),
