@@ -55,9 +55,19 @@ struct DefinitionsArgs {
     /// Virtual host.
     #[arg(long, default_value = "/")]
     vhost: String,
-    /// rabbit_password_hashing_sha256 hash of the worker user's password.
-    #[arg(long, default_value = topology::PLACEHOLDER_PASSWORD_HASH)]
+    /// Password hash (`rabbitmqctl hash_password`) of the ferry-worker user; empty: no
+    /// password, the user cannot log in until `rabbitmqctl change_password`.
+    #[arg(long, env = "FERRY_WORKER_PASSWORD_HASH", default_value = "", hide_env_values = true)]
     worker_password_hash: String,
+    /// Password hash of the ferry-operator user (producer, triage that moves); empty: none.
+    #[arg(long, env = "FERRY_OPERATOR_PASSWORD_HASH", default_value = "", hide_env_values = true)]
+    operator_password_hash: String,
+    /// Password hash of the read-only ferry-triage user; empty: none.
+    #[arg(long, env = "FERRY_TRIAGE_PASSWORD_HASH", default_value = "", hide_env_values = true)]
+    triage_password_hash: String,
+    /// Password hash of the ferry-monitor user (KEDA, management API); empty: none.
+    #[arg(long, env = "FERRY_MONITOR_PASSWORD_HASH", default_value = "", hide_env_values = true)]
+    monitor_password_hash: String,
 }
 
 #[derive(Args)]
@@ -591,7 +601,13 @@ async fn main() -> ExitCode {
         Command::Dlq(args) => dlq_cmd(args).await,
         Command::Verify(args) => verify_cmd(args).await,
         Command::Definitions(args) => {
-            let defs = args.broker.topology().deploy_definitions(&args.vhost, &args.worker_password_hash);
+            let hashes = topology::PasswordHashes {
+                worker: args.worker_password_hash,
+                operator: args.operator_password_hash,
+                triage: args.triage_password_hash,
+                monitor: args.monitor_password_hash,
+            };
+            let defs = args.broker.topology().deploy_definitions(&args.vhost, &hashes);
             println!("{}", serde_json::to_string_pretty(&defs).unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
