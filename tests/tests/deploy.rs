@@ -10,7 +10,6 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use ferry::queue::Topology;
 use ferry::queue::topology::{DEFAULT_PREFIX, MONITOR_USER, PasswordHashes};
-use ferry_tests::bin;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn root() -> PathBuf {

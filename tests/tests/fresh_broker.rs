@@ -233,7 +233,12 @@ async fn fresh_broker_with_the_definitions_runs_a_campaign_with_the_compose_user
         store.commit(txn).await?;
 
         // The producer as the operator (it declares: the same arguments as the definitions).
-        let summary = run_json(&mut producer(&["enqueue", "--store", &store_url, "--amqp", &operator_url]).args([
+        let summary = run_json(&mut producer(&[
+            "enqueue",
+            "--store",
+            &store_url,
+            "--amqp",
+            &operator_url,
             "--campaign",
             "fresh",
             "--json",

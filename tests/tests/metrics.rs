@@ -79,7 +79,7 @@ async fn a_fresh_worker_exports_every_series_at_zero_with_help_and_promtool_acce
         );
         // Nothing happened yet: every counter reads 0, and no reconnect was counted.
         for counter in [ferry::metrics::RETRIES, ferry::metrics::ATTEMPTS, ferry::metrics::RECONNECTS] {
-            ensure!(has(format!("{counter}")) && sample(&text, counter, "") == 0.0, "{counter}:\n{text}");
+            ensure!(has(counter.to_string()) && sample(&text, counter, "") == 0.0, "{counter}:\n{text}");
         }
         w.stop(Duration::from_secs(20)).await?;
         broker.delete().await
