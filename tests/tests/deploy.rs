@@ -77,7 +77,9 @@ fn manifests_parse_and_carry_probes_grace_resources_budget_and_autoscaling() -> 
     assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
     let request = c["resources"]["requests"]["memory"].as_str().context("memory request")?;
     let request_mib: i64 = request.trim_end_matches("Mi").parse().context("memory request in Mi")?;
-    ensure!(request_mib >= budget_mib + 64, "memory request {request} does not cover the budget and overhead");
+    // The overhead measured over the budget (docs/PERFORMANCE.md, memory at the manifest's
+    // settings) is at most 107 MiB: the manifests promise 128.
+    ensure!(request_mib >= budget_mib + 128, "memory request {request} does not cover the budget and overhead");
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
     assert!(!kind(&worker, "PodDisruptionBudget")["spec"]["selector"].is_badvalue());
 
