@@ -8,6 +8,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Reservation granularity.
 const UNIT: u64 = 64 * 1024;
+/// Stage batches a job can hold at once (see [`MemoryBudget::footprint`]).
+pub const STAGE_COPIES: u64 = 4;
+/// PIDX rows of finalize as a share of the file: 40 bytes per 4 KiB page, rounded up.
+pub const PIDX_SHARE: u64 = 64;
+/// quick_check's page cache (SQLite's default 2,000 KiB) and a job's fixed structures.
+pub const FIXED_BYTES: u64 = 2 * 1024 * 1024 + 64 * 1024;
 
 /// A shared byte budget.
 #[derive(Clone, Debug)]
@@ -33,11 +39,20 @@ impl MemoryBudget {
         u64::from(self.units) * UNIT
     }
 
-    /// The footprint of migrating a main file of `file_bytes`: the file, plus the staging
-    /// buffers (bounded by the stage transaction size).
-    pub fn footprint(file_bytes: u64) -> u64 {
-        let staging = file_bytes.min(2 * crate::migrate::stage::STAGE_TXN_BYTES as u64);
-        file_bytes + staging + UNIT
+    /// The footprint of migrating a main file of `main_bytes` with `sidecar_bytes` of
+    /// journal, WAL and SHM (under a recovery only): what the job holds at its peak.
+    ///
+    /// - the rebuilt main file, and under a recovery the sidecars and the recovered copy of
+    ///   the main file read back from the private temp dir;
+    /// - staging ([`STAGE_COPIES`] stage batches of at most 8 MiB in flight: the encoder's
+    ///   buffer, the batch queued to the committer, the transaction being committed and the
+    ///   driver's encoding of its parameters); a blob smaller than a batch is held that often;
+    /// - the PIDX rows of finalize (about 40 bytes a page: [`PIDX_SHARE`] of the file);
+    /// - quick_check's page cache and the job's fixed structures ([`FIXED_BYTES`]).
+    pub fn footprint(main_bytes: u64, sidecar_bytes: u64, recovery: bool) -> u64 {
+        let batch = main_bytes.min(crate::migrate::stage::STAGE_TXN_BYTES as u64);
+        let files = if recovery { 2 * main_bytes + sidecar_bytes } else { main_bytes };
+        files + STAGE_COPIES * batch + main_bytes / PIDX_SHARE + FIXED_BYTES
     }
 
     /// Waits until `bytes` fit. A job bigger than the whole budget waits for all of it and
@@ -69,5 +84,17 @@ mod tests {
         drop(a);
         let big = budget.reserve(1000 * UNIT).await;
         assert_eq!(big.bytes, 10 * UNIT);
+    }
+
+    #[test]
+    fn footprint_counts_staging_pidx_and_recovery_copies() {
+        const MIB: u64 = 1 << 20;
+        // A 124 MiB file: the file, four 8 MiB batches, ~2 MiB of PIDX, the fixed part.
+        let big = MemoryBudget::footprint(124 * MIB, 0, false);
+        assert_eq!(big, 124 * MIB + 32 * MIB + 124 * MIB / 64 + FIXED_BYTES);
+        // Under a recovery: the sidecar and the recovered copy too.
+        assert_eq!(MemoryBudget::footprint(124 * MIB, 4 * MIB, true), big + 124 * MIB + 4 * MIB);
+        // A small file's blob is held as often as a batch would be.
+        assert_eq!(MemoryBudget::footprint(MIB, 0, false), MIB + 4 * MIB + MIB / 64 + FIXED_BYTES);
     }
 }

@@ -10,29 +10,31 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Installs the process-wide Prometheus recorder (once; later calls get the same handle).
+/// Installs the process-wide Prometheus recorder (once; later calls get the same handle) and
+/// registers every ferry series at zero ([`crate::metrics::register`]).
 pub fn install_metrics() -> PrometheusHandle {
+    use metrics_exporter_prometheus::Matcher;
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let seconds = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-            let bytes = [4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 134217728.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(crate::metrics::MIGRATION_SECONDS.into()),
-                    &seconds,
+                    Matcher::Full(crate::metrics::MIGRATION_SECONDS.into()),
+                    &crate::metrics::SECONDS_BUCKETS,
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
-                        metrics_exporter_prometheus::Matcher::Full(crate::metrics::JOB_V1_BYTES.into()),
-                        &bytes,
+                        Matcher::Full(crate::metrics::JOB_V1_BYTES.into()),
+                        &crate::metrics::BYTES_BUCKETS,
                     )
                 });
-            match builder.and_then(|b| b.install_recorder()) {
+            let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(handle) => handle,
                 // Another recorder is installed (a test harness): render from a private one.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
+            };
+            crate::metrics::register();
+            handle
         })
         .clone()
 }

@@ -1,5 +1,15 @@
 //! Metric names (all prefixed `ferry_`), declared once so the code, the dashboard and the
-//! tests agree. Labels: `outcome`, `reason`, `phase`, `kind`.
+//! tests agree, with their help text. Labels: `outcome`, `reason`, `phase`, `kind`.
+//!
+//! Invariant: [`register`] describes every metric and creates every series it can have (each
+//! outcome, dead-letter reason, phase and failure kind) at zero, so a fresh worker exports
+//! all of them and `rate()` and `increase()` count from the first scrape, not from the
+//! second event.
+
+use metrics::Unit;
+
+use crate::migrate::{Cause, OutcomeKind, Phase};
+use crate::reason::DeadLetterReason;
 
 /// Jobs finished, by `outcome` (migrated, skipped_*, dead_lettered).
 pub const OUTCOMES: &str = "ferry_outcomes_total";
@@ -27,8 +37,17 @@ pub const JOBS_IN_FLIGHT: &str = "ferry_jobs_in_flight";
 pub const BYTES_IN_FLIGHT: &str = "ferry_bytes_in_flight";
 /// 1 while connected to the broker and consuming.
 pub const CONSUMING: &str = "ferry_consuming";
-/// Broker reconnects.
+/// Broker sessions opened again after a lost one (reconnects that succeeded).
 pub const RECONNECTS: &str = "ferry_broker_reconnects_total";
+/// Attempts to open a broker session after a lost one (each try, failed ones included).
+pub const RECONNECT_ATTEMPTS: &str = "ferry_broker_reconnect_attempts_total";
+
+/// Buckets of [`MIGRATION_SECONDS`]: from 1 ms, as most small actors migrate in a few.
+pub const SECONDS_BUCKETS: [f64; 17] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+/// Buckets of [`JOB_V1_BYTES`]: one page to the largest database ferry migrates.
+pub const BYTES_BUCKETS: [f64; 9] =
+    [4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 134217728.0];
 
 /// Every metric name, for the dashboard test.
 pub const ALL: &[&str] = &[
@@ -48,4 +67,60 @@ pub const ALL: &[&str] = &[
     BYTES_IN_FLIGHT,
     CONSUMING,
     RECONNECTS,
+    RECONNECT_ATTEMPTS,
 ];
+
+/// Describes every metric to the installed recorder and creates every series at zero.
+pub fn register() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(OUTCOMES, "Jobs finished, by outcome (migrated, skipped_*, dead_lettered).");
+    describe_counter!(DEAD_LETTERS, "Jobs dead-lettered, by reason.");
+    describe_counter!(ATTEMPTS, "Migration attempts started (a retried job counts once per attempt).");
+    describe_counter!(FAILURES, "Failed migration attempts, by phase and kind (a transient cause or a reason).");
+    describe_counter!(RETRIES, "Retries scheduled after a transient failure.");
+    describe_histogram!(MIGRATION_SECONDS, Unit::Seconds, "Wall time of each successful migration.");
+    describe_histogram!(JOB_V1_BYTES, Unit::Bytes, "Size of the v1 main file of each migrated job.");
+    describe_counter!(PAGES_MIGRATED, "SQLite pages written to v2.");
+    describe_counter!(V1_BYTES_MIGRATED, Unit::Bytes, "Bytes of v1 main files migrated.");
+    describe_counter!(DELTA_BYTES_WRITTEN, Unit::Bytes, "Bytes of LTX blobs written to DELTA rows.");
+    describe_counter!(JOURNALS_REJECTED, "Actors dead-lettered for a hot rollback journal.");
+    describe_counter!(JOURNALS_ROLLED_BACK, "Hot rollback journals rolled back by a recovery.");
+    describe_gauge!(JOBS_IN_FLIGHT, "Jobs being worked on now.");
+    describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes reserved under the memory budget by jobs in flight.");
+    describe_gauge!(CONSUMING, "1 while connected to the broker and consuming, else 0.");
+    describe_counter!(RECONNECTS, "Broker sessions opened again after a lost one (reconnects that succeeded).");
+    describe_counter!(RECONNECT_ATTEMPTS, "Attempts to open a broker session after a lost one, failed ones included.");
+
+    for outcome in OutcomeKind::ALL {
+        metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).increment(0);
+    }
+    for reason in DeadLetterReason::ALL {
+        metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+    for phase in Phase::ALL {
+        for kind in Cause::kinds() {
+            metrics::counter!(FAILURES, "phase" => phase.as_str(), "kind" => kind).increment(0);
+        }
+    }
+    for counter in [
+        ATTEMPTS,
+        RETRIES,
+        PAGES_MIGRATED,
+        V1_BYTES_MIGRATED,
+        DELTA_BYTES_WRITTEN,
+        JOURNALS_REJECTED,
+        JOURNALS_ROLLED_BACK,
+        RECONNECTS,
+        RECONNECT_ATTEMPTS,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    for gauge in [JOBS_IN_FLIGHT, BYTES_IN_FLIGHT, CONSUMING] {
+        // Registering only: a gauge another part already moved keeps its value.
+        metrics::gauge!(gauge).increment(0.0);
+    }
+    for histogram in [MIGRATION_SECONDS, JOB_V1_BYTES] {
+        // A registered histogram is exported with empty buckets until its first sample.
+        let _ = metrics::histogram!(histogram);
+    }
+}

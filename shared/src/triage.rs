@@ -137,7 +137,8 @@ impl Fetched {
     ) -> Result<Fetched, TriageError> {
         let conn = amqp::connect_within(amqp_url, "ferry-producer dlq", connect_timeout).await?;
         let ch = amqp::confirm_channel(&conn).await?;
-        topology.declare(&ch).await?;
+        // Passive: triage declares nothing, so a read-only user (no configure) can run it.
+        topology.check_exists(&ch).await?;
         let mut messages = Vec::new();
         while messages.len() < max {
             let Some(m) = ch.basic_get(topology.dead_queue().as_str().into(), BasicGetOptions::default()).await? else {

@@ -169,17 +169,25 @@ impl JobRunner {
         Err(MigrateError { actor: job.actor_id.clone(), phase: Phase::Inspect, cause, files: None })
     }
 
-    /// The bytes this job will hold: its main file (and sidecar, under a recovery).
+    /// The bytes this job will hold ([`MemoryBudget::footprint`]): its main file, and its
+    /// sidecars under a recovery.
     async fn footprint(&self, job: &Job) -> u64 {
         let store = self.migrator.store();
-        let mut bytes = 0;
-        let tags: &[FileTag] = if job.recovery.is_some() { &FileTag::ALL } else { &[FileTag::Main] };
-        for tag in tags {
-            if let Ok(Some(meta)) = store.get(&meta_key(&job.actor_id, *tag)).await {
-                bytes += decode_meta(&meta).unwrap_or(0).min(self.migrator.config().max_size);
+        let max = self.migrator.config().max_size;
+        let size = |tag: FileTag| async move {
+            match store.get(&meta_key(&job.actor_id, tag)).await {
+                Ok(Some(meta)) => decode_meta(&meta).unwrap_or(0).min(max),
+                _ => 0,
+            }
+        };
+        let main = size(FileTag::Main).await;
+        let mut sidecars = 0;
+        if job.recovery.is_some() {
+            for tag in FileTag::ALL.into_iter().filter(|t| *t != FileTag::Main) {
+                sidecars += size(tag).await;
             }
         }
-        MemoryBudget::footprint(bytes)
+        MemoryBudget::footprint(main, sidecars, job.recovery.is_some())
     }
 
     async fn failed(&self, job: &Job, e: MigrateError, attempts: u32) -> Disposition {

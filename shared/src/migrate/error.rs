@@ -22,6 +22,9 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 6] =
+        [Phase::Inspect, Phase::Read, Phase::Validate, Phase::Begin, Phase::Stage, Phase::Finalize];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Inspect => "inspect",
@@ -92,6 +95,27 @@ impl Cause {
         }
     }
 
+    /// Every value [`Cause::kind`] can take: the transient kinds and every reason a
+    /// rejection or a corrupt head dead-letters with (the broker's and the runner's own
+    /// reasons, `bad_message`, `retries_exhausted` and `delivery_limit`, are no cause).
+    pub fn kinds() -> Vec<&'static str> {
+        let mut kinds = vec!["in_progress_elsewhere", "v1_changed", "fenced", "store_unavailable", "internal"];
+        kinds.extend(
+            DeadLetterReason::ALL
+                .into_iter()
+                .filter(|r| {
+                    !matches!(
+                        r,
+                        DeadLetterReason::BadMessage
+                            | DeadLetterReason::RetriesExhausted
+                            | DeadLetterReason::DeliveryLimit
+                    )
+                })
+                .map(DeadLetterReason::as_str),
+        );
+        kinds
+    }
+
     /// A short stable name for metrics labels and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -146,5 +170,32 @@ mod tests {
         }
         let misdirected = Cause::UnknownCampaign { campaign: "nov".into(), store: "sqlite:x.db".into() };
         assert_eq!(misdirected.fate(), Fate::Defer);
+    }
+
+    #[test]
+    fn every_cause_kind_is_listed_for_the_metrics_registered_at_start() {
+        let kinds = Cause::kinds();
+        for cause in [
+            Cause::Rejected(V1Rejection::JournalSidecar { size: 1 }),
+            Cause::Rejected(V1Rejection::WalSidecar { size: 1 }),
+            Cause::Rejected(V1Rejection::ShmSidecar { size: 1 }),
+            Cause::Rejected(V1Rejection::MissingMain { detail: String::new() }),
+            Cause::Rejected(V1Rejection::BadMeta { file: "main", detail: String::new() }),
+            Cause::Rejected(V1Rejection::Oversize { file: "main", size: 2, max: 1 }),
+            Cause::Rejected(V1Rejection::ChunkMismatch { file: "main", detail: String::new() }),
+            Cause::Rejected(V1Rejection::BadHeader { detail: String::new() }),
+            Cause::Rejected(V1Rejection::UnsupportedPageSize { page_size: 512 }),
+            Cause::Rejected(V1Rejection::NotPageAligned { size: 1 }),
+            Cause::Rejected(V1Rejection::IntegrityCheckFailed { detail: String::new() }),
+            Cause::CorruptV2Meta("x".into()),
+            Cause::InProgressElsewhere { holder: "w".into(), expires_at_ms: 0 },
+            Cause::V1Changed,
+            Cause::Fenced,
+            Cause::Store(StoreError::Unavailable { backend: "sqlite", message: "busy".into() }),
+            Cause::Internal("x".into()),
+        ] {
+            assert!(kinds.contains(&cause.kind()), "{} is not in Cause::kinds()", cause.kind());
+        }
+        assert_eq!(kinds.len(), 17, "one entry per kind: {kinds:?}");
     }
 }

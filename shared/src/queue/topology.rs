@@ -4,9 +4,14 @@
 //! ```text
 //! {p}.jobs   (direct exchange) --work--> {p}.work   (quorum; delivery limit; DLX {p}.dead,
 //!                                                    at-least-once dead-lettering)
-//! {p}.retry.{ms} (quorum, TTL, no consumers) --expired--> {p}.jobs / work
+//! {p}.retry  (direct exchange) --{ms}--> {p}.retry.{ms} (quorum, TTL, no consumers)
+//!                                          --expired--> {p}.jobs / work
 //! {p}.dead   (direct exchange) --dead--> {p}.dead   (quorum: the triage queue)
 //! ```
+//!
+//! Every publish goes through one of ferry's own exchanges (retries too: routing key = the
+//! tier), never through the default exchange, so a user's write permission names exactly
+//! which of ferry's exchanges it may publish to and nothing else in the vhost.
 //!
 //! Invariants: every queue is quorum and durable; every hop a message makes without a
 //! consumer (retry expiry, delivery-limit dead-lettering) is at-least-once
@@ -129,6 +134,15 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+
+    /// ferry's exchanges: jobs, retry, dead.
+    pub fn exchanges(&self) -> [String; 3] {
+        [self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()]
+    }
+
     pub fn retry_queue(&self, tier_ms: u64) -> String {
         format!("{}.retry.{tier_ms}", self.prefix)
     }
@@ -137,12 +151,37 @@ impl Topology {
         RETRY_TIERS_MS.iter().map(|t| self.retry_queue(*t)).collect()
     }
 
-    /// The retry queue for a delay: the smallest tier at least as long, else the longest.
-    pub fn retry_queue_for(&self, delay: Duration) -> String {
+    /// The retry tier for a delay: the smallest tier at least as long, else the longest.
+    pub fn retry_tier_for(delay: Duration) -> u64 {
         let ms = delay.as_millis() as u64;
-        let tier =
-            RETRY_TIERS_MS.iter().copied().find(|t| *t >= ms).unwrap_or(RETRY_TIERS_MS[RETRY_TIERS_MS.len() - 1]);
-        self.retry_queue(tier)
+        RETRY_TIERS_MS.iter().copied().find(|t| *t >= ms).unwrap_or(RETRY_TIERS_MS[RETRY_TIERS_MS.len() - 1])
+    }
+
+    /// The retry queue for a delay ([`Topology::retry_tier_for`]).
+    pub fn retry_queue_for(&self, delay: Duration) -> String {
+        self.retry_queue(Self::retry_tier_for(delay))
+    }
+
+    /// Routing key of a retry tier on the retry exchange.
+    pub fn retry_key(tier_ms: u64) -> String {
+        tier_ms.to_string()
+    }
+
+    /// Every binding: (queue, exchange, routing key).
+    pub fn bindings(&self) -> Vec<(String, String, String)> {
+        let mut out = vec![(self.work_queue(), self.jobs_exchange(), WORK_KEY.to_string())];
+        for tier in RETRY_TIERS_MS {
+            out.push((self.retry_queue(tier), self.retry_exchange(), Self::retry_key(tier)));
+        }
+        out.push((self.dead_queue(), self.dead_exchange(), DEAD_KEY.to_string()));
+        out
+    }
+
+    /// Every name ferry declares (exchanges and queues).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.exchanges().into();
+        names.extend(self.queues().into_iter().map(|q| q.name));
+        names
     }
 
     fn at_least_once(args: &mut Vec<(&'static str, ArgValue)>) {
@@ -175,7 +214,7 @@ impl Topology {
     /// Declares everything (idempotent: the same arguments every time).
     pub async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        for exchange in [self.jobs_exchange(), self.dead_exchange()] {
+        for exchange in self.exchanges() {
             ch.exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
         }
         for spec in self.queues() {
@@ -185,18 +224,30 @@ impl Topology {
             }
             ch.queue_declare(spec.name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
         }
-        let bind = |q: String, x: String, k: &'static str| async move {
+        for (q, x, k) in self.bindings() {
             ch.queue_bind(
                 q.as_str().into(),
                 x.as_str().into(),
-                k.into(),
+                k.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await
-        };
-        bind(self.work_queue(), self.jobs_exchange(), WORK_KEY).await?;
-        bind(self.dead_queue(), self.dead_exchange(), DEAD_KEY).await?;
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every exchange and queue exists without declaring anything (passive
+    /// declares need no permission at all): for users that may not configure.
+    pub async fn check_exists(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        let passive = ExchangeDeclareOptions { passive: true, durable: true, ..Default::default() };
+        for exchange in self.exchanges() {
+            ch.exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, passive, FieldTable::default()).await?;
+        }
+        for spec in self.queues() {
+            let opts = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+            ch.queue_declare(spec.name.as_str().into(), opts, FieldTable::default()).await?;
+        }
         Ok(())
     }
 
@@ -205,7 +256,7 @@ impl Topology {
         for spec in self.queues() {
             ch.queue_delete(spec.name.as_str().into(), QueueDeleteOptions::default()).await?;
         }
-        for exchange in [self.jobs_exchange(), self.dead_exchange()] {
+        for exchange in self.exchanges() {
             ch.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await?;
         }
         Ok(())
@@ -213,7 +264,8 @@ impl Topology {
 
     /// The topology as RabbitMQ definitions (exchanges, queues, bindings) for `vhost`.
     pub fn definitions(&self, vhost: &str) -> serde_json::Value {
-        let exchanges: Vec<_> = [self.jobs_exchange(), self.dead_exchange()]
+        let exchanges: Vec<_> = self
+            .exchanges()
             .iter()
             .map(|name| {
                 serde_json::json!({"name": name, "vhost": vhost, "type": "direct", "durable": true,
@@ -229,48 +281,94 @@ impl Topology {
                 serde_json::json!({"name": q.name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": args})
             })
             .collect();
-        let binding = |q: String, x: String, k: &str| {
-            serde_json::json!({"source": x, "vhost": vhost, "destination": q, "destination_type": "queue",
-                               "routing_key": k, "arguments": {}})
-        };
-        serde_json::json!({
-            "exchanges": exchanges,
-            "queues": queues,
-            "bindings": [binding(self.work_queue(), self.jobs_exchange(), WORK_KEY),
-                         binding(self.dead_queue(), self.dead_exchange(), DEAD_KEY)],
-        })
+        let bindings: Vec<_> = self
+            .bindings()
+            .into_iter()
+            .map(|(q, x, k)| {
+                serde_json::json!({"source": x, "vhost": vhost, "destination": q, "destination_type": "queue",
+                                   "routing_key": k, "arguments": {}})
+            })
+            .collect();
+        serde_json::json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
     }
 }
 
-/// The least-privilege worker user in the deploy definitions.
+/// The least-privilege worker user: consumes the work queue, publishes retries and dead
+/// letters, configures nothing.
 pub const WORKER_USER: &str = "ferry-worker";
-/// rabbit_password_hashing_sha256 of `change-me`: the placeholder the deploy docs tell
-/// operators to replace (`rabbitmqctl change_password ferry-worker ...`).
-pub const PLACEHOLDER_PASSWORD_HASH: &str = "kIoSPJ+KZjeeLWQvlOtsy+yMfT4W10kzrC6Wiu0VtcXtfyNE";
+/// The operator user: the producer (declare, enqueue) and triage that moves dead letters;
+/// configure, write and read on ferry's names only.
+pub const OPERATOR_USER: &str = "ferry-operator";
+/// The read-only triage user: reads the dead-letter queue (`dlq list|summary|show|export`)
+/// and `status` (passive declares); configures and writes nothing.
+pub const TRIAGE_USER: &str = "ferry-triage";
+/// The monitoring user KEDA reads queue lengths with through the management API (tag
+/// `monitoring`, no permission in the vhost beyond access).
+pub const MONITOR_USER: &str = "ferry-monitor";
+/// The hashing algorithm of the password hashes given to [`Topology::deploy_definitions`]
+/// (what `rabbitmqctl hash_password` prints).
+pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
+
+/// Password hashes of the deploy users. An empty hash is no password: the user cannot log in
+/// until one is set (`rabbitmqctl change_password USER PASSWORD`), so the shipped definitions
+/// have no working default.
+#[derive(Clone, Debug, Default)]
+pub struct PasswordHashes {
+    pub worker: String,
+    pub operator: String,
+    pub triage: String,
+    pub monitor: String,
+}
 
 fn regex_of(names: &[String]) -> String {
     let alts: Vec<String> = names.iter().map(|n| n.replace('.', "\\.")).collect();
     format!("^({})$", alts.join("|"))
 }
 
+/// Matches no name.
+const NOTHING: &str = "^$";
+
 impl Topology {
-    /// The worker's permissions: read the work queue; write the jobs and dead exchanges and
-    /// the default exchange (retry tiers are addressed by queue name); configure nothing, so
-    /// workers run with `--no-declare` against the loaded definitions.
-    pub fn worker_permissions(&self, vhost: &str) -> serde_json::Value {
-        let write = regex_of(&["amq.default".into(), self.jobs_exchange(), self.dead_exchange()]);
-        serde_json::json!({"user": WORKER_USER, "vhost": vhost, "configure": "^$", "write": write,
-                           "read": regex_of(&[self.work_queue()])})
+    /// Each deploy user's permissions in `vhost`: (user, configure, write, read).
+    pub fn permissions(&self) -> Vec<(&'static str, String, String, String)> {
+        let all = regex_of(&self.names());
+        vec![
+            (
+                WORKER_USER,
+                NOTHING.into(),
+                regex_of(&[self.retry_exchange(), self.dead_exchange()]),
+                regex_of(&[self.work_queue()]),
+            ),
+            (OPERATOR_USER, all.clone(), all.clone(), all),
+            (TRIAGE_USER, NOTHING.into(), NOTHING.into(), regex_of(&[self.dead_queue()])),
+            (MONITOR_USER, NOTHING.into(), NOTHING.into(), NOTHING.into()),
+        ]
     }
 
-    /// The whole `deploy/rabbitmq/definitions.json`: vhost, worker user and permissions, and
-    /// the topology.
-    pub fn deploy_definitions(&self, vhost: &str, password_hash: &str) -> serde_json::Value {
+    /// The whole `deploy/rabbitmq/definitions.json`: vhost, the deploy users and their
+    /// permissions, and the topology. Nothing else may declare the topology on such a broker:
+    /// workers run with `--no-declare`, triage and `status` only check that it exists.
+    pub fn deploy_definitions(&self, vhost: &str, hashes: &PasswordHashes) -> serde_json::Value {
         let mut defs = self.definitions(vhost);
         defs["vhosts"] = serde_json::json!([{"name": vhost}]);
-        defs["users"] = serde_json::json!([{"name": WORKER_USER, "password_hash": password_hash,
-            "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}]);
-        defs["permissions"] = serde_json::json!([self.worker_permissions(vhost)]);
+        let user = |name: &str, hash: &str, tags: &[&str]| {
+            serde_json::json!({"name": name, "password_hash": hash, "hashing_algorithm": HASHING_ALGORITHM,
+                               "tags": tags})
+        };
+        defs["users"] = serde_json::json!([
+            user(WORKER_USER, &hashes.worker, &[]),
+            user(OPERATOR_USER, &hashes.operator, &[]),
+            user(TRIAGE_USER, &hashes.triage, &[]),
+            user(MONITOR_USER, &hashes.monitor, &["monitoring"]),
+        ]);
+        defs["permissions"] = self
+            .permissions()
+            .into_iter()
+            .map(|(user, configure, write, read)| {
+                serde_json::json!({"user": user, "vhost": vhost, "configure": configure, "write": write,
+                                   "read": read})
+            })
+            .collect();
         defs
     }
 }

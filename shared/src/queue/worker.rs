@@ -87,15 +87,13 @@ pub async fn run_worker(
     let mut backoff = reconnect_backoff();
     // In-flight jobs outlive a lost session: they are drained only at shutdown.
     let mut in_flight = InFlight::new(cfg.concurrency);
-    let mut connected_once = false;
+    // Whether a session was ever opened: only a session opened after that is a reconnect, and
+    // a worker that never connected stops instead of retrying a broker it may never reach.
+    let mut opened_before = false;
     loop {
-        let end = match session(&cfg, &runner, &ready, &mut in_flight, &mut shutdown).await {
-            // A session ends Lost only after it was opened.
-            Ok(end) => {
-                connected_once = true;
-                end
-            }
-            Err(e) if !connected_once => return Err(WorkerError::FirstConnect(e)),
+        let end = match session(&cfg, &runner, &ready, &mut in_flight, &mut shutdown, &mut opened_before).await {
+            Ok(end) => end,
+            Err(e) if !opened_before => return Err(WorkerError::FirstConnect(e)),
             Err(e) => SessionEnd::Lost(e.to_string()),
         };
         ready.set(false);
@@ -103,7 +101,6 @@ pub async fn run_worker(
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Lost(why) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(10));
-                metrics::counter!(m::RECONNECTS).increment(1);
                 warn!(
                     error = %why, ?delay, in_flight = in_flight.tasks.len(), broker = %amqp::redacted(&cfg.amqp_url),
                     "broker connection lost; reconnecting"
@@ -116,7 +113,12 @@ pub async fn run_worker(
                             in_flight.finish(cfg.shutdown_grace).await;
                             return Ok(());
                         }
-                        () = &mut reconnect => break,
+                        () = &mut reconnect => {
+                            if opened_before {
+                                metrics::counter!(m::RECONNECT_ATTEMPTS).increment(1);
+                            }
+                            break;
+                        }
                         Some(_) = in_flight.tasks.join_next(), if !in_flight.tasks.is_empty() => {}
                     }
                 }
@@ -202,6 +204,7 @@ async fn session(
     ready: &Readiness,
     in_flight: &mut InFlight,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
+    opened_before: &mut bool,
 ) -> Result<SessionEnd, AmqpError> {
     // Opening can hang on an unreachable broker: SIGTERM must still be heard.
     let Session { conn, consume, publish, mut consumer, tag } = tokio::select! {
@@ -212,6 +215,10 @@ async fn session(
         }
         opened = open_session(cfg) => opened?,
     };
+    if *opened_before {
+        metrics::counter!(m::RECONNECTS).increment(1);
+    }
+    *opened_before = true;
     ready.set(true);
     info!(queue = %cfg.topology.work_queue(), prefetch = cfg.concurrency, "consuming");
     let end = loop {
@@ -305,13 +312,15 @@ async fn retry(
     delay: Duration,
     error: &str,
 ) -> Result<(), AmqpError> {
-    let queue = topology.retry_queue_for(delay);
+    let tier = Topology::retry_tier_for(delay);
     let headers = amqp::headers(&[
         (amqp::ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempts))),
         (amqp::LAST_ERROR_HEADER, amqp::long_string(&error.chars().take(500).collect::<String>())),
     ]);
     let id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
-    amqp::publish_confirmed(publish, "", &queue, &delivery.data, amqp::json_properties(&id, headers)).await
+    let props = amqp::json_properties(&id, headers);
+    amqp::publish_confirmed(publish, &topology.retry_exchange(), &Topology::retry_key(tier), &delivery.data, props)
+        .await
 }
 
 async fn dead_letter(

@@ -42,6 +42,10 @@ struct Args {
     /// Worker concurrency in the fleet runs.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
+    /// Only the memory section at the manifest's settings (deploy/k8s: concurrency 8,
+    /// max size 128 MiB, PostgreSQL) at budgets 256 and 512 MiB.
+    #[arg(long)]
+    manifest_memory_only: bool,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -368,6 +372,44 @@ fn local_run(dir: &Path, store: &str, concurrency: u16, budget_mib: u64) -> Resu
     summary["peak_rss_mib"].as_f64().context("peak_rss_mib in the summary")
 }
 
+/// Peak RSS of `ferry-worker local` at the manifest's settings (concurrency 8, max size 128
+/// MiB, PostgreSQL store, `MALLOC_ARENA_MAX=2`) on large databases, at each budget, against
+/// the manifest's promise: memory = budget + 128 MiB.
+async fn manifest_memory(report: &mut Report, dbs: &[&[u8]], budgets: &[u64]) -> Result<()> {
+    let sizes: Vec<String> = dbs.iter().map(|d| format!("{:.0}", d.len() as f64 / 1048576.0)).collect();
+    let actors = format!("{} dbs of {} MiB", dbs.len(), sizes.join("/"));
+    for budget in budgets {
+        let store = TestStore::new(Backend::Postgres).await;
+        for (i, db) in dbs.iter().enumerate() {
+            let actor = ferry::ActorId::parse(&format!("manifest-{i}"))?;
+            write_v1(&*store.store, &actor, &DbFiles { main: db.to_vec(), ..DbFiles::default() }).await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let out = Command::new(bin("ferry-worker"))
+            .args(["local", "--store", &store.url, "--json", "--concurrency", "8", "--max-size-mib", "128"])
+            .args(["--memory-budget-mib", &budget.to_string()])
+            .env("RUST_LOG", "warn")
+            // As deploy/k8s/worker.yaml sets it.
+            .env("MALLOC_ARENA_MAX", "2")
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .output()?;
+        ensure!(out.status.success(), "ferry-worker local failed");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let peak = summary["peak_rss_mib"].as_f64().context("peak_rss_mib in the summary")?;
+        report.add(
+            "memory",
+            &format!("peak RSS, {actors} on PostgreSQL, concurrency 8, budget {budget} MiB"),
+            peak,
+            "MiB",
+            "budget + 128 MiB (deploy/k8s/worker.yaml)",
+            *budget as f64 + 128.0,
+            None,
+        );
+    }
+    Ok(())
+}
+
 async fn memory(report: &mut Report, db128: &[u8], actors_at_8: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let empty = format!("sqlite:{}", dir.path().join("empty.db").display());
@@ -420,6 +462,14 @@ async fn memory(report: &mut Report, db128: &[u8], actors_at_8: usize) -> Result
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut report = Report { machine: machine(), ..Report::default() };
+    if args.manifest_memory_only {
+        let big = database(&DbSpec::sized((128u64 << 20) * 3 / 4, 128)).map_err(anyhow::Error::msg)?;
+        let mid = database(&DbSpec::sized((32u64 << 20) * 3 / 4, 32)).map_err(anyhow::Error::msg)?;
+        let dbs: Vec<&[u8]> = [&big; 3].into_iter().chain([&mid; 6]).map(Vec::as_slice).collect();
+        manifest_memory(&mut report, &dbs, &[256, 512]).await?;
+        println!("{}", report.table());
+        return Ok(());
+    }
     let tiny = args.tiny.unwrap_or(if args.quick { 600 } else { 3000 });
     let sizes: Vec<u64> = if args.quick { vec![16] } else { vec![16, 64, 128] };
     eprintln!("ferry bench on {}", report.machine);
@@ -481,6 +531,10 @@ async fn main() -> Result<()> {
     eprintln!("4. memory");
     let biggest = &dbs.last().context("a large database")?.1;
     memory(&mut report, biggest, if args.quick { 3 } else { 6 }).await?;
+
+    let mid = &dbs.first().context("a 16 MiB database")?.1;
+    let mixed: Vec<&[u8]> = [biggest; 3].into_iter().chain([mid; 6]).map(Vec::as_slice).collect();
+    manifest_memory(&mut report, &mixed, &[256, 512]).await?;
 
     eprintln!("5. scaling (postgres, tiny actors)");
     let mut one = 0.0;
