@@ -110,7 +110,8 @@ pub fn when(ms: i64) -> String {
 }
 
 pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open_existing(args.store.url()?, 2).await.context("opening the store")?;
+    // Every missing or bad setting is reported before anything is opened.
+    let url = args.store.url()?;
     let source = if args.embedded {
         Source::Embedded
     } else {
@@ -120,6 +121,7 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
             connect_timeout: args.broker.connect_timeout(),
         }
     };
+    let store = store::open_existing(url, 2).await.context("opening the store")?;
     match args.command {
         DlqCommand::Summary { json } => {
             let letters = triage::list(&store, &source, &Filter::default()).await?;

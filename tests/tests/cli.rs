@@ -263,7 +263,12 @@ async fn an_amqp_port_that_is_not_rabbitmq_fails_every_command_within_the_bound(
             let shown = format!("amqp://ferry:***@127.0.0.1:{port}/%2f");
             let t = timeout_secs.to_string();
             let commands: [(&str, Vec<&str>); 4] = [
-                ("ferry-producer", vec!["enqueue", "--store", &ts.url, "--campaign", "c", "--amqp", &url]),
+                // Its retry budget is what decides how long it keeps trying a broker that
+                // is down; at 0 it gives up at the first failed connect.
+                (
+                    "ferry-producer",
+                    vec!["enqueue", "--store", &ts.url, "--campaign", "c", "--amqp", &url, "--retry-budget-secs", "0"],
+                ),
                 ("ferry-producer", vec!["status", "--store", &ts.url, "--amqp", &url]),
                 ("ferry-producer", vec!["dlq", "summary", "--store", &ts.url, "--amqp", &url]),
                 ("ferry-worker", vec!["run", "--store", &ts.url, "--amqp", &url, "--http", "off"]),
