@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+
+use crate::exit::Usage;
 use ferry::queue::Topology;
 use ferry::queue::topology;
 
@@ -87,7 +89,9 @@ pub struct GlobalBrokerArgs {
 
 impl GlobalBrokerArgs {
     pub fn amqp(&self) -> anyhow::Result<&str> {
-        self.amqp.as_deref().context("no broker: give --amqp or FERRY_AMQP_URL (or --embedded)")
+        self.amqp
+            .as_deref()
+            .ok_or_else(|| Usage("no broker: give --amqp or FERRY_AMQP_URL (or --embedded)".into()).into())
     }
 
     pub fn connect_timeout(&self) -> Duration {
@@ -112,6 +116,6 @@ pub struct GlobalStoreArg {
 
 impl GlobalStoreArg {
     pub fn url(&self) -> anyhow::Result<&str> {
-        self.store.as_deref().context("no store: give --store or FERRY_STORE")
+        self.store.as_deref().ok_or_else(|| Usage("no store: give --store or FERRY_STORE".into()).into())
     }
 }

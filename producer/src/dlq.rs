@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry::store;
 use ferry::triage::{self, Filter, Source};
@@ -211,7 +211,7 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
         }
         DlqCommand::Purge { filter, yes } => {
             if !yes {
-                bail!("purge drops dead letters for good: add --yes to confirm");
+                return Err(crate::exit::Usage("purge drops dead letters for good: add --yes to confirm".into()).into());
             }
             let n = triage::purge(&store, &source, &dlq_filter(&filter, vec![])?).await?;
             println!("purged {n} dead letters (noted in each actor's audit record)");

@@ -32,6 +32,24 @@ Exit codes:
   5    import: some files were skipped
   130  interrupted: run again to resume";
 
+/// A command line that is wrong in a way clap cannot see (a flag required only by some
+/// subcommands, a missing confirmation): reported like clap's own usage errors, exit [`USAGE`].
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// The exit code of a failed command: [`USAGE`] for a [`Usage`] error, else [`FAILED`].
+pub fn of_error(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<Usage>().is_some() { USAGE } else { FAILED }
+}
+
 /// Says on stderr that nothing matched, and returns [`NOTHING`].
 pub fn nothing(why: impl std::fmt::Display) -> ExitCode {
     eprintln!("ferry-producer: {why}");

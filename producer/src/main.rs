@@ -79,7 +79,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry-producer: {e:#}");
-            ExitCode::from(exit::FAILED)
+            ExitCode::from(exit::of_error(&e))
         }
     }
 }

@@ -1,7 +1,8 @@
 //! ferry: migrates actor SQLite databases from the v1 chunked layout to the v2 page store.
 //!
-//! See `ARCHITECTURE.md` at the repository root for the map, and `../shared/DESIGN.md` for the
-//! contract (byte layouts, keyspace, outcomes, reasons, queue semantics).
+//! See `ARCHITECTURE.md` at the repository root for the map, and `docs/FORMAT.md` for every
+//! byte layout, key and record (the project's design contract, kept beside the repository in
+//! `../shared/DESIGN.md`, is the authority on them).
 
 pub mod actor;
 pub mod budget;

@@ -135,11 +135,11 @@ fn no_store_and_no_broker_by_default() -> Result<()> {
         ensure!(stderr(&out).contains(flag), "{name} {args:?} does not ask for {flag}: {}", stderr(&out));
     }
     // dlq takes its store and broker as globals: still required, and named.
-    let out = expect_code(command("ferry-producer").args(["dlq", "summary", "--embedded"]).current_dir(cwd.path()), 1)?;
+    let out = expect_code(command("ferry-producer").args(["dlq", "summary", "--embedded"]).current_dir(cwd.path()), 2)?;
     ensure!(stderr(&out).contains("--store or FERRY_STORE"), "{}", stderr(&out));
     let out = expect_code(
         command("ferry-producer").args(["dlq", "summary", "--store", "sqlite:x.db"]).current_dir(cwd.path()),
-        1,
+        2,
     )?;
     ensure!(stderr(&out).contains("--amqp or FERRY_AMQP_URL"), "{}", stderr(&out));
     let left: Vec<_> = std::fs::read_dir(cwd.path())?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Result, ensure};
 use ferry_tests::bin;
 
-/// Runs `binary args...` (`STORE` replaced by `store`) with no ferry settings from the
-/// environment; returns whether it succeeded and its stderr.
+/// Runs `binary args...` (`STORE` replaced by `store`, `AMQP` by the test broker) with no ferry
+/// settings from the environment; returns whether it succeeded and its stderr.
 fn run(binary: &str, args: &[&str], store: &str) -> Result<(bool, String)> {
     let mut cmd = Command::new(bin(binary));
     for (k, _) in std::env::vars() {
@@ -18,7 +18,11 @@ fn run(binary: &str, args: &[&str], store: &str) -> Result<(bool, String)> {
         }
     }
     let out = cmd
-        .args(args.iter().map(|a| if *a == "STORE" { store } else { a }))
+        .args(args.iter().map(|a| match *a {
+            "STORE" => store.to_string(),
+            "AMQP" => ferry::testing::amqp_url(),
+            other => other.to_string(),
+        }))
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -37,11 +41,17 @@ fn read_only_and_worker_commands_on_a_missing_sqlite_store_fail_clearly_and_crea
     let commands: &[(&str, &[&str])] = &[
         ("ferry-producer", &["scan", "--store", "STORE"]),
         ("ferry-producer", &["verify", "--store", "STORE"]),
-        ("ferry-producer", &["status", "--store", "STORE", "--campaign", "c1", "--queue-prefix", PREFIX]),
-        ("ferry-producer", &["enqueue", "--store", "STORE", "--campaign", "c1", "--queue-prefix", PREFIX]),
+        (
+            "ferry-producer",
+            &["status", "--store", "STORE", "--amqp", "AMQP", "--campaign", "c1", "--queue-prefix", PREFIX],
+        ),
+        (
+            "ferry-producer",
+            &["enqueue", "--store", "STORE", "--amqp", "AMQP", "--campaign", "c1", "--queue-prefix", PREFIX],
+        ),
         ("ferry-producer", &["dlq", "--store", "STORE", "list", "--embedded"]),
         ("ferry-worker", &["local", "--store", "STORE"]),
-        ("ferry-worker", &["run", "--store", "STORE", "--http", "off", "--queue-prefix", PREFIX]),
+        ("ferry-worker", &["run", "--store", "STORE", "--amqp", "AMQP", "--http", "off", "--queue-prefix", PREFIX]),
     ];
     for (binary, args) in commands {
         let (ok, stderr) = run(binary, args, &url)?;

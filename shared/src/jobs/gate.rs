@@ -41,6 +41,7 @@ impl CampaignGate {
     /// Looks the campaign up (once per campaign and process when it exists).
     pub async fn admit(&self, store: &dyn Store, name: &str) -> Result<Admission, StoreError> {
         if self.is_known(name) {
+            self.ready.set_misdirected(false);
             return Ok(Admission::Known);
         }
         if campaign::load(store, name).await?.is_none() {
@@ -91,5 +92,11 @@ mod tests {
         campaign::save(&*store, &record("nov")).await.unwrap();
         assert!(matches!(gate.admit(&*store, "nov").await.unwrap(), Admission::Known));
         assert!(ready.get(), "a known campaign makes it ready again");
+
+        // A stray job of an unknown campaign, then the known one again (now from the cache).
+        assert!(matches!(gate.admit(&*store, "stray").await.unwrap(), Admission::Unknown));
+        assert!(!ready.get());
+        assert!(matches!(gate.admit(&*store, "nov").await.unwrap(), Admission::Known));
+        assert!(ready.get(), "a remembered campaign makes it ready again too");
     }
 }

@@ -99,7 +99,8 @@ impl Cause {
     /// rejection or a corrupt head dead-letters with (the broker's and the runner's own
     /// reasons, `bad_message`, `retries_exhausted` and `delivery_limit`, are no cause).
     pub fn kinds() -> Vec<&'static str> {
-        let mut kinds = vec!["in_progress_elsewhere", "v1_changed", "fenced", "store_unavailable", "internal"];
+        let mut kinds =
+            vec!["in_progress_elsewhere", "v1_changed", "fenced", "store_unavailable", "internal", "unknown_campaign"];
         kinds.extend(
             DeadLetterReason::ALL
                 .into_iter()
@@ -193,9 +194,21 @@ mod tests {
             Cause::Fenced,
             Cause::Store(StoreError::Unavailable { backend: "sqlite", message: "busy".into() }),
             Cause::Internal("x".into()),
+            Cause::UnknownCampaign { campaign: "c".into(), store: "sqlite:x.db".into() },
         ] {
+            // A new variant does not compile here until it gets a sample above.
+            match &cause {
+                Cause::Rejected(_)
+                | Cause::CorruptV2Meta(_)
+                | Cause::InProgressElsewhere { .. }
+                | Cause::V1Changed
+                | Cause::Fenced
+                | Cause::Store(_)
+                | Cause::Internal(_)
+                | Cause::UnknownCampaign { .. } => {}
+            }
             assert!(kinds.contains(&cause.kind()), "{} is not in Cause::kinds()", cause.kind());
         }
-        assert_eq!(kinds.len(), 17, "one entry per kind: {kinds:?}");
+        assert_eq!(kinds.len(), 18, "one entry per kind: {kinds:?}");
     }
 }

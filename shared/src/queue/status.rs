@@ -96,7 +96,8 @@ pub async fn outcome_counts(store: &dyn Store, campaign: Option<&str>, now_ms: i
         if let Some(r) = a.reason {
             *c.dead_letters.entry(r.as_str().to_string()).or_default() += 1;
         }
-        if in_window(a.finished_at_ms, now_ms, RATE_WINDOW_MS) {
+        // The rate is the workers': the producer's skips at enqueue are not jobs finishing.
+        if a.worker != crate::queue::enqueue::PRODUCER_WORKER && in_window(a.finished_at_ms, now_ms, RATE_WINDOW_MS) {
             c.recent += 1;
             c.first_recent_ms = Some(c.first_recent_ms.map_or(a.finished_at_ms, |f| f.min(a.finished_at_ms)));
         }

@@ -183,6 +183,10 @@ async fn open_session(cfg: &WorkerConfig) -> Result<Session, AmqpError> {
     let consume = conn.create_channel().await?;
     if cfg.declare {
         cfg.topology.declare(&consume).await?;
+    } else {
+        // Loaded from definitions: an older file without an exchange this worker publishes
+        // to (the retry exchange) must fail here, by name, not close the channel at a retry.
+        cfg.topology.check_exists(&consume).await?;
     }
     let publish = amqp::confirm_channel(&conn).await?;
     consume.basic_qos(cfg.concurrency.max(1), BasicQosOptions::default()).await?;

@@ -30,8 +30,10 @@ pub enum V2ReadError {
     MissingPidx { pgno: u32 },
     #[error("PIDX row of page {pgno} is not a u64 txid")]
     BadPidx { pgno: u32 },
-    #[error("txid {txid}: {source}")]
-    BadBlob { txid: u64, source: LtxError },
+    /// The blob's error is named in the message and is not also the source, so a `{:#}`
+    /// chain says it once.
+    #[error("txid {txid}: {error}")]
+    BadBlob { txid: u64, error: LtxError },
     #[error("txid {txid} has no page {pgno}")]
     MissingPage { txid: u64, pgno: u32 },
     #[error(transparent)]
@@ -47,7 +49,7 @@ pub async fn read_v2(store: &dyn Store, actor: &ActorId) -> Result<V2Database, V
     for txid in owners.values() {
         if !blobs.contains_key(txid) {
             let blob = read_blob(store, actor, *txid).await?;
-            let decoded = ltx::decode(&blob).map_err(|source| V2ReadError::BadBlob { txid: *txid, source })?;
+            let decoded = ltx::decode(&blob).map_err(|error| V2ReadError::BadBlob { txid: *txid, error })?;
             blobs.insert(*txid, decoded.pages.into_iter().collect());
         }
     }
