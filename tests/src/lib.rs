@@ -527,6 +527,20 @@ pub fn enqueue(store: &str, topology: &Topology, campaign: &str, extra: &[&str])
 // ---------------------------------------------------------------------------------------------
 // Store readers
 
+/// Terminates every PostgreSQL session named `app` (`application_name`), as an operator or a
+/// failover would; how many there were.
+pub async fn terminate_sessions(app: &str) -> Result<i64> {
+    let (admin, conn) = tokio_postgres::connect(&ferry::testing::postgres_url(), tokio_postgres::NoTls)
+        .await
+        .context("PostgreSQL must be running for this test")?;
+    let task = tokio::spawn(conn);
+    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()";
+    let killed: i64 = admin.query_one(terminate, &[&app]).await?.get(0);
+    task.abort();
+    Ok(killed)
+}
+
 /// Records a campaign in `store` as `ferry-producer enqueue` does before its first publish, for
 /// tests that publish jobs themselves: a worker runs only jobs whose campaign its store knows.
 pub async fn register_campaign(store: &DynStore, name: &str) -> Result<()> {

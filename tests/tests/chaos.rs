@@ -34,7 +34,7 @@ use ferry::migrate::OutcomeKind;
 use ferry::queue::enqueue::{PRODUCER_WORKER, producer_connection_name};
 use ferry::store::{DynStore, KeyRange, for_each_row};
 use ferry::synth::keyspace::{Case, Expected};
-use ferry::testing::{Backend, TestStore, postgres_url, unique_name};
+use ferry::testing::{Backend, TestStore, unique_name};
 use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason};
 use ferry_tests::{
@@ -189,14 +189,7 @@ impl Fleet<'_> {
     }
 
     async fn terminate_store_connections(&mut self) -> Result<()> {
-        let (admin, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-            .await
-            .context("PostgreSQL must be running for this test")?;
-        let task = tokio::spawn(conn);
-        let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE application_name = $1 AND pid <> pg_backend_pid()";
-        let killed: i64 = admin.query_one(terminate, &[&self.app]).await?.get(0);
-        task.abort();
+        let killed = ferry_tests::terminate_sessions(&self.app).await?;
         ensure!(killed > 0, "no worker store connection to terminate");
         self.log(format!("terminated {killed} store connections of the workers"));
         Ok(())

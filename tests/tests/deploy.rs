@@ -251,16 +251,27 @@ async fn every_dashboard_query_reads_series_that_real_scrapes_export() -> Result
 
     // RabbitMQ's, from the plugin's per-object endpoint, labelled with our queues; the
     // default endpoint has no per-queue series (why the README says /metrics/per-object).
-    let per_object = http_get(PROMETHEUS_PORT, "/metrics/per-object", None).await?;
     let work = format!("queue=\"{}\"", broker.topology.work_queue());
     let dead = format!("queue=\"{}\"", broker.topology.dead_queue());
-    for name in &rabbit_names {
-        for label in [&work, &dead] {
-            assert!(
-                per_object.lines().any(|l| l.starts_with(&format!("{name}{{")) && l.contains(label.as_str())),
-                "/metrics/per-object has no {name}{{{label}}}"
-            );
+    // The plugin reports a new queue after its next statistics round (every few seconds).
+    let missing = |per_object: &str| {
+        rabbit_names
+            .iter()
+            .flat_map(|name| [&work, &dead].map(|label| (name.clone(), label.clone())))
+            .filter(|(name, label)| {
+                !per_object.lines().any(|l| l.starts_with(&format!("{name}{{")) && l.contains(label.as_str()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let per_object = http_get(PROMETHEUS_PORT, "/metrics/per-object", None).await?;
+        let absent = missing(&per_object);
+        if absent.is_empty() {
+            break;
         }
+        assert!(std::time::Instant::now() < deadline, "/metrics/per-object has no series for {absent:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let aggregated = http_get(PROMETHEUS_PORT, "/metrics", None).await?;
     assert!(!aggregated.contains(&work), "the default endpoint is per-queue after all");

@@ -20,8 +20,10 @@ use ferry::jobs::Job;
 use ferry::migrate::OutcomeKind;
 use ferry::queue::enqueue::{PRODUCER_WORKER, producer_connection_name};
 use ferry::synth::keyspace::{Case, Mix, SeedConfig, plan, seed};
-use ferry::testing::{Backend, TestStore, postgres_url, unique_name};
-use ferry_tests::{Broker, Proc, audits, bounded, close_connection, connections_named, enqueue_command, wait_until};
+use ferry::testing::{Backend, TestStore, unique_name};
+use ferry_tests::{
+    Broker, Proc, audits, bounded, close_connection, connections_named, enqueue_command, terminate_sessions, wait_until,
+};
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
@@ -191,19 +193,6 @@ async fn enqueue_on_sqlite_publishes_a_keyspace_past_every_internal_bound_once_a
 
 // ---------------------------------------------------------------------------------------------
 // Transient and permanent failures
-
-/// Terminates every PostgreSQL session named `app`; how many there were.
-async fn terminate_sessions(app: &str) -> Result<i64> {
-    let (admin, conn) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
-        .await
-        .context("PostgreSQL must be running for this test")?;
-    let task = tokio::spawn(conn);
-    let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE application_name = $1 AND pid <> pg_backend_pid()";
-    let killed: i64 = admin.query_one(terminate, &[&app]).await?.get(0);
-    task.abort();
-    Ok(killed)
-}
 
 /// The broker pids of the producer's connection, once it has one.
 async fn producer_connection(campaign: &str) -> Result<Vec<String>> {

@@ -137,6 +137,19 @@ pub async fn connect_within(url: &str, name: &str, timeout: Duration) -> Result<
     }
 }
 
+/// Delays between reconnects after a broker or store failure (the worker's sessions, the
+/// producer's attempts): exponential from 200 ms to 10 s with jitter, without end (the caller
+/// bounds it by shutdown or a budget).
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// The URL with its password hidden, for logs.
 pub fn redacted(url: &str) -> String {
     crate::store::redact_url(url)

@@ -26,7 +26,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::BackoffBuilder;
 use futures::FutureExt;
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
@@ -709,16 +708,6 @@ impl Drop for Scanner {
     }
 }
 
-/// Delays between attempts after a transient failure.
-fn retry_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
 /// Runs an enqueue until the scan ends, the limit is reached, or `shutdown` resolves.
 ///
 /// A transient failure (see [`EnqueueError::is_transient`]) ends the attempt, not the run:
@@ -734,7 +723,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
     let mut run = Run { cfg: &cfg, progress, resumed: None };
     tokio::pin!(shutdown);
     let mut totals = Counts::default();
-    let mut backoff = retry_backoff();
+    let mut backoff = amqp::reconnect_backoff();
     // When the store or broker began failing with no checkpoint saved since.
     let mut failing_since: Option<Instant> = None;
     let mut attempt = 0u32;
@@ -751,7 +740,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
         if failure.saved.scanned() > 0 {
             // It got somewhere: this is a new outage, with a fresh budget and backoff.
             failing_since = None;
-            backoff = retry_backoff();
+            backoff = amqp::reconnect_backoff();
         }
         let error = failure.error;
         if !error.is_transient() {

@@ -18,7 +18,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
@@ -84,7 +83,7 @@ pub async fn run_worker(
     cfg.topology.validate()?;
     let runner = Arc::new(runner);
     tokio::pin!(shutdown);
-    let mut backoff = reconnect_backoff();
+    let mut backoff = amqp::reconnect_backoff();
     // In-flight jobs outlive a lost session: they are drained only at shutdown.
     let mut in_flight = InFlight::new(cfg.concurrency);
     // Whether a session was ever opened: only a session opened after that is a reconnect, and
@@ -125,15 +124,6 @@ pub async fn run_worker(
             }
         }
     }
-}
-
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Jobs running in this worker, whichever session delivered them: at most `concurrency` run
