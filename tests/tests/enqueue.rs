@@ -248,14 +248,25 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
         })
         .await?;
         ensure!(p.running(), "the producer exited after losing its broker connection:\n{}", p.log_tail());
-        // Again and again for a while, so queries in flight (not only idle pooled sessions,
-        // which the pool replaces unseen) fail, and so does reopening the store.
-        let mut killed = 0;
-        let until = Instant::now() + Duration::from_millis(1500);
-        while Instant::now() < until {
-            killed += terminate_sessions(&app).await?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // A terminated idle session is replaced by the pool unseen; one with a query in flight
+        // fails. So hold the campaign record's row lock until the producer's next checkpoint
+        // save waits on it (it saves every second), then terminate its sessions.
+        let schema = ts.url.split("schema=").nth(1).context("the test store's schema")?.to_string();
+        let (admin, conn) = tokio_postgres::connect(&ferry::testing::postgres_url(), tokio_postgres::NoTls).await?;
+        let admin_task = tokio::spawn(conn);
+        admin.batch_execute("BEGIN").await?;
+        let lock = format!("SELECT 1 FROM {schema}.kv WHERE key = $1 FOR UPDATE");
+        admin.query(&lock, &[&ferry::keys::campaign(campaign)]).await?;
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'";
+        let admin_ref = &admin;
+        let app_ref = app.as_str();
+        wait_until(Duration::from_secs(10), "a checkpoint save waits on the row lock", || async move {
+            Ok(admin_ref.query_one(waiting, &[&app_ref]).await?.get::<_, i64>(0) > 0)
+        })
+        .await?;
+        let killed = terminate_sessions(&app).await?;
+        admin.batch_execute("ROLLBACK").await?;
+        admin_task.abort();
         ensure!(killed > 0, "the producer had no store session to terminate");
         let at_kill = campaign::load(&*store, campaign).await?.context("campaign record")?.published;
         eprintln!("terminated {killed} store sessions at {at_kill} confirmed jobs");
