@@ -43,9 +43,12 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
     /// Only the memory section at the manifest's settings (deploy/k8s: concurrency 8,
-    /// max size 128 MiB, PostgreSQL) at budgets 256 and 512 MiB.
+    /// max size 128 MiB, PostgreSQL), at each of --budgets-mib.
     #[arg(long)]
     manifest_memory_only: bool,
+    /// Memory budgets of the manifest-memory rows (deploy/k8s/config.yaml runs 1536).
+    #[arg(long, value_delimiter = ',', default_value = "256,512")]
+    budgets_mib: Vec<u64>,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -465,8 +468,13 @@ async fn main() -> Result<()> {
     if args.manifest_memory_only {
         let big = database(&DbSpec::sized((128u64 << 20) * 3 / 4, 128)).map_err(anyhow::Error::msg)?;
         let mid = database(&DbSpec::sized((32u64 << 20) * 3 / 4, 32)).map_err(anyhow::Error::msg)?;
-        let dbs: Vec<&[u8]> = [&big; 3].into_iter().chain([&mid; 6]).map(Vec::as_slice).collect();
-        manifest_memory(&mut report, &dbs, &[256, 512]).await?;
+        for budget in &args.budgets_mib {
+            // Enough large databases to fill the budget with some waiting, and smaller ones to
+            // be admitted into the gaps large ones leave.
+            let bigs = (*budget as usize / 128 + 2).max(3);
+            let dbs: Vec<&[u8]> = std::iter::repeat_n(&big, bigs).chain([&mid; 6]).map(Vec::as_slice).collect();
+            manifest_memory(&mut report, &dbs, &[*budget]).await?;
+        }
         println!("{}", report.table());
         return Ok(());
     }
@@ -534,7 +542,7 @@ async fn main() -> Result<()> {
 
     let mid = &dbs.first().context("a 16 MiB database")?.1;
     let mixed: Vec<&[u8]> = [biggest; 3].into_iter().chain([mid; 6]).map(Vec::as_slice).collect();
-    manifest_memory(&mut report, &mixed, &[256, 512]).await?;
+    manifest_memory(&mut report, &mixed, &args.budgets_mib).await?;
 
     eprintln!("5. scaling (postgres, tiny actors)");
     let mut one = 0.0;
