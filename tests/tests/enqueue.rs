@@ -228,8 +228,8 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
         let campaign = "through-faults";
         let cmd = enqueue_command(&url, &broker.topology, campaign, &["--rate", "200"]);
         let mut p = Proc::spawn("producer", cmd, logs.path())?;
-        let (store, work) = (ts.store(), broker.topology.work_queue());
-        let (store_ref, broker_ref, work_ref) = (&store, &broker, work.as_str());
+        let store = ts.store();
+        let (store_ref, broker_ref) = (&store, &broker);
         let checkpointed = |at_least: u64| async move {
             let rec = campaign::load(&**store_ref, campaign).await?;
             Ok(rec.is_some_and(|r| r.published >= at_least))
@@ -293,7 +293,6 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
             published.len() + again,
             sent.len()
         );
-        let _ = work_ref;
 
         let warned = retries(&log);
         eprintln!("{}", warned.join("\n"));
