@@ -10,6 +10,8 @@
 //!   and all of them are acked;
 //! - v1 is never modified; a purge writes what it dropped to the actor's audit record.
 
+pub mod index;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -1,0 +1,341 @@
+//! The triage index: every dead letter, in fleet and embedded mode, kept in the store where
+//! triage reads it (FORMAT.md section 6).
+//!
+//! ```text
+//! ferry/dead/{actor}                          -> JSON dead letter (one per actor: the latest)
+//! ferry/dead-bad/{hash}                       -> JSON dead letter of a message with no valid actor
+//! ferry/dead-reason/{reason}/{campaign}/{id}  -> u64 BE at_ms ++ u64 BE v1 bytes
+//! ferry/dead-campaign/{campaign}/{id}         -> the reason
+//! ```
+//!
+//! `{id}` is the actor id, or `~{hash}` for a bad message (`~` is no actor id byte, so the two
+//! never collide); `{campaign}` is empty when a bad message named no valid campaign.
+//!
+//! Invariants: a record and its index entries are written and cleared in one transaction that
+//! checks the record it replaces ([`put`], [`remove`]), so an index entry without its record
+//! or a record without its entries is never committed; a reader that meets an entry whose
+//! record changed under it (a race with a requeue or purge) skips it. Reads cost what they
+//! return: pages and `show` go through the index and point reads, `summary` reads only the
+//! index's 16-byte values.
+
+use crate::actor::ActorId;
+use crate::jobs::DeadLetter;
+use crate::jobs::message::valid_campaign;
+use crate::keys::{self, DEAD_PREFIX};
+use crate::reason::DeadLetterReason;
+use crate::store::{KeyRange, Store, StoreError, Txn, for_each_row};
+
+/// Dead letters of messages that name no valid actor.
+pub const DEAD_BAD_PREFIX: &[u8] = b"ferry/dead-bad/";
+/// The index by reason, then campaign.
+pub const BY_REASON_PREFIX: &[u8] = b"ferry/dead-reason/";
+/// The index by campaign.
+pub const BY_CAMPAIGN_PREFIX: &[u8] = b"ferry/dead-campaign/";
+/// Marks a bad message's id in index keys (never an actor id byte).
+const BAD_MARK: char = '~';
+/// Size of an entry of the reason index.
+pub const ENTRY_LEN: usize = 16;
+/// Rows read per store call when walking the index.
+const BATCH: usize = 1000;
+
+/// Which record a dead letter is kept in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LetterId {
+    Actor(ActorId),
+    /// A bad message, by the hash of the body it kept (the same message dead-lettered twice
+    /// is one record).
+    Bad(String),
+}
+
+impl LetterId {
+    pub fn of(d: &DeadLetter) -> LetterId {
+        match ActorId::parse(&d.actor_id) {
+            Ok(actor) if d.reason != DeadLetterReason::BadMessage => LetterId::Actor(actor),
+            _ => LetterId::Bad(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(d.message.as_bytes()))),
+        }
+    }
+
+    /// The id as index keys spell it.
+    pub fn index_name(&self) -> String {
+        match self {
+            LetterId::Actor(a) => a.to_string(),
+            LetterId::Bad(h) => format!("{BAD_MARK}{h}"),
+        }
+    }
+
+    fn from_index_name(name: &[u8]) -> Option<LetterId> {
+        match name.strip_prefix(BAD_MARK.to_string().as_bytes()) {
+            Some(hash) if hash.len() == 16 && hash.iter().all(u8::is_ascii_hexdigit) => {
+                // Checked to be ASCII hex just above.
+                Some(LetterId::Bad(String::from_utf8(hash.to_vec()).expect("hex is UTF-8")))
+            }
+            Some(_) => None,
+            None => ActorId::from_bytes(name).ok().map(LetterId::Actor),
+        }
+    }
+
+    pub fn record_key(&self) -> Vec<u8> {
+        match self {
+            LetterId::Actor(a) => keys::dead(a),
+            LetterId::Bad(h) => [DEAD_BAD_PREFIX, h.as_bytes()].concat(),
+        }
+    }
+}
+
+/// The campaign as index keys spell it: empty unless it is a valid name.
+fn campaign_part(d: &DeadLetter) -> &str {
+    if valid_campaign(&d.campaign) { &d.campaign } else { "" }
+}
+
+fn reason_key(d: &DeadLetter) -> Vec<u8> {
+    let tail = format!("{}/{}/{}", d.reason.as_str(), campaign_part(d), LetterId::of(d).index_name());
+    [BY_REASON_PREFIX, tail.as_bytes()].concat()
+}
+
+fn campaign_key(d: &DeadLetter) -> Option<Vec<u8>> {
+    let campaign = campaign_part(d);
+    if campaign.is_empty() {
+        return None;
+    }
+    let tail = format!("{campaign}/{}", LetterId::of(d).index_name());
+    Some([BY_CAMPAIGN_PREFIX, tail.as_bytes()].concat())
+}
+
+/// The reason index's value: when, and how many v1 bytes the letter saw.
+fn entry(d: &DeadLetter) -> Vec<u8> {
+    let bytes = d.v1_files.as_ref().map_or(0, |f| f.total());
+    [d.at_ms.to_be_bytes(), bytes.to_be_bytes()].concat()
+}
+
+/// Adds to `txn` what makes `new` the dead letter of its record, replacing `old`, the raw
+/// record read before (`None`: there was none). The transaction checks `old` is still there.
+pub fn put(txn: &mut Txn, old: Option<&[u8]>, new: &DeadLetter) {
+    let key = LetterId::of(new).record_key();
+    txn.check_value(key.clone(), old.map(<[u8]>::to_vec));
+    if let Some(previous) = old.and_then(DeadLetter::decode) {
+        clear_entries(txn, &previous);
+    }
+    txn.set(key, new.encode());
+    txn.set(reason_key(new), entry(new));
+    if let Some(k) = campaign_key(new) {
+        txn.set(k, new.reason.as_str().as_bytes().to_vec());
+    }
+}
+
+/// Adds to `txn` what removes the dead letter `raw` (decoded: `d`), checking it is unchanged.
+pub fn remove(txn: &mut Txn, raw: &[u8], d: &DeadLetter) {
+    let key = LetterId::of(d).record_key();
+    txn.check_value(key.clone(), Some(raw.to_vec()));
+    txn.clear(key);
+    clear_entries(txn, d);
+}
+
+fn clear_entries(txn: &mut Txn, d: &DeadLetter) {
+    txn.clear(reason_key(d));
+    if let Some(k) = campaign_key(d) {
+        txn.clear(k);
+    }
+}
+
+/// One dead letter as read: its raw record (what a removal checks) and the letter.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub raw: Vec<u8>,
+    pub letter: DeadLetter,
+}
+
+/// The dead letter kept for `id`, if any.
+pub async fn get(store: &dyn Store, id: &LetterId) -> Result<Option<Stored>, StoreError> {
+    Ok(store.get(&id.record_key()).await?.and_then(|raw| DeadLetter::decode(&raw).map(|letter| Stored { raw, letter })))
+}
+
+/// Records to add writing `new`: the raw record it replaces, read now.
+pub async fn current(store: &dyn Store, new: &DeadLetter) -> Result<Option<Vec<u8>>, StoreError> {
+    store.get(&LetterId::of(new).record_key()).await
+}
+
+/// Which dead letters a read selects.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub reason: Option<DeadLetterReason>,
+    pub campaign: Option<String>,
+}
+
+impl Selection {
+    /// The index range that holds exactly this selection, and the length of its fixed prefix
+    /// (what a cursor is relative to).
+    fn range(&self) -> KeyRange {
+        let prefix = match (&self.reason, &self.campaign) {
+            (Some(r), Some(c)) => [BY_REASON_PREFIX, format!("{}/{c}/", r.as_str()).as_bytes()].concat(),
+            (Some(r), None) => [BY_REASON_PREFIX, format!("{}/", r.as_str()).as_bytes()].concat(),
+            (None, Some(c)) => [BY_CAMPAIGN_PREFIX, format!("{c}/").as_bytes()].concat(),
+            (None, None) => BY_REASON_PREFIX.to_vec(),
+        };
+        KeyRange::prefix(&prefix)
+    }
+
+    fn matches(&self, d: &DeadLetter) -> bool {
+        self.reason.is_none_or(|r| r == d.reason) && self.campaign.as_ref().is_none_or(|c| c == &d.campaign)
+    }
+}
+
+/// A page of dead letters, in index order, and where the next page starts.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Page {
+    pub letters: Vec<DeadLetter>,
+    /// Pass as `after` to read the next page; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// Up to `limit` dead letters of `sel`, after the cursor `after` (a page's `next`): one index
+/// scan and one point read per letter, whatever the backlog.
+pub async fn page(store: &dyn Store, sel: &Selection, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
+    let whole = sel.range();
+    let mut range = match after {
+        Some(cursor) => whole.after(&[whole.start.as_slice(), cursor.as_bytes()].concat()),
+        None => whole.clone(),
+    };
+    let mut out = Page::default();
+    while out.letters.len() < limit {
+        let want = (limit - out.letters.len()).min(BATCH);
+        let keys = store.scan_keys(&range, want).await?;
+        let full = keys.len() == want;
+        for key in &keys {
+            if let Some(stored) = letter_of_index_key(store, key).await?
+                && sel.matches(&stored.letter)
+            {
+                out.letters.push(stored.letter);
+            }
+        }
+        let Some(last) = keys.last() else { break };
+        range = range.after(last);
+        // A cursor is the key relative to the selection's prefix: ASCII names and slashes.
+        out.next = Some(String::from_utf8_lossy(&last[whole.start.len()..]).into_owned());
+        if !full {
+            out.next = None;
+            break;
+        }
+    }
+    if out.next.is_some() && store.first_key(&range).await?.is_none() {
+        out.next = None;
+    }
+    Ok(out)
+}
+
+/// The dead letter an index key points at.
+async fn letter_of_index_key(store: &dyn Store, key: &[u8]) -> Result<Option<Stored>, StoreError> {
+    let name = key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    match LetterId::from_index_name(name) {
+        Some(id) => get(store, &id).await,
+        None => Ok(None),
+    }
+}
+
+/// Calls `visit` on every dead letter of `sel`, in index order, one batch in memory at a time:
+/// linear in the letters selected (requeue and purge of k letters cost k).
+pub async fn each_selected(
+    store: &dyn Store,
+    sel: &Selection,
+    mut visit: impl AsyncFnMut(Stored) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut range = sel.range();
+    loop {
+        let keys = store.scan_keys(&range, BATCH).await?;
+        for key in &keys {
+            if let Some(stored) = letter_of_index_key(store, key).await?
+                && sel.matches(&stored.letter)
+            {
+                visit(stored).await?;
+            }
+        }
+        match keys.last() {
+            Some(last) if keys.len() == BATCH => range = range.after(last),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Calls `visit` on every dead letter, reading the records in key order without the index:
+/// linear in the backlog with one sequential scan (what `export` needs).
+pub async fn each_record(
+    store: &dyn Store,
+    mut visit: impl FnMut(Stored) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for prefix in [DEAD_PREFIX, DEAD_BAD_PREFIX] {
+        for_each_row(store, &KeyRange::prefix(prefix), BATCH, |_, raw| match DeadLetter::decode(&raw) {
+            Some(letter) => visit(Stored { raw, letter }),
+            None => Ok(()),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// One reason and campaign's dead letters, from the index alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Group {
+    pub reason: String,
+    pub campaign: String,
+    /// Dead letters kept (one per actor: duplicates are collapsed when they are written).
+    pub count: u64,
+    pub actors: u64,
+    pub oldest_ms: i64,
+    pub newest_ms: i64,
+    pub v1_bytes: u64,
+}
+
+/// Every reason and campaign with its dead letters: one scan of the reason index, reading
+/// 16 bytes per letter.
+pub async fn summary(store: &dyn Store) -> Result<Vec<Group>, StoreError> {
+    let mut groups: Vec<Group> = Vec::new();
+    for_each_row(store, &KeyRange::prefix(BY_REASON_PREFIX), BATCH * 10, |key, value| {
+        let tail = String::from_utf8_lossy(&key[BY_REASON_PREFIX.len()..]).into_owned();
+        let mut parts = tail.splitn(3, '/');
+        let (Some(reason), Some(campaign)) = (parts.next(), parts.next()) else { return Ok(()) };
+        let (at_ms, bytes) = match <[u8; ENTRY_LEN]>::try_from(value.as_slice()) {
+            // Split of a 16-byte array into two 8-byte halves.
+            Ok(v) => (
+                i64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+            ),
+            Err(_) => (0, 0),
+        };
+        // Index order groups every (reason, campaign) together: only the last group can match.
+        let same = groups.last().is_some_and(|g| g.reason == reason && g.campaign == campaign);
+        if !same {
+            groups.push(Group {
+                reason: reason.to_string(),
+                campaign: campaign.to_string(),
+                oldest_ms: i64::MAX,
+                ..Group::default()
+            });
+        }
+        // Pushed just above when absent.
+        let g = groups.last_mut().expect("a current group");
+        g.count += 1;
+        g.actors += 1;
+        g.oldest_ms = g.oldest_ms.min(at_ms);
+        g.newest_ms = g.newest_ms.max(at_ms);
+        g.v1_bytes += bytes;
+        Ok(())
+    })
+    .await?;
+    Ok(groups)
+}
+
+/// Writes `d` unless its record already holds a dead letter (the broker's copy of a letter
+/// ferry indexed first, or a second copy of one): returns whether it wrote. For dead letters
+/// that reach the index from the broker rather than from a worker's audit transaction.
+pub async fn admit(store: &dyn Store, d: &DeadLetter) -> Result<bool, StoreError> {
+    if current(store, d).await?.is_some() {
+        return Ok(false);
+    }
+    let mut txn = Txn::new();
+    put(&mut txn, None, d);
+    match store.commit(txn).await {
+        Ok(()) => Ok(true),
+        // Written by someone else since the read: it is indexed.
+        Err(StoreError::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
