@@ -1,6 +1,6 @@
 //! `dlq`: dead-letter triage (summary, list, show, requeue with a recovery, export, purge) on
-//! the broker's dead queue or the embedded `ferry/dead/` records; the library does the moving,
-//! this file the flags and the printing.
+//! the store's triage index; only a fleet requeue talks to the broker. The library does the
+//! reading and the moving, this file the flags and the printing.
 
 use std::process::ExitCode;
 
@@ -18,7 +18,8 @@ pub struct DlqArgs {
     pub store: GlobalStoreArg,
     #[command(flatten)]
     pub broker: GlobalBrokerArgs,
-    /// Work on the embedded dead letters under ferry/dead/ instead of the broker's queue.
+    /// Requeue by re-running the jobs in this process (embedded mode, no broker) instead of
+    /// publishing them; reads are the same either way (they read only the store).
     #[arg(long, env = "FERRY_DLQ_EMBEDDED", global = true)]
     pub embedded: bool,
     #[command(subcommand)]
@@ -47,9 +48,12 @@ pub enum DlqCommand {
     List {
         #[command(flatten)]
         filter: DlqFilter,
-        /// List at most this many.
+        /// List at most this many (a page: its cost does not grow with the backlog).
         #[arg(long, env = "FERRY_DLQ_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
+        /// Start after this cursor (printed on stderr after a page that has more).
+        #[arg(long, env = "FERRY_DLQ_AFTER", requires = "limit")]
+        after: Option<String>,
         /// Print the list as JSON.
         #[arg(long, env = "FERRY_JSON")]
         json: bool,
@@ -62,7 +66,7 @@ pub enum DlqCommand {
         actor: String,
     },
     /// Move dead letters back to work (embedded: re-run them), optionally with a recovery
-    /// (exit 4 when nothing was requeued).
+    /// (exit 4 when nothing was requeued). Needs --amqp unless --embedded.
     Requeue {
         #[command(flatten)]
         filter: DlqFilter,
@@ -112,63 +116,44 @@ pub fn when(ms: i64) -> String {
 pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
     // Every missing or bad setting is reported before anything is opened.
     let url = args.store.url()?;
-    let source = if args.embedded {
-        Source::Embedded
-    } else {
-        Source::Broker {
+    let source = match (&args.command, args.embedded) {
+        (DlqCommand::Requeue { .. }, false) => Some(Source::Broker {
             amqp_url: args.broker.amqp()?.to_string(),
             topology: args.broker.topology.topology()?,
             connect_timeout: args.broker.connect_timeout(),
-        }
+        }),
+        (DlqCommand::Requeue { .. }, true) => Some(Source::Embedded),
+        _ => None,
     };
-    let store = store::open_existing(url, 2).await.context("opening the store")?;
+    let store = store::open_existing(url, 4).await.context("opening the store")?;
     match args.command {
-        DlqCommand::Summary { json } => {
-            let letters = triage::list(&store, &source, &Filter::default()).await?;
-            let groups = triage::summarize(&letters);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&groups)?);
-            } else {
-                println!(
-                    "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12}",
-                    "reason", "campaign", "letters", "actors", "oldest", "newest", "v1 MiB"
-                );
-                for g in &groups {
-                    println!(
-                        "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12.1}",
-                        g.reason,
-                        g.campaign,
-                        g.count,
-                        g.actors,
-                        when(g.oldest_ms),
-                        when(g.newest_ms),
-                        g.v1_bytes as f64 / 1048576.0
-                    );
+        DlqCommand::Summary { json } => print_summary(&triage::summary(&store).await?, json)?,
+        DlqCommand::List { filter, limit, after, json } => {
+            let filter = dlq_filter(&filter, vec![])?;
+            match limit {
+                Some(n) => {
+                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    let page = triage::page(&store, &filter, n, after.as_deref()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&page.letters)?);
+                    } else {
+                        page.letters.iter().for_each(|d| print!("{}", line(d)));
+                    }
+                    if let Some(next) = page.next {
+                        eprintln!("more: --after {next}");
+                    }
                 }
-                println!("{} dead letters", letters.len());
-            }
-        }
-        DlqCommand::List { filter, limit, json } => {
-            let mut letters = triage::list(&store, &source, &dlq_filter(&filter, vec![])?).await?;
-            letters.truncate(limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&letters)?);
-            } else {
-                for d in &letters {
-                    let size = d.v1_files.as_ref().and_then(|f| f.main).map_or("-".into(), |n| n.to_string());
-                    println!(
-                        "{:<24} {:<20} {:<24} attempts={} main={} {}",
-                        d.actor_id, d.campaign, d.reason, d.attempts, size, d.error
-                    );
-                }
+                None => stream(&store, &filter, if json { Format::Json } else { Format::Lines }).await?,
             }
         }
         DlqCommand::Show { actor } => {
             let actor = ferry::ActorId::parse(&actor).context("actor id")?;
-            let state = triage::show(&store, &source, &actor).await?;
+            let state = triage::show(&store, &actor).await?;
             println!("{}", serde_json::to_string_pretty(&state)?);
             if state.dead_letters.is_empty() {
-                let known = if state.audit.is_some() || state.v2_head.is_some() || state.v1_files.main.is_some() {
+                let known = if state.requeue.is_some() {
+                    "it was requeued and its job has not run yet"
+                } else if state.audit.is_some() || state.v2_head.is_some() || state.v1_files.main.is_some() {
                     "its state in the store is printed above"
                 } else {
                     "the store has no v1, v2 or audit record of it either"
@@ -181,41 +166,130 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
                 Some(r) => Some(r.parse::<ferry::Recovery>().map_err(anyhow::Error::msg)?),
                 None => None,
             };
+            // Checked above: a requeue always has a source.
+            let source = source.expect("requeue source");
             let done = triage::requeue(&store, &source, &dlq_filter(&filter, actors)?, recovery, force).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&done)?);
-            } else {
-                println!("requeued {} actors ({} dead letters removed)", done.actors.len(), done.dead_letters_removed);
-                for (actor, outcome) in &done.outcomes {
-                    println!("  {actor}: {outcome}");
-                }
-                for why in &done.skipped {
-                    println!("  skipped {why}");
-                }
-            }
-            if done.actors.is_empty() {
-                return Ok(crate::exit::nothing(if done.skipped.is_empty() {
-                    "no dead letter matched: nothing requeued".to_string()
-                } else {
-                    format!("every matching dead letter was skipped ({}): nothing requeued", done.skipped.len())
-                }));
-            }
+            return print_requeued(&done, json);
         }
         DlqCommand::Export { filter, format } => {
-            let letters = triage::list(&store, &source, &dlq_filter(&filter, vec![])?).await?;
-            if format == "csv" {
-                print!("{}", triage::to_csv(&letters));
-            } else {
-                println!("{}", serde_json::to_string_pretty(&letters)?);
-            }
+            let format = if format == "csv" { Format::Csv } else { Format::Json };
+            stream(&store, &dlq_filter(&filter, vec![])?, format).await?;
         }
         DlqCommand::Purge { filter, yes } => {
             if !yes {
                 return Err(crate::exit::Usage("purge drops dead letters for good: add --yes to confirm".into()).into());
             }
-            let n = triage::purge(&store, &source, &dlq_filter(&filter, vec![])?).await?;
+            let n = triage::purge(&store, &dlq_filter(&filter, vec![])?).await?;
             println!("purged {n} dead letters (noted in each actor's audit record)");
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(summary: &triage::Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12}",
+        "reason", "campaign", "letters", "actors", "oldest", "newest", "v1 MiB"
+    );
+    for g in &summary.groups {
+        println!(
+            "{:<24} {:<20} {:>8} {:>8} {:>12} {:>12} {:>12.1}",
+            g.reason,
+            g.campaign,
+            g.count,
+            g.actors,
+            when(g.oldest_ms),
+            when(g.newest_ms),
+            g.v1_bytes as f64 / 1048576.0
+        );
+    }
+    println!("{} dead letters", summary.dead_letters);
+    if summary.requeues_pending > 0 {
+        println!("{} requeued actors waiting for a worker", summary.requeues_pending);
+    }
+    Ok(())
+}
+
+fn line(d: &ferry::jobs::DeadLetter) -> String {
+    let size = d.v1_files.as_ref().and_then(|f| f.main).map_or("-".into(), |n| n.to_string());
+    format!(
+        "{:<24} {:<20} {:<24} attempts={} main={} {}\n",
+        d.actor_id, d.campaign, d.reason, d.attempts, size, d.error
+    )
+}
+
+fn print_requeued(done: &triage::Requeued, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(done)?);
+    } else {
+        println!("requeued {} actors ({} dead letters removed)", done.actors.len(), done.dead_letters_removed);
+        if !done.republished.is_empty() {
+            println!("published again {} requeues left by an interrupted command", done.republished.len());
+        }
+        for (actor, outcome) in &done.outcomes {
+            println!("  {actor}: {outcome}");
+        }
+        for why in &done.skipped {
+            println!("  skipped {why}");
+        }
+    }
+    if done.actors.is_empty() && done.republished.is_empty() {
+        return Ok(crate::exit::nothing(if done.skipped.is_empty() {
+            "no dead letter matched: nothing requeued".to_string()
+        } else {
+            format!("every matching dead letter was skipped ({}): nothing requeued", done.skipped.len())
+        }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How a streamed listing is printed.
+#[derive(Clone, Copy)]
+enum Format {
+    Lines,
+    Json,
+    Csv,
+}
+
+/// Prints every selected dead letter as it is read: memory stays one batch whatever the
+/// backlog.
+async fn stream(store: &store::DynStore, filter: &Filter, format: Format) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut first = true;
+    let mut failed: Option<std::io::Error> = None;
+    match format {
+        Format::Csv => write!(out, "{}", triage::CSV_HEADER)?,
+        Format::Json => write!(out, "[")?,
+        Format::Lines => {}
+    }
+    triage::each_letter(store, filter, |d| {
+        let written = match format {
+            Format::Lines => write!(out, "{}", line(d)),
+            Format::Csv => write!(out, "{}", triage::csv_row(d)),
+            Format::Json => {
+                let sep = if first { "\n" } else { ",\n" };
+                first = false;
+                // Plain data: serialization cannot fail.
+                write!(out, "{sep}{}", serde_json::to_string_pretty(d).expect("dead letter serializes"))
+            }
+        };
+        if let Err(e) = written {
+            failed.get_or_insert(e);
+        }
+        Ok(())
+    })
+    .await?;
+    if let Some(e) = failed {
+        return Err(e).context("writing the listing");
+    }
+    if let Format::Json = format {
+        writeln!(out, "\n]")?;
+    }
+    out.flush()?;
+    Ok(())
 }

@@ -19,7 +19,7 @@ use tracing::{Instrument, info, warn};
 use crate::actor::ActorId;
 use crate::budget::MemoryBudget;
 use crate::clock::SystemClock;
-use crate::jobs::{DeadLetterSink, Disposition, Job, JobRunner, RetryPolicy};
+use crate::jobs::{Disposition, Job, JobRunner, RetryPolicy};
 use crate::keys;
 use crate::migrate::{MigrateConfig, Migrator, OutcomeKind};
 use crate::progress::Progress;
@@ -121,8 +121,8 @@ impl LocalSummary {
                 *self.outcomes.entry(OutcomeKind::DeadLettered.as_str().into()).or_default() += 1;
                 *self.dead_letters.entry(dead.reason.as_str().into()).or_default() += 1;
             }
-            // Retries are resolved inside the actor's task.
-            Disposition::Retry { .. } => {}
+            // Retries are resolved inside the actor's task; embedded jobs carry no ticket.
+            Disposition::Retry { .. } | Disposition::Superseded => {}
         }
         self.retries += u64::from(done.attempts.saturating_sub(1));
     }
@@ -220,7 +220,6 @@ pub async fn run_local(cfg: LocalConfig, shutdown: impl Future<Output = ()>) -> 
     let runner = Arc::new(JobRunner {
         migrator: Migrator::new(store.clone(), Arc::new(SystemClock), cfg.migrate.clone()),
         retry: cfg.retry.clone(),
-        sink: DeadLetterSink::Store,
         budget: MemoryBudget::new(cfg.memory_budget),
         // Its jobs come from scanning this very store: there is no other store to be pointed at.
         gate: None,

@@ -25,6 +25,10 @@ pub struct Job {
     pub actor_id: ActorId,
     pub enqueued_at_ms: i64,
     pub recovery: Option<Recovery>,
+    /// The raw requeue ticket a worker found current for this job (`triage::ticket`): set
+    /// from the delivery's token header, never part of the message.
+    #[serde(skip)]
+    pub ticket: Option<Vec<u8>>,
 }
 
 /// Why a message is not a job (it is dead-lettered as `bad_message`).
@@ -94,7 +98,14 @@ pub fn valid_campaign(name: &str) -> bool {
 
 impl Job {
     pub fn new(campaign: &str, actor: ActorId, enqueued_at_ms: i64, recovery: Option<Recovery>) -> Job {
-        Job { version: JOB_VERSION, campaign: campaign.to_string(), actor_id: actor, enqueued_at_ms, recovery }
+        Job {
+            version: JOB_VERSION,
+            campaign: campaign.to_string(),
+            actor_id: actor,
+            enqueued_at_ms,
+            recovery,
+            ticket: None,
+        }
     }
 
     pub fn parse(bytes: &[u8]) -> Result<Job, BadMessage> {

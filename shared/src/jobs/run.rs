@@ -3,8 +3,9 @@
 //! the [`Disposition`].
 //!
 //! Invariants: every job ends in exactly one disposition (ack, retry later, dead-letter); a
-//! dead letter's audit record (and, embedded, its `ferry/dead/` record) is durable before the
-//! disposition is returned; a job's fate is decided by [`Cause::fate`], never by error text.
+//! dead letter's audit record and its triage index record (`triage::index`, fleet and embedded
+//! alike) are durable before the disposition is returned; a requeued job runs only while its
+//! ticket is current (`triage::ticket`); a job's fate is decided by [`Cause::fate`], never by error text.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,9 @@ use crate::keys;
 use crate::metrics as m;
 use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request};
 use crate::reason::DeadLetterReason;
-use crate::store::Txn;
+use crate::store::{StoreError, Txn};
+use crate::triage::index;
+use crate::triage::ticket::{self, Claim};
 use crate::v1::FileTag;
 use crate::v1::keys::{decode_meta, meta_key};
 
@@ -55,15 +58,6 @@ impl RetryPolicy {
     }
 }
 
-/// Where dead letters are kept besides the audit record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeadLetterSink {
-    /// Embedded mode: `ferry/dead/{actor}`, in the audit's transaction.
-    Store,
-    /// Fleet mode: the broker's dead-letter queue (the worker publishes it).
-    Broker,
-}
-
 /// What to do with a job.
 #[derive(Debug)]
 pub enum Disposition {
@@ -72,8 +66,11 @@ pub enum Disposition {
     /// A transient failure: try again after `delay`. `uses_attempt` is false when the job was
     /// deferred ([`Fate::Defer`]): its attempt does not count toward the retry budget.
     Retry { delay: Duration, error: String, uses_attempt: bool },
-    /// Permanent (or out of retries): the dead letter to keep.
+    /// Permanent (or out of retries): the dead letter, already in the triage index.
     DeadLetter(DeadLetter),
+    /// A second copy of a requeued job whose requeue already ran (or was replaced): acked
+    /// without running (`triage::ticket`).
+    Superseded,
 }
 
 /// Runs jobs against one store.
@@ -81,7 +78,6 @@ pub enum Disposition {
 pub struct JobRunner {
     pub migrator: Migrator,
     pub retry: RetryPolicy,
-    pub sink: DeadLetterSink,
     pub budget: MemoryBudget,
     /// Fleet mode: jobs run only when the store holds their campaign's record.
     pub gate: Option<Arc<CampaignGate>>,
@@ -96,9 +92,115 @@ impl JobRunner {
     /// [`JobRunner::run`] in the caller's span: for a caller that keeps the job's span around
     /// more than the run (the worker settles the delivery in it).
     pub(crate) async fn run_in_current_span(&self, body: &[u8], attempts: u32) -> Disposition {
-        match Job::parse(body) {
-            Ok(job) => self.run_job_in_current_span(&job, attempts).await,
-            Err(bad) => self.bad_message(body, &bad, attempts),
+        self.run_delivery_in_current_span(body, attempts, None).await
+    }
+
+    /// Runs the job in `body`, requeued by triage under `token` when it carries one: a
+    /// requeued job runs only while its ticket is current, and its ticket is cleared with its
+    /// durable outcome.
+    pub(crate) async fn run_delivery_in_current_span(
+        &self,
+        body: &[u8],
+        attempts: u32,
+        token: Option<&str>,
+    ) -> Disposition {
+        let mut job = match Job::parse(body) {
+            Ok(job) => job,
+            Err(bad) => return self.bad_message(body, &bad, attempts).await,
+        };
+        if let Some(token) = token {
+            match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
+                Ok(Claim::Current(raw)) => job.ticket = Some(raw),
+                Ok(Claim::Stale) => {
+                    info!("a second copy of a requeued job whose requeue already ran; acked without running");
+                    return Disposition::Superseded;
+                }
+                Err(e) => return self.failed(&job, Self::store_error(&job, e), attempts).await,
+            }
+        }
+        let disposition = self.run_job_in_current_span(&job, attempts).await;
+        match (&disposition, &job.ticket) {
+            (Disposition::Ack(_), Some(raw)) => match self.settle_ticket(&job, raw).await {
+                Ok(()) => disposition,
+                Err(e) => self.failed(&job, Self::store_error(&job, e), attempts).await,
+            },
+            _ => disposition,
+        }
+    }
+
+    /// Clears the ticket of a requeued job whose outcome is durable. A ticket replaced since
+    /// (a newer requeue) is left to its own job.
+    async fn settle_ticket(&self, job: &Job, raw: &[u8]) -> Result<(), StoreError> {
+        let mut txn = Txn::new();
+        ticket::settle(&mut txn, &job.actor_id, raw);
+        match self.migrator.store().commit(txn).await {
+            Ok(()) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn store_error(job: &Job, e: StoreError) -> MigrateError {
+        MigrateError { actor: job.actor_id.clone(), phase: Phase::Inspect, cause: Cause::Store(e), files: None }
+    }
+
+    /// Dead-letters the job in `body` without running it: its delivery `deliveries` reached the
+    /// work queue's delivery limit, so the broker would drop it from work next time. Taking the
+    /// decision here puts it in the triage index like every other dead letter.
+    pub(crate) async fn delivery_limit_reached(
+        &self,
+        body: &[u8],
+        attempts: u32,
+        deliveries: i64,
+        token: Option<&str>,
+    ) -> Disposition {
+        let mut job = match Job::parse(body) {
+            Ok(job) => job,
+            Err(bad) => return self.bad_message(body, &bad, attempts).await,
+        };
+        if let Some(token) = token {
+            match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
+                Ok(Claim::Current(raw)) => job.ticket = Some(raw),
+                Ok(Claim::Stale) => return Disposition::Superseded,
+                Err(e) => return self.failed(&job, Self::store_error(&job, e), attempts).await,
+            }
+        }
+        let error = format!("delivered {deliveries} times without an outcome: the work queue's delivery limit");
+        let dead = self.letter(&job, DeadLetterReason::DeliveryLimit, "deliver", error, attempts, None);
+        if let Err(e) = self.record(&job, &dead).await {
+            return Disposition::Retry {
+                delay: self.retry.delay(attempts),
+                error: format!("recording dead letter: {e}"),
+                uses_attempt: false,
+            };
+        }
+        metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::DeliveryLimit.as_str()).increment(1);
+        metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
+        warn!(reason = %DeadLetterReason::DeliveryLimit, deliveries, "dead-lettered");
+        Disposition::DeadLetter(dead)
+    }
+
+    /// A dead letter of `job`.
+    fn letter(
+        &self,
+        job: &Job,
+        reason: DeadLetterReason,
+        phase: &str,
+        error: String,
+        attempts: u32,
+        files: Option<crate::v1::V1Files>,
+    ) -> DeadLetter {
+        DeadLetter {
+            actor_id: job.actor_id.to_string(),
+            campaign: job.campaign.clone(),
+            reason,
+            phase: phase.to_string(),
+            error,
+            attempts,
+            worker: self.migrator.config().worker_id.clone(),
+            at_ms: self.migrator.now_ms(),
+            v1_files: files,
+            recovery: job.recovery,
+            message: kept_body(&job.encode()),
         }
     }
 
@@ -212,33 +314,12 @@ impl JobRunner {
         if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
             metrics::counter!(m::JOURNALS_REJECTED).increment(1);
         }
-        let dead = DeadLetter {
-            actor_id: job.actor_id.to_string(),
-            campaign: job.campaign.clone(),
-            reason,
-            phase: e.phase.as_str().to_string(),
-            error: e.to_string(),
-            attempts,
-            worker: self.migrator.config().worker_id.clone(),
-            at_ms: self.migrator.now_ms(),
-            v1_files: e.files.clone(),
-            recovery: job.recovery,
-            message: kept_body(&job.encode()),
-        };
-        match self.record(job, &dead).await {
-            Ok(()) => {}
-            // Out of retries and the store is down: the broker's dead letter is the record.
-            Err(err) if reason == DeadLetterReason::RetriesExhausted && self.sink == DeadLetterSink::Broker => {
-                warn!(error = %err, "could not write the audit of an exhausted job");
-            }
-            Err(err) => {
-                let delay = self.retry.delay(attempts);
-                return Disposition::Retry {
-                    delay,
-                    error: format!("recording dead letter: {err}"),
-                    uses_attempt: true,
-                };
-            }
+        let dead = self.letter(job, reason, e.phase.as_str(), e.to_string(), attempts, e.files.clone());
+        // The triage index is where every dead letter is found: none is given up before it is
+        // there, whatever the reason (a store that is down is waited for).
+        if let Err(err) = self.record(job, &dead).await {
+            let delay = self.retry.delay(attempts);
+            return Disposition::Retry { delay, error: format!("recording dead letter: {err}"), uses_attempt: true };
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
@@ -246,9 +327,11 @@ impl JobRunner {
         Disposition::DeadLetter(dead)
     }
 
-    /// Writes the dead letter's audit record (and its `ferry/dead/` record, embedded) in one
-    /// transaction.
-    async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<(), crate::store::StoreError> {
+    /// Writes the dead letter's audit record and its triage index record in one transaction,
+    /// clearing the job's requeue ticket with them.
+    async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<(), StoreError> {
+        let store = self.migrator.store();
+        let old = index::current(&**store, dead).await?;
         let audit = AuditRecord {
             actor_id: job.actor_id.clone(),
             campaign: job.campaign.clone(),
@@ -270,19 +353,18 @@ impl JobRunner {
         };
         let mut txn = Txn::new();
         txn.set(keys::audit(&job.actor_id), audit.encode());
-        if self.sink == DeadLetterSink::Store {
-            txn.set(keys::dead(&job.actor_id), dead.encode());
+        index::put(&mut txn, old.as_deref(), dead);
+        if let Some(raw) = &job.ticket {
+            ticket::settle(&mut txn, &job.actor_id, raw);
         }
-        self.migrator.store().commit(txn).await
+        store.commit(txn).await
     }
 
-    fn bad_message(&self, body: &[u8], bad: &BadMessage, attempts: u32) -> Disposition {
-        metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
-        metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
-        // The log names the problem, never the body (the dead letter keeps it for triage).
-        warn!(problem = bad.kind(), bytes = body.len(), "bad message dead-lettered");
+    /// A message that is not a job: dead-lettered (in the index, by the hash of its body) and
+    /// never run.
+    async fn bad_message(&self, body: &[u8], bad: &BadMessage, attempts: u32) -> Disposition {
         let names = BadMessage::names(body);
-        Disposition::DeadLetter(DeadLetter {
+        let dead = DeadLetter {
             actor_id: names.raw_actor,
             campaign: names.raw_campaign,
             reason: DeadLetterReason::BadMessage,
@@ -294,6 +376,25 @@ impl JobRunner {
             v1_files: None,
             recovery: None,
             message: kept_body(body),
-        })
+        };
+        let store = self.migrator.store();
+        let written = async {
+            let old = index::current(&**store, &dead).await?;
+            let mut txn = Txn::new();
+            index::put(&mut txn, old.as_deref(), &dead);
+            store.commit(txn).await
+        };
+        if let Err(e) = written.await {
+            return Disposition::Retry {
+                delay: self.retry.delay(attempts),
+                error: format!("recording a bad message's dead letter: {e}"),
+                uses_attempt: true,
+            };
+        }
+        metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
+        metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
+        // The log names the problem, never the body (the dead letter keeps it for triage).
+        warn!(problem = bad.kind(), bytes = body.len(), "bad message dead-lettered");
+        Disposition::DeadLetter(dead)
     }
 }

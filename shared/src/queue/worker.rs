@@ -30,6 +30,7 @@ use tracing::{Instrument, error, info, warn};
 use crate::http::Readiness;
 use crate::jobs::{DeadLetter, Disposition, JobRunner};
 use crate::metrics as m;
+use crate::triage::ticket;
 
 use super::amqp::{self, AmqpError};
 use super::topology::{DEAD_KEY, Topology};
@@ -263,9 +264,20 @@ async fn handle(delivery: Delivery, runner: &JobRunner, publish: &Channel, topol
 
 async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channel, topology: &Topology) {
     let attempts = amqp::attempts_before(&delivery.properties).saturating_add(1);
+    let token = amqp::str_header(&delivery.properties, ticket::TOKEN_HEADER);
+    let deliveries = amqp::int_header(&delivery.properties, amqp::DELIVERY_COUNT_HEADER).unwrap_or(0);
     // A panic in a job is a bug; hand the job back instead of holding its prefetch slot, so
-    // the broker's delivery limit dead-letters it if it keeps happening.
-    let run = std::panic::AssertUnwindSafe(runner.run_in_current_span(&delivery.data, attempts));
+    // it reaches the delivery limit below if it keeps happening.
+    let run = async {
+        if deliveries >= topology.delivery_limit {
+            // Handed back this often (crashes, panics, shutdowns): once more and the broker
+            // would dead-letter it past the triage index, so the worker does it instead.
+            runner.delivery_limit_reached(&delivery.data, attempts, deliveries, token.as_deref()).await
+        } else {
+            runner.run_delivery_in_current_span(&delivery.data, attempts, token.as_deref()).await
+        }
+    };
+    let run = std::panic::AssertUnwindSafe(run);
     let Ok(disposition) = futures::FutureExt::catch_unwind(run).await else {
         error!("a job panicked; handing it back");
         if let Err(e) = delivery.acker.reject(BasicRejectOptions { requeue: true }).await {
@@ -274,7 +286,7 @@ async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channe
         return;
     };
     let settled = match disposition {
-        Disposition::Ack(_) => Ok(()),
+        Disposition::Ack(_) | Disposition::Superseded => Ok(()),
         Disposition::Retry { delay, error, uses_attempt } => {
             // A deferred job goes back with the attempts it came with.
             let counted = if uses_attempt { attempts } else { attempts - 1 };
@@ -307,10 +319,14 @@ async fn retry(
     error: &str,
 ) -> Result<(), AmqpError> {
     let tier = Topology::retry_tier_for(delay);
-    let headers = amqp::headers(&[
+    let mut headers = amqp::headers(&[
         (amqp::ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempts))),
         (amqp::LAST_ERROR_HEADER, amqp::long_string(&error.chars().take(500).collect::<String>())),
     ]);
+    // A requeued job keeps its ticket's token through its retries.
+    if let Some(token) = amqp::str_header(&delivery.properties, ticket::TOKEN_HEADER) {
+        headers.insert(ticket::TOKEN_HEADER.into(), amqp::long_string(&token));
+    }
     let id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default();
     let props = amqp::json_properties(&id, headers);
     amqp::publish_confirmed(publish, &topology.retry_exchange(), &Topology::retry_key(tier), &delivery.data, props)
@@ -392,7 +408,6 @@ pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result
     let runner = JobRunner {
         migrator: crate::migrate::Migrator::new(store, Arc::new(crate::clock::SystemClock), cfg.migrate),
         retry: cfg.retry,
-        sink: crate::jobs::DeadLetterSink::Broker,
         budget: crate::budget::MemoryBudget::new(cfg.memory_budget),
         gate: Some(Arc::new(crate::jobs::CampaignGate::new(ready.clone()))),
     };

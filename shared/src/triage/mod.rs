@@ -1,47 +1,45 @@
-//! Dead-letter triage (`ferry-producer dlq ...`), on the RabbitMQ dead-letter queue or on the
-//! embedded dead letters under `ferry/dead/`.
+//! Dead-letter triage (`ferry-producer dlq ...`): reads and moves the dead letters of the
+//! triage index (`index`), in fleet and embedded mode alike; the broker is used only to publish
+//! requeued jobs.
 //!
 //! Invariants:
-//! - reading the broker's queue never loses a message: messages are fetched without ack and
-//!   go back to the queue when the channel closes, even if the command is killed;
-//! - moving is confirm-then-ack: a requeued job is confirmed by the broker before its dead
-//!   letter is acked, so a message is never in neither queue (at worst in both);
-//! - dead letters of the same actor and campaign are collapsed: one job is requeued for them
-//!   and all of them are acked;
+//! - reading never touches the broker: `summary`, `list`, `show` and `export` read the store,
+//!   cost what they return (pages through the index, `summary` over 16-byte index entries), and
+//!   change nothing;
+//! - a requeue moves each dead letter to a ticket in one transaction before its job is
+//!   published (`ticket`), so an actor is always dead, requeued or done, never in neither
+//!   place, and a job published twice by a killed-and-rerun requeue runs once;
+//! - one record per actor: dead letters of the same actor are collapsed when written;
 //! - v1 is never modified; a purge writes what it dropped to the actor's audit record.
 
 pub mod index;
+mod requeue;
+pub mod ticket;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use lapin::options::{BasicAckOptions, BasicGetOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::BasicProperties;
 
 use crate::actor::ActorId;
-use crate::budget::MemoryBudget;
-use crate::clock::{Clock, SystemClock};
+use crate::jobs::DeadLetter;
+use crate::jobs::Job;
 use crate::jobs::dead::kept_body;
-use crate::jobs::{DeadLetter, DeadLetterSink, Disposition, Job, JobRunner, RetryPolicy};
 use crate::keys;
-use crate::migrate::{AuditRecord, MigrateConfig, Migrator};
+use crate::migrate::AuditRecord;
 use crate::queue::Topology;
 use crate::queue::amqp::{self, AmqpError};
-use crate::queue::topology::WORK_KEY;
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
-use crate::store::{DynStore, KeyRange, StoreError, Txn, for_each_row};
+use crate::store::{DynStore, StoreError, Txn};
 
-/// Where the dead letters are.
+pub use self::index::{Group, LetterId, Page, Selection, Stored};
+pub use self::requeue::{Requeued, requeue};
+pub use self::ticket::Ticket;
+
+/// Where requeued jobs go.
 #[derive(Clone)]
 pub enum Source {
-    /// The broker's dead queue; connecting waits at most `connect_timeout`.
-    Broker {
-        amqp_url: String,
-        topology: Topology,
-        connect_timeout: std::time::Duration,
-    },
+    /// The broker's jobs exchange (fleet mode); connecting waits at most `connect_timeout`.
+    Broker { amqp_url: String, topology: Topology, connect_timeout: std::time::Duration },
+    /// Re-run in this process against the store (embedded mode).
     Embedded,
 }
 
@@ -73,6 +71,16 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The index selection this filter reads (actor ids are checked per letter).
+    pub fn selection(&self) -> Selection {
+        Selection { reason: self.reason, campaign: self.campaign.clone() }
+    }
+
+    /// The actors named, when the filter names some: each is read by its key.
+    fn named_actors(&self) -> Option<Vec<ActorId>> {
+        (!self.actors.is_empty()).then(|| self.actors.iter().filter_map(|a| ActorId::parse(a).ok()).collect())
+    }
+
     pub fn matches(&self, d: &DeadLetter) -> bool {
         self.reason.is_none_or(|r| r == d.reason)
             && (self.actors.is_empty() || self.actors.iter().any(|a| a == &d.actor_id))
@@ -123,132 +131,42 @@ pub fn from_message(props: &BasicProperties, body: &[u8]) -> DeadLetter {
     }
 }
 
-/// Dead letters fetched from the broker, unacked until acked here or returned on close.
-struct Fetched {
-    conn: Connection,
-    ch: Channel,
-    messages: Vec<(DeadLetter, lapin::Acker)>,
-}
+/// The header line of [`csv_row`]s.
+pub const CSV_HEADER: &str = "actor_id,campaign,reason,phase,attempts,worker,at_ms,main_bytes,journal_bytes,wal_bytes,shm_bytes,recovery,error\n";
 
-impl Fetched {
-    async fn fetch(
-        amqp_url: &str,
-        topology: &Topology,
-        connect_timeout: std::time::Duration,
-        max: usize,
-    ) -> Result<Fetched, TriageError> {
-        let conn = amqp::connect_within(amqp_url, "ferry-producer dlq", connect_timeout).await?;
-        let ch = amqp::confirm_channel(&conn).await?;
-        // Passive: triage declares nothing, so a read-only user (no configure) can run it.
-        topology.check_exists(&ch).await?;
-        let mut messages = Vec::new();
-        while messages.len() < max {
-            let Some(m) = ch.basic_get(topology.dead_queue().as_str().into(), BasicGetOptions::default()).await? else {
-                break;
-            };
-            let dead = from_message(&m.delivery.properties, &m.delivery.data);
-            messages.push((dead, m.delivery.acker));
-        }
-        Ok(Fetched { conn, ch, messages })
-    }
-
-    /// Closes the channel: every message not acked goes back to the queue.
-    async fn release(self) {
-        let _ = self.ch.close(200, "triage done".into()).await;
-        let _ = self.conn.close(200, "triage done".into()).await;
-    }
-}
-
-/// Reads every dead letter (the broker's are returned to the queue afterwards).
-pub async fn list(store: &DynStore, source: &Source, filter: &Filter) -> Result<Vec<DeadLetter>, TriageError> {
-    let all = match source {
-        Source::Broker { amqp_url, topology, connect_timeout } => {
-            let fetched = Fetched::fetch(amqp_url, topology, *connect_timeout, usize::MAX).await?;
-            let letters: Vec<DeadLetter> = fetched.messages.iter().map(|(d, _)| d.clone()).collect();
-            fetched.release().await;
-            letters
-        }
-        Source::Embedded => embedded_letters(store).await?.into_iter().map(|(_, d)| d).collect(),
-    };
-    Ok(all.into_iter().filter(|d: &DeadLetter| filter.matches(d)).collect())
-}
-
-async fn embedded_letters(store: &DynStore) -> Result<Vec<(Vec<u8>, DeadLetter)>, StoreError> {
-    let mut out = Vec::new();
-    for_each_row(&**store, &KeyRange::prefix(keys::DEAD_PREFIX), 1024, |_, raw| {
-        if let Some(d) = DeadLetter::decode(&raw) {
-            out.push((raw, d));
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(out)
-}
-
-/// Dead letters grouped by reason and campaign.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Group {
-    pub reason: String,
-    pub campaign: String,
-    pub count: u64,
-    pub actors: u64,
-    pub oldest_ms: i64,
-    pub newest_ms: i64,
-    pub v1_bytes: u64,
-}
-
-pub fn summarize(letters: &[DeadLetter]) -> Vec<Group> {
-    let mut groups: BTreeMap<(String, String), (Group, std::collections::BTreeSet<String>)> = BTreeMap::new();
-    for d in letters {
-        let key = (d.reason.as_str().to_string(), d.campaign.clone());
-        let (g, actors) = groups.entry(key.clone()).or_insert_with(|| {
-            (
-                Group { reason: key.0.clone(), campaign: key.1.clone(), oldest_ms: i64::MAX, ..Group::default() },
-                Default::default(),
-            )
-        });
-        g.count += 1;
-        g.oldest_ms = g.oldest_ms.min(d.at_ms);
-        g.newest_ms = g.newest_ms.max(d.at_ms);
-        if actors.insert(d.actor_id.clone()) {
-            g.v1_bytes += d.v1_files.as_ref().map_or(0, |f| f.total());
-        }
-        g.actors = actors.len() as u64;
-    }
-    groups.into_values().map(|(g, _)| g).collect()
-}
-
-/// CSV of dead letters, one row each.
+/// CSV of dead letters, one row each, header first.
 pub fn to_csv(letters: &[DeadLetter]) -> String {
+    let mut out = String::from(CSV_HEADER);
+    for d in letters {
+        out.push_str(&csv_row(d));
+    }
+    out
+}
+
+/// One dead letter as a CSV line.
+pub fn csv_row(d: &DeadLetter) -> String {
     fn field(s: &str) -> String {
         if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
     }
-    let mut out = String::from(
-        "actor_id,campaign,reason,phase,attempts,worker,at_ms,main_bytes,journal_bytes,wal_bytes,shm_bytes,recovery,error\n",
-    );
-    for d in letters {
-        let size = |f: fn(&crate::v1::V1Files) -> Option<u64>| {
-            d.v1_files.as_ref().and_then(f).map_or(String::new(), |n| n.to_string())
-        };
-        let row = [
-            field(&d.actor_id),
-            field(&d.campaign),
-            d.reason.as_str().to_string(),
-            field(&d.phase),
-            d.attempts.to_string(),
-            field(&d.worker),
-            d.at_ms.to_string(),
-            size(|f| f.main),
-            size(|f| f.journal),
-            size(|f| f.wal),
-            size(|f| f.shm),
-            d.recovery.map_or(String::new(), |r| r.as_str().to_string()),
-            field(&d.error),
-        ];
-        out.push_str(&row.join(","));
-        out.push('\n');
-    }
-    out
+    let size = |f: fn(&crate::v1::V1Files) -> Option<u64>| {
+        d.v1_files.as_ref().and_then(f).map_or(String::new(), |n| n.to_string())
+    };
+    let row = [
+        field(&d.actor_id),
+        field(&d.campaign),
+        d.reason.as_str().to_string(),
+        field(&d.phase),
+        d.attempts.to_string(),
+        field(&d.worker),
+        d.at_ms.to_string(),
+        size(|f| f.main),
+        size(|f| f.journal),
+        size(|f| f.wal),
+        size(|f| f.shm),
+        d.recovery.map_or(String::new(), |r| r.as_str().to_string()),
+        field(&d.error),
+    ];
+    format!("{}\n", row.join(","))
 }
 
 /// The recovery that fits a reason (what `requeue` accepts without `--force`).
@@ -263,18 +181,68 @@ pub fn recovery_fits(reason: DeadLetterReason, recovery: Option<Recovery>) -> bo
     }
 }
 
-/// What a requeue did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Requeued {
-    /// Actors given a new job (broker) or re-run (embedded).
-    pub actors: Vec<String>,
-    /// Dead letters acked (duplicates of an actor included).
-    pub dead_letters_removed: u64,
-    /// Embedded re-runs: the outcome of each.
-    pub outcomes: BTreeMap<String, String>,
-    pub skipped: Vec<String>,
+/// Up to `limit` dead letters of `filter`, after the cursor `after` (a page's `next`): the
+/// named actors by their keys, otherwise a page of the index.
+pub async fn page(store: &DynStore, filter: &Filter, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
+    let Some(actors) = filter.named_actors() else {
+        return index::page(&**store, &filter.selection(), limit, after).await;
+    };
+    let mut letters = Vec::new();
+    for actor in actors {
+        if let Some(stored) = index::get(&**store, &LetterId::Actor(actor)).await?
+            && filter.matches(&stored.letter)
+        {
+            letters.push(stored.letter);
+        }
+    }
+    letters.truncate(limit);
+    Ok(Page { letters, next: None })
 }
 
+/// Every dead letter of `filter`, one batch in memory at a time, for `export`: one sequential
+/// scan of the records (linear in the backlog), or the named actors' keys.
+pub async fn each_letter(
+    store: &DynStore,
+    filter: &Filter,
+    mut visit: impl FnMut(&DeadLetter) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    if filter.named_actors().is_some() {
+        for d in page(store, filter, usize::MAX, None).await?.letters {
+            visit(&d)?;
+        }
+        return Ok(());
+    }
+    index::each_record(&**store, |stored| if filter.matches(&stored.letter) { visit(&stored.letter) } else { Ok(()) })
+        .await
+}
+
+/// Dead letters by reason and campaign, and the requeues still waiting for a worker.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub groups: Vec<Group>,
+    pub dead_letters: u64,
+    /// Tickets of requeued actors whose job has not run yet.
+    pub requeues_pending: u64,
+}
+
+pub async fn summary(store: &DynStore) -> Result<Summary, StoreError> {
+    let groups = index::summary(&**store).await?;
+    let dead_letters = groups.iter().map(|g| g.count).sum();
+    let mut requeues_pending = 0;
+    let range = crate::store::KeyRange::prefix(ticket::REQUEUE_PREFIX);
+    let mut cursor = range.clone();
+    loop {
+        let keys = store.scan_keys(&cursor, 10_000).await?;
+        requeues_pending += keys.len() as u64;
+        match keys.last() {
+            Some(last) if keys.len() == 10_000 => cursor = cursor.after(last),
+            _ => break,
+        }
+    }
+    Ok(Summary { groups, dead_letters, requeues_pending })
+}
+
+/// Why a dead letter cannot be requeued as asked, or the actor to requeue.
 fn check_requeue(d: &DeadLetter, recovery: Option<Recovery>, force: bool) -> Result<ActorId, String> {
     let actor = ActorId::parse(&d.actor_id).map_err(|e| format!("{}: {e}", d.actor_id))?;
     if d.reason == DeadLetterReason::BadMessage {
@@ -291,164 +259,57 @@ fn check_requeue(d: &DeadLetter, recovery: Option<Recovery>, force: bool) -> Res
     Ok(actor)
 }
 
-/// Moves the selected dead letters back to work with `recovery`.
-pub async fn requeue(
-    store: &DynStore,
-    source: &Source,
-    filter: &Filter,
-    recovery: Option<Recovery>,
-    force: bool,
-) -> Result<Requeued, TriageError> {
-    match source {
-        Source::Broker { amqp_url, topology, connect_timeout } => {
-            requeue_broker(amqp_url, topology, *connect_timeout, filter, recovery, force).await
-        }
-        Source::Embedded => requeue_embedded(store, filter, recovery, force).await,
-    }
-}
+/// Letters a move reads per step.
+const MOVE_BATCH: usize = 500;
 
-async fn requeue_broker(
-    amqp_url: &str,
-    topology: &Topology,
-    connect_timeout: std::time::Duration,
-    filter: &Filter,
-    recovery: Option<Recovery>,
-    force: bool,
-) -> Result<Requeued, TriageError> {
-    let fetched = Fetched::fetch(amqp_url, topology, connect_timeout, usize::MAX).await?;
-    let mut by_actor: BTreeMap<(String, String), Vec<&lapin::Acker>> = BTreeMap::new();
-    let mut out = Requeued::default();
-    for (d, acker) in &fetched.messages {
-        if !filter.matches(d) {
-            continue;
-        }
-        match check_requeue(d, recovery, force) {
-            Ok(_) => by_actor.entry((d.campaign.clone(), d.actor_id.clone())).or_default().push(acker),
-            Err(why) => out.skipped.push(why),
-        }
-    }
-    let result = async {
-        for ((campaign, actor), ackers) in &by_actor {
-            // Checked by check_requeue above.
-            let id = ActorId::parse(actor).expect("validated actor id");
-            let job = Job::new(campaign, id, SystemClock.now_ms(), recovery);
-            let props = amqp::json_properties(&job.message_id(), FieldTable::default());
-            amqp::publish_confirmed(&fetched.ch, &topology.jobs_exchange(), WORK_KEY, &job.encode(), props).await?;
-            for acker in ackers {
-                acker.ack(BasicAckOptions::default()).await?;
-                out.dead_letters_removed += 1;
-            }
-            out.actors.push(actor.clone());
-        }
-        Ok::<(), TriageError>(())
-    }
-    .await;
-    fetched.release().await;
-    result.map(|()| out)
-}
-
-async fn requeue_embedded(
-    store: &DynStore,
-    filter: &Filter,
-    recovery: Option<Recovery>,
-    force: bool,
-) -> Result<Requeued, TriageError> {
-    let runner = JobRunner {
-        migrator: Migrator::new(
-            store.clone(),
-            Arc::new(SystemClock),
-            MigrateConfig { worker_id: crate::telemetry::default_worker_id(), ..MigrateConfig::default() },
-        ),
-        retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
-        sink: DeadLetterSink::Store,
-        budget: MemoryBudget::new(1 << 30),
-        gate: None,
-    };
-    let mut out = Requeued::default();
-    for (raw, d) in embedded_letters(store).await? {
-        if !filter.matches(&d) {
-            continue;
-        }
-        let actor = match check_requeue(&d, recovery, force) {
-            Ok(a) => a,
-            Err(why) => {
-                out.skipped.push(why);
-                continue;
-            }
-        };
-        let job = Job::new(&d.campaign, actor.clone(), SystemClock.now_ms(), recovery);
-        let mut attempts = 1;
-        let outcome = loop {
-            match runner.run_job(&job, attempts).await {
-                Disposition::Retry { delay, .. } if attempts < runner.retry.max_attempts => {
-                    tokio::time::sleep(delay.min(std::time::Duration::from_secs(2))).await;
-                    attempts += 1;
-                }
-                Disposition::Retry { error, .. } => break format!("still failing: {error}"),
-                Disposition::Ack(o) => {
-                    // The job succeeded: its old dead letter goes, if nobody replaced it.
-                    let mut txn = Txn::new();
-                    txn.check_value(keys::dead(&actor), Some(raw.clone()));
-                    txn.clear(keys::dead(&actor));
-                    if store.commit(txn).await.is_ok() {
-                        out.dead_letters_removed += 1;
-                    }
-                    break o.kind().as_str().to_string();
-                }
-                Disposition::DeadLetter(again) => break format!("dead_lettered: {}", again.reason),
-            }
-        };
-        out.outcomes.insert(actor.to_string(), outcome);
-        out.actors.push(actor.to_string());
-    }
-    Ok(out)
-}
-
-/// Drops the selected dead letters, noting the purge in each actor's audit record.
-pub async fn purge(store: &DynStore, source: &Source, filter: &Filter) -> Result<u64, TriageError> {
+/// Drops the selected dead letters, noting the purge in each actor's audit record: one
+/// transaction per letter (record, index entries and audit together), so a killed purge leaves
+/// every letter either dropped and noted or untouched.
+pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError> {
     let mut purged = 0;
-    match source {
-        Source::Broker { amqp_url, topology, connect_timeout } => {
-            let fetched = Fetched::fetch(amqp_url, topology, *connect_timeout, usize::MAX).await?;
-            let result = async {
-                for (d, acker) in &fetched.messages {
-                    if filter.matches(d) {
-                        note_purge(store, d).await?;
-                        acker.ack(BasicAckOptions::default()).await?;
-                        purged += 1;
-                    }
-                }
-                Ok::<(), TriageError>(())
+    let mut after: Option<String> = None;
+    loop {
+        let page = page(store, filter, MOVE_BATCH, after.as_deref()).await?;
+        for d in &page.letters {
+            if purge_one(store, d).await? {
+                purged += 1;
             }
-            .await;
-            fetched.release().await;
-            result?;
         }
-        Source::Embedded => {
-            for (_, d) in embedded_letters(store).await? {
-                if filter.matches(&d) {
-                    note_purge(store, &d).await?;
-                    if let Ok(actor) = ActorId::parse(&d.actor_id) {
-                        let mut txn = Txn::new();
-                        txn.clear(keys::dead(&actor));
-                        store.commit(txn).await?;
-                    }
-                    purged += 1;
-                }
-            }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(purged),
         }
     }
-    Ok(purged)
 }
 
-/// Records a purge in the actor's audit record (a bad message has no actor to record it on).
-async fn note_purge(store: &DynStore, d: &DeadLetter) -> Result<(), StoreError> {
-    let Ok(actor) = ActorId::parse(&d.actor_id) else {
-        tracing::warn!(error = %d.error, "purged a bad message");
-        return Ok(());
-    };
-    let now = SystemClock.now_ms();
-    let previous = store.get(&keys::audit(&actor)).await?.as_deref().and_then(AuditRecord::decode);
+/// Purges one letter; false when it changed under the purge (left as it is now).
+async fn purge_one(store: &DynStore, d: &DeadLetter) -> Result<bool, StoreError> {
+    let id = LetterId::of(d);
+    let Some(stored) = index::get(&**store, &id).await? else { return Ok(false) };
+    if &stored.letter != d {
+        return Ok(false);
+    }
+    let mut txn = Txn::new();
+    index::remove(&mut txn, &stored.raw, d);
+    match &id {
+        LetterId::Actor(actor) => {
+            let raw = store.get(&keys::audit(actor)).await?;
+            txn.check_value(keys::audit(actor), raw.clone());
+            txn.set(keys::audit(actor), purged_audit(actor, d, raw.as_deref()).encode());
+        }
+        LetterId::Bad(_) => tracing::warn!(error = %d.error, "purged a bad message"),
+    }
+    match store.commit(txn).await {
+        Ok(()) => Ok(true),
+        Err(StoreError::Conflict { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The actor's audit record noting the purge of `d` (the dead letter's fields when the actor
+/// has no audit yet).
+fn purged_audit(actor: &ActorId, d: &DeadLetter, raw: Option<&[u8]>) -> AuditRecord {
+    let previous = raw.and_then(AuditRecord::decode);
     let mut audit = previous.unwrap_or(AuditRecord {
         actor_id: actor.clone(),
         campaign: d.campaign.clone(),
@@ -468,26 +329,29 @@ async fn note_purge(store: &DynStore, d: &DeadLetter) -> Result<(), StoreError> 
         attempts: Some(d.attempts),
         purged_at_ms: None,
     });
-    audit.purged_at_ms = Some(now);
-    let mut txn = Txn::new();
-    txn.set(keys::audit(&actor), audit.encode());
-    store.commit(txn).await
+    audit.purged_at_ms = Some(crate::clock::Clock::now_ms(&crate::clock::SystemClock));
+    audit
 }
 
 /// Everything known about one actor, for `dlq show`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ActorState {
     pub actor: String,
+    /// Its dead letter (none, or one: duplicates are collapsed).
     pub dead_letters: Vec<DeadLetter>,
+    /// A requeue of it waiting for a worker.
+    pub requeue: Option<Ticket>,
     pub v1_files: crate::v1::V1Files,
     pub v2_head: Option<String>,
     pub lease: Option<String>,
     pub audit: Option<AuditRecord>,
 }
 
-pub async fn show(store: &DynStore, source: &Source, actor: &ActorId) -> Result<ActorState, TriageError> {
-    let filter = Filter { actors: vec![actor.to_string()], ..Filter::default() };
-    let dead_letters = list(store, source, &filter).await?;
+/// Point reads of one actor's keys: the same cost whatever the backlog.
+pub async fn show(store: &DynStore, actor: &ActorId) -> Result<ActorState, StoreError> {
+    let dead_letters =
+        index::get(&**store, &LetterId::Actor(actor.clone())).await?.map(|s| s.letter).into_iter().collect();
+    let requeue = store.get(&ticket::key(actor)).await?.as_deref().and_then(Ticket::decode);
     let probe = crate::v1::read::Probe::run(&**store, actor).await?;
     let v2_head = store.get(&crate::v2::keys::meta(actor)).await?.map(|raw| match crate::v2::DBHead::decode(&raw) {
         Ok(h) => format!("{h:?}"),
@@ -495,5 +359,5 @@ pub async fn show(store: &DynStore, source: &Source, actor: &ActorId) -> Result<
     });
     let lease = store.get(&keys::lease(actor)).await?.map(|raw| String::from_utf8_lossy(&raw).into_owned());
     let audit = store.get(&keys::audit(actor)).await?.as_deref().and_then(AuditRecord::decode);
-    Ok(ActorState { actor: actor.to_string(), dead_letters, v1_files: probe.files(), v2_head, lease, audit })
+    Ok(ActorState { actor: actor.to_string(), dead_letters, requeue, v1_files: probe.files(), v2_head, lease, audit })
 }
