@@ -151,8 +151,11 @@ pub async fn verify(
 ) -> Result<VerifyReport, StoreError> {
     let actors = selected(store, sel).await?;
     let mut report = VerifyReport::default();
-    let mut results =
-        futures::stream::iter(actors.iter()).map(|(id, audit)| verify_actor(store, id, audit.as_ref())).buffered(4);
+    // Owned items: a closure over borrowed ones makes the future not provably Send (the
+    // console awaits it in a server task).
+    let mut results = futures::stream::iter(actors)
+        .map(|(id, audit)| async move { verify_actor(store, &id, audit.as_ref()).await })
+        .buffered(4);
     while let Some(v) = results.next().await {
         progress();
         report.checked += 1;

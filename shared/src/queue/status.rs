@@ -92,19 +92,33 @@ pub async fn outcome_counts(store: &dyn Store, campaign: Option<&str>, now_ms: i
         if campaign.is_some_and(|name| name != a.campaign) {
             return Ok(());
         }
-        *c.outcomes.entry(a.outcome.as_str().to_string()).or_default() += 1;
-        if let Some(r) = a.reason {
-            *c.dead_letters.entry(r.as_str().to_string()).or_default() += 1;
-        }
-        // The rate is the workers': the producer's skips at enqueue are not jobs finishing.
-        if a.worker != crate::queue::enqueue::PRODUCER_WORKER && in_window(a.finished_at_ms, now_ms, RATE_WINDOW_MS) {
-            c.recent += 1;
-            c.first_recent_ms = Some(c.first_recent_ms.map_or(a.finished_at_ms, |f| f.min(a.finished_at_ms)));
-        }
+        c.add(&a, now_ms);
         Ok(())
     })
     .await?;
     Ok(c)
+}
+
+impl Counts {
+    /// Counts one audit record read at `now_ms` (what [`outcome_counts`] does for each record of
+    /// its campaign; the console counts every campaign in one scan with it).
+    pub fn add(&mut self, a: &AuditRecord, now_ms: i64) {
+        *self.outcomes.entry(a.outcome.as_str().to_string()).or_default() += 1;
+        if let Some(r) = a.reason {
+            *self.dead_letters.entry(r.as_str().to_string()).or_default() += 1;
+        }
+        // The rate is the workers': the producer's skips at enqueue are not jobs finishing.
+        if is_job(a) && in_window(a.finished_at_ms, now_ms, RATE_WINDOW_MS) {
+            self.recent += 1;
+            self.first_recent_ms = Some(self.first_recent_ms.map_or(a.finished_at_ms, |f| f.min(a.finished_at_ms)));
+        }
+    }
+}
+
+/// Whether an audit record is a job a worker finished (not a skip the producer recorded at
+/// enqueue, which no job stands for).
+pub fn is_job(a: &AuditRecord) -> bool {
+    a.worker != crate::queue::enqueue::PRODUCER_WORKER
 }
 
 fn in_window(at_ms: i64, now_ms: i64, window_ms: i64) -> bool {
@@ -185,6 +199,45 @@ async fn depth(ch: &lapin::Channel, name: String) -> Result<QueueDepth, lapin::E
     Ok(QueueDepth { name, messages: q.message_count(), consumers: q.consumer_count() })
 }
 
+/// The depths and consumers of the work, retry and dead-letter queues.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Depths {
+    pub work: QueueDepth,
+    pub retry: Vec<QueueDepth>,
+    pub dead: QueueDepth,
+}
+
+impl Depths {
+    /// Jobs waiting: ready in the work queue and in every retry queue.
+    pub fn waiting(&self) -> u64 {
+        u64::from(self.work.messages) + self.retry.iter().map(|q| u64::from(q.messages)).sum::<u64>()
+    }
+}
+
+/// Reads [`Depths`] with passive declares on one connection named `client` (they change
+/// nothing on the broker).
+pub async fn queue_depths(
+    amqp_url: &str,
+    connect_timeout: std::time::Duration,
+    topology: &Topology,
+    client: &str,
+) -> Result<Depths, StatusError> {
+    let conn = amqp::connect_within(amqp_url, client, connect_timeout).await?;
+    let read = async {
+        let ch = conn.create_channel().await?;
+        let work = depth(&ch, topology.work_queue()).await?;
+        let mut retry = Vec::new();
+        for q in topology.retry_queues() {
+            retry.push(depth(&ch, q).await?);
+        }
+        let dead = depth(&ch, topology.dead_queue()).await?;
+        Ok::<_, lapin::Error>(Depths { work, retry, dead })
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(read?)
+}
+
 /// Gathers the status of a campaign (or of every campaign in the store). A campaign with
 /// neither a campaign record nor an audit record is [`StatusError::UnknownCampaign`].
 pub async fn status(
@@ -206,15 +259,8 @@ pub async fn status(
     {
         return Err(StatusError::UnknownCampaign(c.to_string()));
     }
-    let conn = amqp::connect_within(amqp_url, "ferry-producer status", connect_timeout).await?;
-    let ch = conn.create_channel().await?;
-    let work = depth(&ch, topology.work_queue()).await?;
-    let mut retry = Vec::new();
-    for q in topology.retry_queues() {
-        retry.push(depth(&ch, q).await?);
-    }
-    let dead = depth(&ch, topology.dead_queue()).await?;
-    let _ = conn.close(200, "done".into()).await;
+    let Depths { work, retry, dead } =
+        queue_depths(amqp_url, connect_timeout, topology, "ferry-producer status").await?;
     let rate =
         rate(counts.recent, counts.first_recent_ms, record.as_ref().map(|r| r.created_at_ms), now, RATE_WINDOW_MS);
     let waiting = u64::from(work.messages) + retry.iter().map(|q| u64::from(q.messages)).sum::<u64>();
