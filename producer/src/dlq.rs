@@ -34,6 +34,14 @@ pub struct DlqFilter {
     /// Only this campaign's.
     #[arg(long, env = "FERRY_CAMPAIGN")]
     pub campaign: Option<String>,
+    /// Only actors whose id starts with this.
+    #[arg(long, env = "FERRY_DLQ_ACTOR_PREFIX", value_parser = actor_prefix)]
+    pub actor_prefix: Option<String>,
+}
+
+/// Value parser of `--actor-prefix`: the library's own check, at parse time.
+fn actor_prefix(s: &str) -> Result<String, String> {
+    triage::index::check_actor_prefix(s).map(|()| s.to_string())
 }
 
 #[derive(Subcommand)]
@@ -106,7 +114,7 @@ pub fn dlq_filter(f: &DlqFilter, actors: Vec<String>) -> anyhow::Result<Filter> 
         Some(r) => Some(ferry::DeadLetterReason::parse(r).with_context(|| format!("unknown reason {r:?}"))?),
         None => None,
     };
-    Ok(Filter { reason, actors, campaign: f.campaign.clone() })
+    Ok(Filter { reason, actors, campaign: f.campaign.clone(), actor_prefix: f.actor_prefix.clone() })
 }
 
 pub fn when(ms: i64) -> String {

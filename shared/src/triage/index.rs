@@ -159,24 +159,43 @@ pub async fn current(store: &dyn Store, new: &DeadLetter) -> Result<Option<Vec<u
 pub struct Selection {
     pub reason: Option<DeadLetterReason>,
     pub campaign: Option<String>,
+    /// Only actors whose id starts with this (bad messages, which name no actor, never match).
+    pub actor_prefix: Option<String>,
 }
 
 impl Selection {
-    /// The index range that holds exactly this selection, and the length of its fixed prefix
-    /// (what a cursor is relative to).
+    /// The index range that holds this selection (a cursor is relative to its start). An actor
+    /// prefix narrows the range when the campaign is fixed (the id follows it in both
+    /// indexes); otherwise the prefix is checked per letter.
     fn range(&self) -> KeyRange {
+        let ids = self.actor_prefix.as_deref().unwrap_or("");
         let prefix = match (&self.reason, &self.campaign) {
-            (Some(r), Some(c)) => [BY_REASON_PREFIX, format!("{}/{c}/", r.as_str()).as_bytes()].concat(),
+            (Some(r), Some(c)) => [BY_REASON_PREFIX, format!("{}/{c}/{ids}", r.as_str()).as_bytes()].concat(),
             (Some(r), None) => [BY_REASON_PREFIX, format!("{}/", r.as_str()).as_bytes()].concat(),
-            (None, Some(c)) => [BY_CAMPAIGN_PREFIX, format!("{c}/").as_bytes()].concat(),
+            (None, Some(c)) => [BY_CAMPAIGN_PREFIX, format!("{c}/{ids}").as_bytes()].concat(),
             (None, None) => BY_REASON_PREFIX.to_vec(),
         };
         KeyRange::prefix(&prefix)
     }
 
     fn matches(&self, d: &DeadLetter) -> bool {
-        self.reason.is_none_or(|r| r == d.reason) && self.campaign.as_ref().is_none_or(|c| c == &d.campaign)
+        self.reason.is_none_or(|r| r == d.reason)
+            && self.campaign.as_ref().is_none_or(|c| c == &d.campaign)
+            && self.actor_prefix.as_deref().is_none_or(|p| actor_has_prefix(d, p))
     }
+}
+
+/// Whether `d` is an actor's dead letter (not a bad message's) whose id starts with `prefix`.
+pub fn actor_has_prefix(d: &DeadLetter, prefix: &str) -> bool {
+    matches!(LetterId::of(d), LetterId::Actor(a) if a.as_str().starts_with(prefix))
+}
+
+/// Checks an actor prefix: at most an actor id's length of actor id bytes (`[A-Za-z0-9_-]`),
+/// so it can never reach past the id in an index key.
+pub fn check_actor_prefix(prefix: &str) -> Result<(), String> {
+    let ok = prefix.len() <= crate::actor::MAX_ACTOR_ID_LEN
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if ok { Ok(()) } else { Err(format!("actor prefix {prefix:?}: at most 64 bytes of [A-Za-z0-9_-]")) }
 }
 
 /// A page of dead letters, in index order, and where the next page starts.

@@ -68,12 +68,14 @@ pub struct Filter {
     pub reason: Option<DeadLetterReason>,
     pub actors: Vec<String>,
     pub campaign: Option<String>,
+    /// Only actors whose id starts with this ([`index::check_actor_prefix`]).
+    pub actor_prefix: Option<String>,
 }
 
 impl Filter {
     /// The index selection this filter reads (actor ids are checked per letter).
     pub fn selection(&self) -> Selection {
-        Selection { reason: self.reason, campaign: self.campaign.clone() }
+        Selection { reason: self.reason, campaign: self.campaign.clone(), actor_prefix: self.actor_prefix.clone() }
     }
 
     /// The actors named, when the filter names some: each is read by its key.
@@ -85,6 +87,7 @@ impl Filter {
         self.reason.is_none_or(|r| r == d.reason)
             && (self.actors.is_empty() || self.actors.iter().any(|a| a == &d.actor_id))
             && self.campaign.as_ref().is_none_or(|c| c == &d.campaign)
+            && self.actor_prefix.as_deref().is_none_or(|p| index::actor_has_prefix(d, p))
     }
 }
 
