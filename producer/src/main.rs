@@ -4,6 +4,7 @@
 //! this file holds the command tree and the dispatch.
 
 mod args;
+mod console;
 mod definitions;
 mod dlq;
 mod enqueue;
@@ -50,6 +51,8 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Rebuild migrated actors from v2 and compare with v1 and the migration's checksum.
     Verify(verify::VerifyArgs),
+    /// Serve the web console: campaigns, dead letters, requeue, purge and verify.
+    Console(console::ConsoleArgs),
     /// Print the RabbitMQ definitions (topology, worker user and permissions) for deploy/.
     Definitions(definitions::DefinitionsArgs),
 }
@@ -73,6 +76,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => status::status_cmd(args).await,
         Command::Dlq(args) => dlq::dlq_cmd(args).await,
         Command::Verify(args) => verify::verify_cmd(args).await,
+        Command::Console(args) => console::console_cmd(args).await,
         Command::Definitions(args) => definitions::definitions_cmd(args),
     };
     match result {
@@ -96,7 +100,7 @@ mod tests {
 
     #[test]
     fn the_walk_reaches_every_subcommand() {
-        // 8 commands and 6 dlq subcommands, each with flags: far more than the root's one.
+        // 9 commands and 6 dlq subcommands, each with flags: far more than the root's one.
         assert!(ferry_cli_check::count(&Cli::command()) > 60, "{}", ferry_cli_check::count(&Cli::command()));
     }
 

@@ -10,6 +10,7 @@ pub mod campaign;
 pub mod census;
 pub mod checksum;
 pub mod clock;
+pub mod console;
 pub mod embedded;
 pub mod fuzzing;
 pub mod http;
