@@ -59,6 +59,7 @@ fn every_env_variable_of_the_manifests_exists_in_the_code() {
         "deploy/k8s/worker.yaml",
         "deploy/k8s/producer-job.yaml",
         "deploy/k8s/secret.example.yaml",
+        "deploy/k8s/console.yaml",
         "deploy/compose.yaml",
         "deploy/Dockerfile",
     ] {
@@ -66,6 +67,11 @@ fn every_env_variable_of_the_manifests_exists_in_the_code() {
             assert!(known.contains(&m[1]), "{file} sets {}, which neither binary reads", &m[1]);
         }
     }
+}
+
+/// The pod labels of a manifest's Deployment (what its Service must select).
+fn deployment_labels(docs: &[Yaml]) -> Yaml {
+    kind(docs, "Deployment")["spec"]["template"]["metadata"]["labels"].clone()
 }
 
 #[test]
@@ -102,8 +108,29 @@ fn manifests_parse_and_carry_probes_grace_resources_budget_and_autoscaling() -> 
     assert!(scaled["minReplicaCount"].as_i64().is_some() && scaled["maxReplicaCount"].as_i64().is_some());
     assert!(!kind(&keda, "TriggerAuthentication")["spec"]["secretTargetRef"].is_badvalue());
 
+    let console = yaml_docs("deploy/k8s/console.yaml");
+    let deployment = &kind(&console, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(deployment["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    let c = &deployment["containers"][0];
+    assert_eq!(c["args"][0].as_str(), Some("console"));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    let env = |name: &str| c["env"].as_vec().into_iter().flatten().find(|e| e["name"].as_str() == Some(name));
+    // A pod address is not loopback: the console refuses to start without its token.
+    let token = env("FERRY_CONSOLE_TOKEN").context("the console's token")?;
+    assert_eq!(token["valueFrom"]["secretKeyRef"]["name"].as_str(), Some("ferry-secrets"));
+    let key = token["valueFrom"]["secretKeyRef"]["key"].as_str().context("token key")?;
+    let secret = yaml_docs("deploy/k8s/secret.example.yaml");
+    ensure!(!kind(&secret, "Secret")["stringData"][key].is_badvalue(), "secret.example.yaml has no {key}");
+    // Read-mostly: the triage broker user, read-only.
+    let amqp = env("FERRY_AMQP_URL").context("the console's broker")?;
+    assert_eq!(amqp["valueFrom"]["secretKeyRef"]["key"].as_str(), Some("triage-amqp-url"));
+    assert_eq!(env("FERRY_CONSOLE_READ_ONLY").and_then(|e| e["value"].as_str()), Some("true"));
+    let service = &kind(&console, "Service")["spec"];
+    assert_eq!(service["type"].as_str(), Some("ClusterIP"));
+    assert_eq!(service["selector"], deployment_labels(&console));
+
     let compose = yaml_docs("deploy/compose.yaml");
-    for service in ["rabbitmq", "postgres", "worker", "producer"] {
+    for service in ["rabbitmq", "postgres", "worker", "producer", "console"] {
         assert!(!compose[0]["services"][service].is_badvalue(), "compose has no {service}");
     }
     let dockerfile = read("deploy/Dockerfile");
