@@ -131,8 +131,8 @@ main{padding:18px 24px;max-width:1200px}h1{font-size:20px;margin:4px 0 14px}h2{f
 .card{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:14px 16px;margin:0 0 16px}\
 table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #e6e9ef;vertical-align:top}\
 th{font-weight:600;color:#4a5568;background:#f0f2f6}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}\
-.bar{height:14px;background:#e4e8f0;border-radius:7px;overflow:hidden;width:100%;max-width:520px}\
-.bar span{display:block;height:100%;background:#2f7d4f}\
+div.bar{height:14px;background:#e4e8f0;border-radius:7px;overflow:hidden;width:100%;max-width:520px}\
+div.bar span{display:block;height:100%;background:#2f7d4f}\
 .muted{color:#6b7280}.err{color:#a11d2b;background:#fdecee;border:1px solid #f3c2c8;padding:8px 10px;border-radius:4px}\
 .ok{color:#1d5e35;background:#e8f6ec;border:1px solid #b9e2c6;padding:8px 10px;border-radius:4px}\
 .warn{color:#7a4b00;background:#fff5e0;border:1px solid #f0d49a;padding:8px 10px;border-radius:4px}\
@@ -141,7 +141,8 @@ input,select,button{font:inherit;padding:4px 6px}button{cursor:pointer;backgroun
 button.danger{background:#b42318}a.button{display:inline-block;background:#e7ecf6;color:#1d2b45;border-radius:4px;padding:4px 10px;text-decoration:none;margin-right:6px}\
 pre{background:#f0f2f6;padding:8px;border-radius:4px;white-space:pre-wrap;word-break:break-all;margin:0}\
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:#4a5568}dd{margin:0;word-break:break-all}\
-svg text{font:11px system-ui,sans-serif;fill:#374151}footer{padding:8px 24px 24px;color:#6b7280;font-size:12px}";
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px}.grid .card{margin:0}\
+h3{font-size:14px;margin:12px 0 6px}svg text{font:11px system-ui,sans-serif;fill:#374151}footer{padding:8px 24px 24px;color:#6b7280;font-size:12px}";
 
 /// Which tab of the header is current.
 #[derive(Clone, Copy, PartialEq, Eq)]

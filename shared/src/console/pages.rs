@@ -472,7 +472,7 @@ pub fn actor(state: &ActorState, head: Option<&DBHead>, now_ms: i64, v: &Viewer<
              <a class=\"button\" id=\"purge\" href=\"/actions/purge{q}\">Purge…</a></p>"
         );
     }
-    out.push_str("<div class=\"card\"><h2>Dead letter</h2>");
+    out.push_str("<div class=\"grid\"><div class=\"card\"><h2>Dead letter</h2>");
     if state.dead_letters.is_empty() {
         out.push_str("<p class=\"muted\">None.</p>");
     }
@@ -480,6 +480,9 @@ pub fn actor(state: &ActorState, head: Option<&DBHead>, now_ms: i64, v: &Viewer<
         out.push_str(&letter_block(d, now_ms));
     }
     out.push_str("</div>");
+    let audit =
+        state.audit.as_ref().map_or("<p class=\"muted\">No audit record.</p>".into(), |a| audit_block(a, now_ms));
+    let _ = write!(out, "<div class=\"card\"><h2>Audit record</h2>{audit}</div>");
     if let Some(t) = &state.requeue {
         let mut dl = String::from("<dl class=\"ticket\">");
         row(&mut dl, "campaign", &t.campaign);
@@ -506,10 +509,7 @@ pub fn actor(state: &ActorState, head: Option<&DBHead>, now_ms: i64, v: &Viewer<
             None => format!("<pre>{}</pre>", esc(raw)),
         },
     };
-    let _ = write!(out, "<div class=\"card\"><h2>Lease</h2>{lease}</div>");
-    let audit =
-        state.audit.as_ref().map_or("<p class=\"muted\">No audit record.</p>".into(), |a| audit_block(a, now_ms));
-    let _ = write!(out, "<div class=\"card\"><h2>Audit record</h2>{audit}</div>");
+    let _ = write!(out, "<div class=\"card\"><h2>Lease</h2>{lease}</div></div>");
     out
 }
 
