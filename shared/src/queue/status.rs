@@ -231,6 +231,7 @@ pub async fn queue_depths(
             retry.push(depth(&ch, q).await?);
         }
         let dead = depth(&ch, topology.dead_queue()).await?;
+        ch.close(200, "done".into()).await?;
         Ok::<_, lapin::Error>(Depths { work, retry, dead })
     }
     .await;
