@@ -133,6 +133,14 @@ fn manifests_parse_and_carry_probes_grace_resources_budget_and_autoscaling() -> 
     for service in ["rabbitmq", "postgres", "worker", "producer", "console"] {
         assert!(!compose[0]["services"][service].is_badvalue(), "compose has no {service}");
     }
+    // The rehearsal's console: read-only as the triage user, its token required, published on
+    // the host's loopback only.
+    let console = &compose[0]["services"]["console"];
+    let env = &console["environment"];
+    assert!(env["FERRY_AMQP_URL"].as_str().is_some_and(|u| u.starts_with("amqp://ferry-triage:")));
+    assert_eq!(env["FERRY_CONSOLE_READ_ONLY"].as_str(), Some("true"));
+    assert!(env["FERRY_CONSOLE_TOKEN"].as_str().is_some_and(|t| t.contains(":?")), "no default token");
+    assert!(console["ports"][0].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")));
     let dockerfile = read("deploy/Dockerfile");
     assert!(dockerfile.contains("AS build") && dockerfile.contains("USER 10001"), "multi-stage, non-root");
     Ok(())
