@@ -528,6 +528,8 @@ async fn read_only_token_and_csrf_refuse_what_they_must() -> Result<()> {
             start_console("open", console_command("127.0.0.1:0", &ts.url, None, &[]), logs.path()).await?;
         let (status, body) = http(addr, "POST", "/actions/purge", &[], "reason=journal_sidecar").await?;
         assert_eq!(status, 403, "a forged POST without the CSRF token: {body}");
+        let csp = body.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:"));
+        assert!(csp.is_some_and(|l| l.contains("default-src 'none'") && !l.contains("script-src")), "{body}");
         assert!(body.contains("CSRF"), "{body}");
         let (status, _) = http(addr, "POST", "/actions/purge", &[], "reason=journal_sidecar&csrf=00ff").await?;
         assert_eq!(status, 403, "a wrong CSRF token");
