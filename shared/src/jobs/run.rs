@@ -98,12 +98,7 @@ impl JobRunner {
     /// Runs the job in `body`, requeued by triage under `token` when it carries one: a
     /// requeued job runs only while its ticket is current, and its ticket is cleared with its
     /// durable outcome.
-    pub(crate) async fn run_delivery_in_current_span(
-        &self,
-        body: &[u8],
-        attempts: u32,
-        token: Option<&str>,
-    ) -> Disposition {
+    pub async fn run_delivery_in_current_span(&self, body: &[u8], attempts: u32, token: Option<&str>) -> Disposition {
         let mut job = match Job::parse(body) {
             Ok(job) => job,
             Err(bad) => return self.bad_message(body, &bad, attempts).await,
@@ -146,7 +141,7 @@ impl JobRunner {
     /// Dead-letters the job in `body` without running it: its delivery `deliveries` reached the
     /// work queue's delivery limit, so the broker would drop it from work next time. Taking the
     /// decision here puts it in the triage index like every other dead letter.
-    pub(crate) async fn delivery_limit_reached(
+    pub async fn delivery_limit_reached(
         &self,
         body: &[u8],
         attempts: u32,
