@@ -150,7 +150,7 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         let broker_ref = &broker;
         let n = bodies.len();
         wait_until(Duration::from_secs(30), "every hostile message is dead-lettered", || async move {
-            Ok(broker_ref.dead_depth().await? as usize >= n)
+            Ok(broker_ref.dead_log_depth().await? as usize >= n)
         })
         .await?;
         ensure!(w.running(), "the worker stopped on a hostile message");
@@ -171,7 +171,7 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         // Bodies that share their first kept bytes are one bad message to triage.
         ensure!(indexed >= 1 && indexed as usize <= n && !index.is_empty(), "{indexed} indexed of {n}: {summary:?}");
 
-        let messages: Vec<Message> = broker.drain(&broker.topology.dead_queue()).await?;
+        let messages: Vec<Message> = broker.dead_log().await?;
         ensure!(messages.len() == n, "{} dead letters for {n} hostile messages", messages.len());
         let mut by_id: BTreeMap<String, (Message, DeadLetter)> = BTreeMap::new();
         for m in messages {
@@ -232,7 +232,7 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         ensure!(v2.head.origin == Origin::MigratedFromV1);
         ensure!(v2.file == v1.main, "v2 of the good job differs from its v1");
         ensure!(w.running(), "the worker stopped");
-        ensure!(broker.dead_depth().await? == 0 && broker.pending().await? == 0, "queues after the good job");
+        ensure!(broker.dead_log().await?.len() == n && broker.pending().await? == 0, "queues after the good job");
         ensure!(!w.log().contains("panicked"), "the worker panicked");
         w.stop(STOP).await?;
         broker.delete().await.map_err(|e| anyhow!("{e:#}"))
