@@ -9,6 +9,7 @@
 use metrics::Unit;
 
 use crate::migrate::{Cause, OutcomeKind, Phase};
+use crate::queue::dead_inbox::Settled;
 use crate::reason::DeadLetterReason;
 
 /// Jobs finished, by `outcome` (migrated, skipped_*, dead_lettered).
@@ -42,6 +43,10 @@ pub const RECONNECTS: &str = "ferry_broker_reconnects_total";
 /// Attempts to open a broker session after a lost one (each try, failed ones included).
 pub const RECONNECT_ATTEMPTS: &str = "ferry_broker_reconnect_attempts_total";
 
+/// Messages the dead-letter inbox settled, by `kind` (`queue::dead_inbox::Settled`):
+/// `indexed_skip`, `admitted`, `duplicate`.
+pub const DEAD_INBOX: &str = "ferry_dead_inbox_total";
+
 /// Buckets of [`MIGRATION_SECONDS`]: from 1 ms, as most small actors migrate in a few.
 pub const SECONDS_BUCKETS: [f64; 17] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -68,6 +73,7 @@ pub const ALL: &[&str] = &[
     CONSUMING,
     RECONNECTS,
     RECONNECT_ATTEMPTS,
+    DEAD_INBOX,
 ];
 
 /// Describes every metric to the installed recorder and creates every series at zero.
@@ -90,12 +96,20 @@ pub fn register() {
     describe_gauge!(CONSUMING, "1 while connected to the broker and consuming, else 0.");
     describe_counter!(RECONNECTS, "Broker sessions opened again after a lost one (reconnects that succeeded).");
     describe_counter!(RECONNECT_ATTEMPTS, "Attempts to open a broker session after a lost one, failed ones included.");
+    describe_counter!(
+        DEAD_INBOX,
+        "Messages of the dead-letter queue settled by the inbox, by kind (indexed_skip: ferry's own, already indexed; \
+         admitted: written to the store index; duplicate: its record already held a letter)."
+    );
 
     for outcome in OutcomeKind::ALL {
         metrics::counter!(OUTCOMES, "outcome" => outcome.as_str()).increment(0);
     }
     for reason in DeadLetterReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+    for kind in Settled::ALL {
+        metrics::counter!(DEAD_INBOX, "kind" => kind.as_str()).increment(0);
     }
     for phase in Phase::ALL {
         for kind in Cause::kinds() {

@@ -153,7 +153,7 @@ fn actor(id: &str) -> ActorId {
 }
 
 fn req(actor: &ActorId) -> Request {
-    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts: 1 }
+    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts: 1, clears: None }
 }
 
 fn req_with(actor: &ActorId, recovery: Recovery) -> Request {

@@ -60,7 +60,7 @@ fn migrator(store: DynStore, clock: Arc<ManualClock>, worker: &str) -> Migrator 
 }
 
 fn req(actor: &ActorId) -> Request {
-    Request { actor: actor.clone(), campaign: "one-shot".into(), recovery: None, attempts: 1 }
+    Request { actor: actor.clone(), campaign: "one-shot".into(), recovery: None, attempts: 1, clears: None }
 }
 
 async fn seeded(backend: Backend, id: &str) -> (TestStore, ActorId, Vec<u8>) {

@@ -10,6 +10,8 @@
 //!   queue reads tests need (depths, `basic_get` drains), deleted at the end, also on panic;
 //! - [`wait_until`]: a poller, so tests never sleep for a fixed time;
 //! - store readers: audit records, leases, v2 heads;
+//! - the dead-letter log (the `{p}.dead-log` stream read up to now), messages as the broker
+//!   dead-letters them, the management API and policies;
 //! - `rabbitmqctl` helpers to find and close one process's broker connections.
 //!
 //! Services are never optional: a test that needs RabbitMQ or PostgreSQL fails when it is
@@ -32,7 +34,7 @@ use ferry::migrate::lease::Lease;
 use ferry::migrate::{AuditRecord, OutcomeKind};
 use ferry::queue::Topology;
 use ferry::queue::amqp;
-use ferry::queue::topology::WORK_KEY;
+use ferry::queue::topology::{DEAD_KEY, WORK_KEY};
 use ferry::store::{DynStore, KeyRange, for_each_row};
 use ferry::synth::keyspace::{Case, Expected, Mix, SeedConfig};
 use ferry::v2::DBHead;
@@ -765,6 +767,171 @@ impl Drop for Broker {
             });
         })
         .join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The dead-letter inbox and log
+
+/// Header of the marker [`Broker::dead_log`] publishes to find the end of the log.
+pub const LOG_MARK_HEADER: &str = "x-ferry-test-log-mark";
+
+impl Broker {
+    /// Publishes a raw message to the dead exchange (what the broker does at the work queue's
+    /// delivery limit, or another tool), confirmed.
+    pub async fn publish_dead(&self, body: &[u8], props: BasicProperties) -> Result<()> {
+        amqp::publish_confirmed(&self.ch, &self.topology.dead_exchange(), DEAD_KEY, body, props).await?;
+        Ok(())
+    }
+
+    /// Messages in the dead-letter log `{p}.dead-log` (the markers of [`Broker::dead_log`]
+    /// included): a stream counts what it holds, read or not.
+    pub async fn dead_log_depth(&self) -> Result<u32> {
+        self.depth(&self.topology.dead_log()).await
+    }
+
+    /// Every message of the dead-letter log `{p}.dead-log`, oldest first, up to now: the log is
+    /// read from its first offset up to a marker this call publishes to the dead exchange (marked
+    /// [`amqp::INDEXED_HEADER`], so a worker's inbox only acks it, and [`LOG_MARK_HEADER`]), so
+    /// every dead letter confirmed before the call is in the answer; the markers of earlier calls
+    /// are left out. A marker no worker consumes stays in `{p}.dead`.
+    pub async fn dead_log(&self) -> Result<Vec<Message>> {
+        let mark = ferry::testing::unique_name("mark");
+        let headers = amqp::headers(&[
+            (amqp::INDEXED_HEADER, lapin::types::AMQPValue::LongLongInt(1)),
+            (LOG_MARK_HEADER, amqp::long_string(&mark)),
+        ]);
+        self.publish_dead(b"{}", amqp::json_properties(&mark, headers)).await?;
+        let mut out = Vec::new();
+        read_stream(&self.conn, &self.topology.dead_log(), Duration::from_secs(20), |m| {
+            match m.str_header(LOG_MARK_HEADER) {
+                Some(found) if found == mark => return false,
+                Some(_) => {}
+                None => out.push(m),
+            }
+            true
+        })
+        .await
+        .with_context(|| format!("reading {} up to its marker", self.topology.dead_log()))?;
+        Ok(out)
+    }
+
+    /// The dead-letter log's messages about one actor (`x-ferry-actor` or a job body naming it).
+    pub async fn dead_log_of(&self, actor: &str) -> Result<Vec<Message>> {
+        let names = |m: &Message| {
+            m.str_header(amqp::ACTOR_HEADER).as_deref() == Some(actor)
+                || m.json().ok().and_then(|v| v["actor_id"].as_str().map(|a| a == actor)).unwrap_or(false)
+        };
+        Ok(self.dead_log().await?.into_iter().filter(names).collect())
+    }
+}
+
+/// Consumes the stream `queue` from its first offset on a channel of its own, acking each
+/// message, and hands each to `more` until it returns false; fails after `timeout`.
+pub async fn read_stream(
+    conn: &Connection,
+    queue: &str,
+    timeout: Duration,
+    mut more: impl FnMut(Message) -> bool,
+) -> Result<()> {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    let ch = conn.create_channel().await?;
+    // A stream consumer must have a prefetch and ack what it reads (the acks move its credit).
+    ch.basic_qos(100, BasicQosOptions::default()).await?;
+    let args = amqp::headers(&[("x-stream-offset", amqp::long_string("first"))]);
+    let mut consumer =
+        ch.basic_consume(queue.into(), "ferry-tests-log".into(), BasicConsumeOptions::default(), args).await?;
+    let read = async {
+        while let Some(delivery) = consumer.next().await {
+            let d = delivery?;
+            d.acker.ack(BasicAckOptions::default()).await?;
+            if !more(Message { properties: d.properties, body: d.data }) {
+                return Ok(());
+            }
+        }
+        bail!("the stream consumer of {queue} ended")
+    };
+    let result = match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!("{queue}: not read to the end within {timeout:?}")),
+    };
+    let _ = ch.close(200, "done".into()).await;
+    result
+}
+
+/// A message as the broker dead-letters a job at the work queue's delivery limit: the job's
+/// body and properties, with the `x-death` and `x-first-death-*` headers the broker adds.
+pub fn broker_dead_lettered(topology: &Topology, job: &Job) -> BasicProperties {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable as Table};
+    let mut death = Table::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("reason".into(), amqp::long_string("delivery_limit"));
+    death.insert("queue".into(), amqp::long_string(&topology.work_queue()));
+    death.insert("exchange".into(), amqp::long_string(&topology.jobs_exchange()));
+    death.insert("routing-keys".into(), AMQPValue::FieldArray(FieldArray::from(vec![amqp::long_string(WORK_KEY)])));
+    death.insert("time".into(), AMQPValue::Timestamp((job.enqueued_at_ms / 1000) as u64));
+    let headers = amqp::headers(&[
+        ("x-death", AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)]))),
+        ("x-first-death-reason", amqp::long_string("delivery_limit")),
+        ("x-first-death-queue", amqp::long_string(&topology.work_queue())),
+        ("x-first-death-exchange", amqp::long_string(&topology.jobs_exchange())),
+    ]);
+    amqp::json_properties(&job.message_id(), headers)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The management API
+
+/// Port of the management API on the test broker.
+pub const MANAGEMENT_PORT: u16 = 15672;
+
+/// One request to the test broker's management API as `guest` (HTTP/1.0, JSON body): the
+/// status code and the body.
+pub async fn management(method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", MANAGEMENT_PORT))
+        .await
+        .context("the management API on 127.0.0.1:15672 (.ci/run enables rabbitmq_management)")?;
+    let body = body.map(serde_json::Value::to_string).unwrap_or_default();
+    // guest:guest in base64.
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Basic Z3Vlc3Q6Z3Vlc3Q=\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("not an HTTP response: {text}"))?;
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("{method} {path}: no status in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// A policy on the test broker's default vhost, deleted when dropped (also on panic).
+pub struct Policy(pub String);
+
+impl Policy {
+    /// Sets `name` from a definitions entry (`pattern`, `apply-to`, `definition`, `priority`).
+    pub async fn set(name: &str, entry: &serde_json::Value) -> Result<Policy> {
+        let body = serde_json::json!({
+            "pattern": entry["pattern"], "apply-to": entry["apply-to"],
+            "definition": entry["definition"], "priority": entry["priority"],
+        });
+        let (status, text) = management("PUT", &format!("/api/policies/%2F/{name}"), Some(&body)).await?;
+        ensure!(matches!(status, 201 | 204), "setting policy {name}: {status} {text}");
+        Ok(Policy(name.to_string()))
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["clear_policy", &self.0]).output();
     }
 }
 

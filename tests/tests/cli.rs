@@ -134,11 +134,12 @@ fn no_store_and_no_broker_by_default() -> Result<()> {
         let out = expect_code(command(name).args(&args).current_dir(cwd.path()), 2)?;
         ensure!(stderr(&out).contains(flag), "{name} {args:?} does not ask for {flag}: {}", stderr(&out));
     }
-    // dlq takes its store and broker as globals: still required, and named.
+    // dlq takes its store and broker as globals: still required, and named (the broker only
+    // by a fleet requeue: reads need the store alone).
     let out = expect_code(command("ferry-producer").args(["dlq", "summary", "--embedded"]).current_dir(cwd.path()), 2)?;
     ensure!(stderr(&out).contains("--store or FERRY_STORE"), "{}", stderr(&out));
     let out = expect_code(
-        command("ferry-producer").args(["dlq", "summary", "--store", "sqlite:x.db"]).current_dir(cwd.path()),
+        command("ferry-producer").args(["dlq", "requeue", "--store", "sqlite:x.db"]).current_dir(cwd.path()),
         2,
     )?;
     ensure!(stderr(&out).contains("--amqp or FERRY_AMQP_URL"), "{}", stderr(&out));
@@ -270,7 +271,7 @@ async fn an_amqp_port_that_is_not_rabbitmq_fails_every_command_within_the_bound(
                     vec!["enqueue", "--store", &ts.url, "--campaign", "c", "--amqp", &url, "--retry-budget-secs", "0"],
                 ),
                 ("ferry-producer", vec!["status", "--store", &ts.url, "--amqp", &url]),
-                ("ferry-producer", vec!["dlq", "summary", "--store", &ts.url, "--amqp", &url]),
+                ("ferry-producer", vec!["dlq", "requeue", "--store", &ts.url, "--amqp", &url]),
                 ("ferry-worker", vec!["run", "--store", &ts.url, "--amqp", &url, "--http", "off"]),
             ];
             for (name, args) in commands {

@@ -183,7 +183,7 @@ async fn broker_loads_the_definitions_topology_and_the_code_declares_the_same() 
     for key in ["users", "permissions", "vhosts"] {
         defs.as_object_mut().context("definitions")?.remove(key);
     }
-    for key in ["exchanges", "queues", "bindings"] {
+    for key in ["exchanges", "queues", "bindings", "policies"] {
         for item in defs[key].as_array_mut().context("list")? {
             item["vhost"] = serde_json::Value::from(vhost.0.as_str());
         }
@@ -202,6 +202,18 @@ async fn broker_loads_the_definitions_topology_and_the_code_declares_the_same() 
     topology.check_exists(&ch).await.context("the loaded topology is complete")?;
     topology.declare(&ch).await.context("redeclaring over the loaded definitions")?;
     let _ = conn.close(200, "ok".into()).await;
+    // The inbox policy loaded with them (this broker accepts it) and is the inbox's, only.
+    let policies = rabbitmqctl(&["list_queues", "-p", &vhost.0, "-q", "--no-table-headers", "name", "policy"])?;
+    let policy_of = |q: &str| {
+        policies
+            .lines()
+            .map(|l| l.split('\t'))
+            .find_map(|mut cols| (cols.next() == Some(q)).then(|| cols.next().unwrap_or_default().trim().to_string()))
+    };
+    assert_eq!(policy_of(&topology.dead_queue()), Some(topology.inbox_policy()), "{policies}");
+    for q in [topology.dead_log(), topology.work_queue()] {
+        assert_eq!(policy_of(&q), Some(String::new()), "{policies}");
+    }
     Ok(())
 }
 

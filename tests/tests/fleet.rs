@@ -156,9 +156,9 @@ async fn assert_v2_equals_v1(store: &DynStore, actor: &ActorId, audit: &AuditRec
     Ok(())
 }
 
-/// Checks the dead-letter queue's messages against the planted dead letters: each is a JSON
-/// `DeadLetter` with every triage field, the `x-ferry-*` headers, and the planted reason; every
-/// planted dead letter is there (exactly once without faults).
+/// Checks the dead-letter log's messages against the planted dead letters: each is a JSON
+/// `DeadLetter` with every triage field, the `x-ferry-*` headers (marked indexed), and the
+/// planted reason; every planted dead letter is there (exactly once without faults).
 fn check_dead_letters(
     messages: &[Message],
     planted: &BTreeMap<String, DeadLetterReason>,
@@ -180,6 +180,7 @@ fn check_dead_letters(
         ensure!(m.str_header(amqp::REASON_HEADER).as_deref() == Some(want.as_str()), "{actor}: x-ferry-reason");
         ensure!(m.str_header(amqp::ACTOR_HEADER).as_deref() == Some(actor.as_str()), "{actor}: x-ferry-actor");
         ensure!(m.str_header(amqp::CAMPAIGN_HEADER).as_deref() == Some(campaign), "{actor}: x-ferry-campaign");
+        ensure!(amqp::has_header(&m.properties, amqp::INDEXED_HEADER), "{actor}: not marked x-ferry-indexed");
         ensure!(
             m.properties.message_id().as_ref().map(|s| s.as_str()) == Some(format!("{campaign}/{actor}").as_str()),
             "{actor}: message id {:?}",
@@ -228,16 +229,16 @@ async fn wait_for_audits(store: &DynStore, n: usize, timeout: Duration) -> Resul
     .await
 }
 
-/// Waits until the work and retry queues are empty and the dead-letter queue holds `dead`
-/// messages (at least, with faults), and stay so for a moment: a retry moving from its retry
-/// queue back to the work queue is briefly in neither.
+/// Waits until the work and retry queues are empty, the dead-letter log holds `dead` messages
+/// (at least, with faults) and the workers drained the dead-letter inbox, and stay so for a
+/// moment: a retry moving from its retry queue back to the work queue is briefly in neither.
 async fn wait_for_queues(broker: &Broker, dead: usize, faults: Faults) -> Result<()> {
     let settled_since = std::cell::Cell::new(None::<Instant>);
     let settled_since = &settled_since;
     wait_until(Duration::from_secs(15), "the work and retry queues drain", || async move {
-        let d = broker.dead_depth().await? as usize;
+        let d = broker.dead_log_depth().await? as usize;
         let dead_ok = if faults == Faults::None { d == dead } else { d >= dead };
-        if !(broker.pending().await? == 0 && dead_ok) {
+        if !(broker.pending().await? == 0 && dead_ok && broker.dead_depth().await? == 0) {
             settled_since.set(None);
             return Ok(false);
         }
@@ -323,7 +324,8 @@ async fn campaign_with_two_workers(backend: Backend) -> Result<()> {
             .args(["--queue-prefix", &broker.topology.prefix, "--campaign", campaign]),
     )?;
     assert_eq!(status["work"]["messages"], 0, "{status}");
-    assert_eq!(status["dead"]["messages"], dead_planted, "{status}");
+    // The inbox: the workers acked their own dead letters there (they are in the log).
+    assert_eq!(status["dead"]["messages"], 0, "{status}");
     assert_eq!(status["enqueued"], n, "{status}");
     assert_eq!(status["outcomes"]["migrated"], count(&plan, |c| c == Case::Normal), "{status}");
     assert_eq!(status["outcomes"]["dead_lettered"], dead_planted, "{status}");
@@ -333,7 +335,7 @@ async fn campaign_with_two_workers(backend: Backend) -> Result<()> {
     }) {
         assert_eq!(status["dead_letters"][reason], k, "{reason}: {status}");
     }
-    let messages = broker.drain(&broker.topology.dead_queue()).await?;
+    let messages = broker.dead_log().await?;
     check_dead_letters(&messages, &dead, campaign, &workers, since, Faults::None)?;
     // Both workers took part.
     let by_worker: BTreeSet<String> =
@@ -403,7 +405,7 @@ async fn duplicates(backend: Backend) -> Result<()> {
     w1.stop(STOP).await?;
     w2.stop(STOP).await?;
     assert_queues_empty(&broker).await?;
-    assert_eq!(broker.dead_depth().await?, 0, "dead letters");
+    assert!(broker.dead_log().await?.is_empty(), "dead letters");
 
     let head = v2_head(&store, &actor).await?.context("no v2 head")?;
     assert_eq!(head.origin, Origin::MigratedFromV1);
@@ -505,7 +507,7 @@ async fn sigkilled_worker_jobs_are_redelivered_and_completed_by_the_other() -> R
             assert_eq!(a.worker, w2.name, "{actor}: taken over by the survivor");
             assert!(a.generation >= Some(2), "{actor}: a takeover bumps the generation: {a:?}");
         }
-        let messages = broker.drain(&broker.topology.dead_queue()).await?;
+        let messages = broker.dead_log().await?;
         check_dead_letters(&messages, &dead, campaign, &workers, since, Faults::Some)?;
         eprintln!("stale stages taken over: {stale:?}");
         broker.delete().await
@@ -577,7 +579,7 @@ async fn sigterm_then_finish(grace: u64, hint: &str) -> Result<BTreeSet<String>>
     assert_queues_empty(&broker).await?;
     let workers = [w1.name.as_str(), w2.name.as_str()];
     let dead = check_as_planted(&store, &plan, campaign, &workers, faults).await?;
-    let messages = broker.drain(&broker.topology.dead_queue()).await?;
+    let messages = broker.dead_log().await?;
     check_dead_letters(&messages, &dead, campaign, &workers, since, faults)?;
     let all = audits(&store).await?;
     for actor in &stale {
@@ -667,7 +669,7 @@ async fn worker_reconnects_after_the_broker_closes_its_connections() -> Result<(
         assert!(sample(&metrics, ferry::metrics::RECONNECTS, "") >= 1.0, "reconnects metric:\n{metrics}");
         w.stop(STOP).await?;
         assert_queues_empty(&broker).await?;
-        assert_eq!(broker.dead_depth().await?, 0);
+        assert!(broker.dead_log().await?.is_empty(), "dead letters");
         let workers = [w.name.as_str()];
         check_as_planted(&store, &plan_a, "reconnect-a", &workers, Faults::Some).await?;
         check_as_planted(&store, &plan_b, "reconnect-b", &workers, Faults::Some).await?;
@@ -909,7 +911,7 @@ async fn bad_messages_are_dead_lettered_bad_message_and_the_worker_keeps_working
         let mut w = WorkerSpec::new(ctx.url(), &broker.topology, "bad").concurrency(2).start(ctx.logs())?;
         let broker_ref = &broker;
         wait_until(Duration::from_secs(20), "the bad messages are dead-lettered", || async move {
-            Ok(broker_ref.dead_depth().await? as usize == bad.len())
+            Ok(broker_ref.dead_log_depth().await? as usize == bad.len())
         })
         .await?;
         assert!(w.running(), "the worker stopped on a bad message");
@@ -926,7 +928,7 @@ async fn bad_messages_are_dead_lettered_bad_message_and_the_worker_keeps_working
             assert_eq!(case, Case::Normal);
             assert_eq!(all[actor.as_str()].outcome, OutcomeKind::Migrated, "{actor}");
         }
-        let messages = broker.drain(&broker.topology.dead_queue()).await?;
+        let messages = broker.dead_log().await?;
         let mut by_id = BTreeMap::new();
         for m in &messages {
             let dl = DeadLetter::decode(&m.body).with_context(|| format!("{:?}", String::from_utf8_lossy(&m.body)))?;
@@ -1003,7 +1005,9 @@ async fn transient_failure_past_its_retry_budget_is_dead_lettered_retries_exhaus
             (OutcomeKind::DeadLettered, Some(DeadLetterReason::RetriesExhausted))
         );
         assert_eq!(audit.attempts, Some(3), "{audit:?}");
-        let dead = broker.get(&broker.topology.dead_queue()).await?.context("dead letter")?;
+        let log = broker.dead_log().await?;
+        ensure!(log.len() == 1, "dead letters: {log:?}");
+        let dead = &log[0];
         let dl = DeadLetter::decode(&dead.body).context("dead letter body")?;
         assert_eq!(dl.reason, DeadLetterReason::RetriesExhausted);
         assert_eq!(dead.str_header(amqp::REASON_HEADER).as_deref(), Some("retries_exhausted"));

@@ -1,8 +1,9 @@
 //! Hostile job messages on the real broker: huge, deeply nested, invalid UTF-8, NUL bytes,
 //! actor ids that try to escape their prefix, unknown recoveries, wrong versions, bodies that
 //! are not objects. Each is dead-lettered `bad_message` by the built `ferry-worker run`, the
-//! store is left byte for byte as it was (not even an audit record), and the worker keeps
-//! running and migrates a good job published after them. Run on both store backends.
+//! store is left byte for byte as it was but for the triage index's `bad_message` records (not
+//! even an audit record), and the worker keeps running and migrates a good job published after
+//! them. Run on both store backends.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use ferry::migrate::OutcomeKind;
 use ferry::queue::amqp;
 use ferry::store::{DynStore, KeyRange, KeyValue, for_each_row};
 use ferry::testing::{Backend, TestStore};
+use ferry::triage::index;
 use ferry::v1::{ReadOptions, read_v1};
 use ferry::v2::{Origin, read_v2};
 use ferry_tests::{Broker, Message, Seed, WorkerSpec, audits, bin, bounded, register_campaign, wait_until};
@@ -29,12 +31,14 @@ const STOP: Duration = Duration::from_secs(15);
 const CAMPAIGN: &str = "hostile-c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_messages_are_dead_lettered_bad_message_and_never_reach_the_sqlite_store() -> Result<()> {
+async fn hostile_messages_are_dead_lettered_bad_message_and_reach_only_the_triage_index_of_the_sqlite_store()
+-> Result<()> {
     hostile_messages(Backend::Sqlite).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_messages_are_dead_lettered_bad_message_and_never_reach_the_postgres_store() -> Result<()> {
+async fn hostile_messages_are_dead_lettered_bad_message_and_reach_only_the_triage_index_of_the_postgres_store()
+-> Result<()> {
     hostile_messages(Backend::Postgres).await
 }
 
@@ -146,17 +150,28 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         let broker_ref = &broker;
         let n = bodies.len();
         wait_until(Duration::from_secs(30), "every hostile message is dead-lettered", || async move {
-            Ok(broker_ref.dead_depth().await? as usize >= n)
+            Ok(broker_ref.dead_log_depth().await? as usize >= n)
         })
         .await?;
         ensure!(w.running(), "the worker stopped on a hostile message");
         ensure!(broker.pending().await? == 0, "hostile messages left in the work or retry queues");
 
-        // Nothing reached the store: every row as it was, no audit, no lease, no v2.
+        // Nothing reached the store but the triage index: every other row as it was, no audit,
+        // no lease, no v2; the index holds bad messages only.
         let after = whole(&store).await?;
-        ensure!(after == before, "the store changed: {} rows before, {} after", before.len(), after.len());
+        let (index, rest): (Vec<KeyValue>, Vec<KeyValue>) = after.into_iter().partition(|(k, _)| {
+            [index::DEAD_BAD_PREFIX, index::BY_REASON_PREFIX, index::BY_CAMPAIGN_PREFIX]
+                .iter()
+                .any(|p| k.starts_with(p))
+        });
+        ensure!(rest == before, "the store changed: {} rows before, {} after", before.len(), rest.len());
+        let summary = index::summary(&*store).await?;
+        ensure!(summary.iter().all(|g| g.reason == "bad_message"), "{summary:?}");
+        let indexed: u64 = summary.iter().map(|g| g.count).sum();
+        // Bodies that share their first kept bytes are one bad message to triage.
+        ensure!(indexed >= 1 && indexed as usize <= n && !index.is_empty(), "{indexed} indexed of {n}: {summary:?}");
 
-        let messages: Vec<Message> = broker.drain(&broker.topology.dead_queue()).await?;
+        let messages: Vec<Message> = broker.dead_log().await?;
         ensure!(messages.len() == n, "{} dead letters for {n} hostile messages", messages.len());
         let mut by_id: BTreeMap<String, (Message, DeadLetter)> = BTreeMap::new();
         for m in messages {
@@ -217,7 +232,7 @@ async fn hostile_messages(backend: Backend) -> Result<()> {
         ensure!(v2.head.origin == Origin::MigratedFromV1);
         ensure!(v2.file == v1.main, "v2 of the good job differs from its v1");
         ensure!(w.running(), "the worker stopped");
-        ensure!(broker.dead_depth().await? == 0 && broker.pending().await? == 0, "queues after the good job");
+        ensure!(broker.dead_log().await?.len() == n && broker.pending().await? == 0, "queues after the good job");
         ensure!(!w.log().contains("panicked"), "the worker panicked");
         w.stop(STOP).await?;
         broker.delete().await.map_err(|e| anyhow!("{e:#}"))

@@ -32,7 +32,7 @@ use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason};
 use ferry_tests::bin;
 use ferry_tests::{Proc, ended_as_planted};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::Value;
@@ -113,24 +113,30 @@ impl Broker {
         Ok(self.ch.queue_declare(queue.into(), opts, FieldTable::default()).await?.message_count())
     }
 
-    /// Ready messages: (work, every retry tier, dead-letter).
+    /// Ready messages: (work, every retry tier, dead letters in the dead-letter log; the
+    /// workers drain the inbox `{p}.dead`, the log keeps them).
     async fn depths(&self) -> Result<(u32, u32, u32)> {
         let mut retry = 0;
         for q in self.topology.retry_queues() {
             retry += self.count(&q).await?;
         }
-        Ok((self.count(&self.topology.work_queue()).await?, retry, self.count(&self.topology.dead_queue()).await?))
+        Ok((self.count(&self.topology.work_queue()).await?, retry, self.count(&self.topology.dead_log()).await?))
     }
 
-    /// The dead letters, fetched without ack on a channel that is then closed (they go back).
+    /// The dead letters, read from the dead-letter log (a stream: reading takes nothing).
     async fn peek_dead(&self) -> Result<Vec<DeadLetter>> {
-        let ch = self.conn.create_channel().await?;
+        let n = self.count(&self.topology.dead_log()).await? as usize;
         let mut out = Vec::new();
-        while let Some(m) = ch.basic_get(self.topology.dead_queue().as_str().into(), BasicGetOptions::default()).await?
-        {
-            out.push(DeadLetter::decode(&m.delivery.data).context("a dead letter does not decode")?);
-        }
-        ch.close(200, "peeked".into()).await?;
+        let mut bad = 0;
+        ferry_tests::read_stream(&self.conn, &self.topology.dead_log(), Duration::from_secs(20), |m| {
+            match DeadLetter::decode(&m.body) {
+                Some(d) => out.push(d),
+                None => bad += 1,
+            }
+            out.len() + bad < n
+        })
+        .await?;
+        ensure!(bad == 0, "{bad} dead letters do not decode");
         Ok(out)
     }
 }

@@ -373,7 +373,7 @@ async fn campaign(env: Env, broker: Broker, admin_store: String, import: PathBuf
     let actors = SEEDED as usize + 2;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if audit_count(&store).await? >= actors && broker.dead_depth().await? >= 2 {
+        if audit_count(&store).await? >= actors && broker.dead_log_depth().await? >= 2 {
             break;
         }
         if let Some(status) = worker.try_wait()? {

@@ -1,19 +1,28 @@
 //! End to end: dead-letter triage, recovery and verification, with the built `ferry-worker`
 //! and `ferry-producer` binaries against a real SQLite store and the real RabbitMQ broker.
+//! Triage reads the store's triage index (every dead letter, fleet and embedded, is written
+//! there by the worker), never the broker's dead-letter queue.
 //!
 //! - embedded mode: hot-journal, WAL and SHM actors are dead-lettered with their reasons, a
 //!   requeue without (or with an unfitting) recovery leaves them rejected, and the fitting
 //!   recovery migrates exactly the committed rows, recorded in the audit, v1 untouched;
-//! - broker: listing and summarizing leave the dead-letter queue as it was, a requeue moves
-//!   exactly the selected dead letters (duplicates collapsed, the recovery set on each job), a
-//!   listing or requeue killed half-way loses nothing; a job the broker itself dead-lettered at
-//!   its delivery limit is triaged as `delivery_limit`, the same however often it is listed;
+//! - fleet: a campaign's rejections are listed and summarized from the store with no broker,
+//!   once per actor (an actor dead-lettered twice is one record, the latest), reading changes
+//!   nothing, a requeue moves exactly the selected dead letters to tickets with one job each
+//!   (its recovery and its ticket's token set), and the requeued jobs migrate the committed
+//!   rows and consume their tickets; a listing or requeue killed half-way loses nothing (every
+//!   actor dead or requeued, never both or neither, and a rerun finishes the move); a job
+//!   handed back until its delivery limit (its worker killed) is dead-lettered by the next
+//!   worker as ONE `delivery_limit` record, the same however often it is listed;
 //! - `verify` finds a clean campaign clean, planted v1 drift as `v1_drift` and planted v2
 //!   damage as `v2_corrupt`;
-//! - `dlq export --format csv` and `dlq purge` (refused without `--yes`, audited with it).
+//! - `dlq export --format csv` and `dlq purge` (refused without `--yes`, audited with it), in
+//!   either mode, with no broker.
 //!
 //! Broker tests need RabbitMQ at `ferry::testing::amqp_url()` and fail when it is down. Each
-//! uses its own queue prefix, deleted at the end (also on failure).
+//! uses its own queue prefix, deleted at the end (also on failure). The issue-15 scenarios
+//! (broker restart, reads during a campaign, random kills, read-only roles, broker statistics)
+//! are in `triage_index.rs`, on both store backends.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -26,11 +35,13 @@ use ferry::jobs::{DeadLetter, Job};
 use ferry::keys;
 use ferry::migrate::{AuditRecord, OutcomeKind};
 use ferry::queue::Topology;
-use ferry::queue::topology::DEAD_KEY;
+use ferry::queue::topology::WORK_KEY;
 use ferry::store::{DynStore, KeyRange, KeyValue, Txn};
 use ferry::synth::sqlite::{self as fixtures, DbFiles, DbSpec};
 use ferry::synth::write_v1;
 use ferry::testing::{Backend, TestStore, amqp_url, unique_name};
+use ferry::triage::index;
+use ferry::triage::ticket::{self, Ticket};
 use ferry::v1::FileTag;
 use ferry::v1::keys::chunk_key;
 use ferry::v2::{DBHead, Origin, read_v2};
@@ -126,10 +137,15 @@ fn run_json_nothing(cmd: &mut Command) -> Result<Value> {
     serde_json::from_slice(&out.stdout).with_context(|| format!("stdout of {cmd:?} is not JSON"))
 }
 
-/// Where `ferry-producer dlq` reads dead letters.
+/// How `ferry-producer dlq` is run: every read is of the store's triage index whatever the
+/// mode; the mode says where a requeue goes.
 #[derive(Clone)]
 enum Dlq {
+    /// The store alone: no broker settings at all (what every read needs).
+    Store,
+    /// `--embedded`: a requeue re-runs the jobs in the command.
     Embedded,
+    /// A broker: a requeue publishes the jobs there.
     Broker { prefix: String, delivery_limit: i64 },
 }
 
@@ -137,6 +153,7 @@ fn dlq(store_url: &str, source: &Dlq, args: &[&str]) -> Command {
     let mut cmd = command("ferry-producer");
     cmd.args(["dlq", "--store", store_url]);
     match source {
+        Dlq::Store => {}
         Dlq::Embedded => {
             cmd.arg("--embedded");
         }
@@ -222,6 +239,83 @@ fn dead_letter(actor: &str, campaign: &str, reason: DeadLetterReason, n: i64) ->
     }
 }
 
+/// Writes dead letters as a fleet worker does: each with its actor's audit record, in one
+/// transaction with its triage index record.
+async fn index_as_worker(store: &DynStore, letters: &[DeadLetter]) -> Result<()> {
+    for chunk in letters.chunks(100) {
+        let mut txn = Txn::new();
+        for d in chunk {
+            let actor = id(&d.actor_id);
+            let audit = AuditRecord {
+                actor_id: actor.clone(),
+                campaign: d.campaign.clone(),
+                outcome: OutcomeKind::DeadLettered,
+                reason: Some(d.reason),
+                phase: Some(d.phase.clone()),
+                error: Some(d.error.clone()),
+                recovery: d.recovery,
+                pages: None,
+                v1_bytes: d.v1_files.as_ref().and_then(|f| f.main),
+                checksum: None,
+                generation: None,
+                worker: d.worker.clone(),
+                started_at_ms: d.at_ms - 5,
+                finished_at_ms: d.at_ms,
+                v1_files: d.v1_files.clone(),
+                attempts: Some(d.attempts),
+                purged_at_ms: None,
+            };
+            txn.set(keys::audit(&actor), audit.encode());
+            index::put(&mut txn, index::current(&**store, d).await?.as_deref(), d);
+        }
+        store.commit(txn).await?;
+    }
+    Ok(())
+}
+
+/// The dead letters of the triage index, by actor (records, not the broker's queue).
+async fn indexed(store: &DynStore) -> Result<BTreeMap<String, DeadLetter>> {
+    let mut out = BTreeMap::new();
+    for (key, raw) in snapshot(store, keys::DEAD_PREFIX).await? {
+        let d =
+            DeadLetter::decode(&raw).with_context(|| format!("{}: record does not decode", keys::printable(&key)))?;
+        ensure!(out.insert(d.actor_id.clone(), d).is_none(), "two records of one actor");
+    }
+    Ok(out)
+}
+
+/// The pending requeue tickets, by actor.
+async fn tickets(store: &DynStore) -> Result<BTreeMap<String, Ticket>> {
+    let mut out = BTreeMap::new();
+    for (key, raw) in snapshot(store, ticket::REQUEUE_PREFIX).await? {
+        let actor = String::from_utf8_lossy(&key[ticket::REQUEUE_PREFIX.len()..]).into_owned();
+        out.insert(actor, Ticket::decode(&raw).context("a ticket does not decode")?);
+    }
+    Ok(out)
+}
+
+/// Every row of the triage index (records and both index families).
+async fn index_rows(store: &DynStore) -> Result<Vec<KeyValue>> {
+    snapshot(store, b"ferry/dead").await
+}
+
+/// `dlq summary --json` groups as reason -> (letters, actors).
+fn summary_groups(summary: &Value) -> Result<BTreeMap<String, (u64, u64)>> {
+    let groups = summary["groups"].as_array().with_context(|| format!("summary has no groups: {summary}"))?;
+    Ok(groups
+        .iter()
+        .map(|g| {
+            let n = |f: &str| g[f].as_u64().unwrap_or(0);
+            (g["reason"].as_str().unwrap_or("").to_string(), (n("count"), n("actors")))
+        })
+        .collect())
+}
+
+fn actor_ids(listed: &Value) -> Result<Vec<String>> {
+    let letters = listed.as_array().with_context(|| format!("not a list: {listed}"))?;
+    Ok(letters.iter().map(|d| d["actor_id"].as_str().unwrap_or("").to_string()).collect())
+}
+
 /// A minimal RFC 4180 reader (quoted fields may hold commas, quotes and newlines).
 fn parse_csv(text: &str) -> Vec<Vec<String>> {
     let (mut rows, mut row, mut field, mut quoted) = (Vec::new(), Vec::new(), String::new(), false);
@@ -254,9 +348,10 @@ fn parse_csv(text: &str) -> Vec<Vec<String>> {
 const CSV_HEADER: &str =
     "actor_id,campaign,reason,phase,attempts,worker,at_ms,main_bytes,journal_bytes,wal_bytes,shm_bytes,recovery,error";
 
-fn worker_run(store_url: &str, prefix: &str) -> Command {
+fn worker_run(store_url: &str, topology: &Topology) -> Command {
     let mut cmd = command("ferry-worker");
-    cmd.args(["run", "--store", store_url, "--amqp", &amqp_url(), "--queue-prefix", prefix]);
+    cmd.args(["run", "--store", store_url, "--amqp", &amqp_url(), "--queue-prefix", &topology.prefix]);
+    cmd.args(["--delivery-limit", &topology.delivery_limit.to_string()]);
     cmd.args(["--concurrency", "4", "--http", "off", "--retry-min-ms", "100", "--retry-max-ms", "1000"]);
     cmd.args(["--lease-ttl-secs", "5", "--shutdown-grace", "20"]);
     cmd
@@ -296,10 +391,6 @@ impl Broker {
         Ok(self.ch.queue_declare(queue.into(), opts, FieldTable::default()).await?.message_count())
     }
 
-    async fn dead(&self) -> Result<u32> {
-        self.count(&self.topology.dead_queue()).await
-    }
-
     async fn work(&self) -> Result<u32> {
         self.count(&self.topology.work_queue()).await
     }
@@ -312,52 +403,47 @@ impl Broker {
         .await
     }
 
-    /// Publishes dead letters to the dead-letter exchange, all confirmed.
-    async fn publish_dead(&self, letters: &[DeadLetter]) -> Result<()> {
-        let mut confirms = Vec::new();
-        for d in letters {
-            let props = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_message_id(format!("{}/{}", d.campaign, d.actor_id).as_str().into());
-            let confirm = self
-                .ch
-                .basic_publish(
-                    self.topology.dead_exchange().as_str().into(),
-                    DEAD_KEY.into(),
-                    BasicPublishOptions::default(),
-                    &d.encode(),
-                    props,
-                )
-                .await?;
-            confirms.push(confirm);
-        }
-        for c in confirms {
-            ensure!(c.await?.is_ack(), "the broker nacked a dead letter");
-        }
+    /// Publishes a job to the jobs exchange with `headers`, confirmed.
+    async fn publish_job(&self, job: &Job, headers: FieldTable) -> Result<()> {
+        let props = ferry::queue::amqp::json_properties(&job.message_id(), headers);
+        let jobs_x = self.topology.jobs_exchange();
+        let confirm = self
+            .ch
+            .basic_publish(
+                jobs_x.as_str().into(),
+                WORK_KEY.into(),
+                BasicPublishOptions::default(),
+                &job.encode(),
+                props,
+            )
+            .await?;
+        ensure!(confirm.await?.is_ack(), "the broker nacked a job");
         Ok(())
     }
 
     /// Every ready message of a queue, fetched without ack on a channel that is then closed,
-    /// so they all go back.
-    async fn peek(&self, queue: &str) -> Result<Vec<Vec<u8>>> {
+    /// so they all go back (each read counts as a delivery on a quorum queue: keep the
+    /// delivery limit above the number of peeks).
+    async fn peek(&self, queue: &str) -> Result<Vec<(BasicProperties, Vec<u8>)>> {
         let ch = self.conn.create_channel().await?;
-        let mut bodies = Vec::new();
+        let mut out = Vec::new();
         while let Some(m) = ch.basic_get(queue.into(), BasicGetOptions::default()).await? {
-            bodies.push(m.delivery.data.clone());
+            out.push((m.delivery.properties.clone(), m.delivery.data.clone()));
         }
         ch.close(200, "peeked".into()).await?;
-        Ok(bodies)
+        Ok(out)
     }
 
-    async fn peek_dead(&self) -> Result<Vec<DeadLetter>> {
-        let bodies = self.peek(&self.topology.dead_queue()).await?;
-        bodies.iter().map(|b| DeadLetter::decode(b).context("a dead-letter body does not decode")).collect()
-    }
-
-    async fn peek_jobs(&self) -> Result<Vec<Job>> {
-        let bodies = self.peek(&self.topology.work_queue()).await?;
-        bodies.iter().map(|b| Job::parse(b).map_err(msg)).collect()
+    /// The jobs waiting in the work queue, each with the requeue token it carries.
+    async fn peek_jobs(&self) -> Result<Vec<(Job, Option<String>)>> {
+        let messages = self.peek(&self.topology.work_queue()).await?;
+        messages
+            .iter()
+            .map(|(props, body)| {
+                let token = ferry::queue::amqp::str_header(props, ticket::TOKEN_HEADER);
+                Ok((Job::parse(body).map_err(msg)?, token))
+            })
+            .collect()
     }
 }
 
@@ -536,11 +622,12 @@ async fn wal_actor_migrates_every_committed_row_with_checkpoint_wal_and_shm_only
 }
 
 // ---------------------------------------------------------------------------------------------
-// Broker: list, summary, requeue, interruption.
+// Fleet: list, summary, show from the store's triage index; requeue through the broker;
+// interruption.
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selected_ones_with_their_recovery()
+async fn fleet_dead_letters_are_listed_once_per_actor_from_the_store_and_requeue_moves_exactly_the_selected_ones_with_their_recovery()
 -> Result<()> {
     bounded(Duration::from_secs(180), async {
         let broker = Broker::new("ferry_t_triage", 10).await?;
@@ -575,17 +662,23 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
             .filter(|(_, r)| **r == Some(DeadLetterReason::JournalSidecar))
             .map(|(a, _)| a.to_string())
             .collect();
-        let rejected = planted.values().filter(|r| r.is_some()).count() as u32;
+        let rejected_actors: BTreeSet<String> =
+            planted.iter().filter(|(_, r)| r.is_some()).map(|(a, _)| a.to_string()).collect();
+        let rejected = rejected_actors.len() as u64;
 
         let mut enqueue = command("ferry-producer");
         enqueue.args(["enqueue", "--store", &ts.url, "--amqp", &amqp_url(), "--queue-prefix", broker.prefix()]);
+        enqueue.args(["--delivery-limit", &broker.topology.delivery_limit.to_string()]);
         enqueue.args(["--campaign", campaign, "--json"]);
         let enqueued = run_json(&mut enqueue)?;
         assert_eq!(enqueued["published"], planted.len(), "{enqueued}");
 
-        let mut worker = Proc::spawn("worker-1", worker_run(&ts.url, broker.prefix()), logs.path())?;
+        // The campaign's end, as the store says it: every actor audited, every rejection in
+        // the triage index (the broker's dead-letter queue is not where triage looks).
+        let mut worker = Proc::spawn("worker-1", worker_run(&ts.url, &broker.topology), logs.path())?;
         wait_until("the campaign to end", Duration::from_secs(60), || async {
-            let (dead, work) = (broker.dead().await?, broker.work().await?);
+            let dead = ferry::triage::summary(&store).await?.dead_letters;
+            let work = broker.work().await?;
             let mut audited = 0;
             for a in planted.keys() {
                 if store.get(&keys::audit(a)).await?.is_some() {
@@ -594,13 +687,11 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
             }
             Ok((
                 dead == rejected && work == 0 && audited == planted.len(),
-                format!("dead={dead} work={work} audited={audited}"),
+                format!("indexed={dead} work={work} audited={audited}"),
             ))
         })
         .await
         .with_context(|| worker.log_tail())?;
-        worker.sigterm()?;
-        ensure!(worker.wait_exit(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
         for (a, reason) in &planted {
             let audit = audit(&store, a).await?;
             match reason {
@@ -608,42 +699,46 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
                 None => assert_eq!(audit.outcome, OutcomeKind::Migrated, "{a}"),
             }
         }
+        let first = indexed(&store).await?;
+        assert_eq!(first.keys().cloned().collect::<BTreeSet<_>>(), rejected_actors);
 
-        // A duplicate of one actor's dead letter (a job that was dead-lettered twice).
-        let letters = broker.peek_dead().await?;
-        assert_eq!(letters.len() as u32, rejected);
-        let dup = letters.iter().find(|d| d.reason == DeadLetterReason::JournalSidecar).context("a journal letter")?;
-        broker.publish_dead(std::slice::from_ref(dup)).await?;
-        let total = rejected + 1;
-        broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
+        // One actor's job dead-lettered twice (a duplicate job): still one record, the latest.
+        let dup = id("j-0");
+        let before = audit(&store, &dup).await?.finished_at_ms;
+        broker.publish_job(&Job::new(campaign, dup.clone(), 1_763_900_000_000, None), FieldTable::default()).await?;
+        wait_until("the duplicate job to be dead-lettered again", Duration::from_secs(30), || async {
+            let now = audit(&store, &dup).await?.finished_at_ms;
+            Ok((now > before, format!("finished_at_ms {before} -> {now}")))
+        })
+        .await
+        .with_context(|| worker.log_tail())?;
+        worker.sigterm()?;
+        ensure!(worker.wait_exit(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
+        let second = indexed(&store).await?;
+        assert_eq!(second.len() as u64, rejected, "one record per actor");
+        assert!(second[dup.as_str()].at_ms > first[dup.as_str()].at_ms, "the latest dead letter is kept");
+        assert_eq!(ferry::triage::summary(&store).await?.dead_letters, rejected);
 
-        // Reading is not consuming.
-        let listed = run_json(&mut dlq(&ts.url, &broker.source(), &["list", "--json"]))?;
-        assert_eq!(listed.as_array().map(Vec::len), Some(total as usize), "{listed}");
-        broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
-        let summary = run_json(&mut dlq(&ts.url, &broker.source(), &["summary", "--json"]))?;
-        let groups: BTreeMap<String, (u64, u64)> = summary
-            .as_array()
-            .context("summary is an array")?
-            .iter()
-            .map(|g| {
-                (
-                    g["reason"].as_str().unwrap_or("").to_string(),
-                    (g["count"].as_u64().unwrap_or(0), g["actors"].as_u64().unwrap_or(0)),
-                )
-            })
-            .collect();
+        // Reading needs no broker and changes nothing.
+        let rows_before = index_rows(&store).await?;
+        let listed = run_json(&mut dlq(&ts.url, &Dlq::Store, &["list", "--json"]))?;
+        let mut listed_actors = actor_ids(&listed)?;
+        listed_actors.sort();
+        assert_eq!(listed_actors, rejected_actors.iter().cloned().collect::<Vec<_>>(), "each once: {listed}");
+        let summary = run_json(&mut dlq(&ts.url, &Dlq::Store, &["summary", "--json"]))?;
         let expected: BTreeMap<String, (u64, u64)> = [
             ("integrity_check_failed".to_string(), (1, 1)),
-            ("journal_sidecar".to_string(), (4, 3)),
+            ("journal_sidecar".to_string(), (3, 3)),
             ("wal_sidecar".to_string(), (2, 2)),
         ]
         .into();
-        assert_eq!(groups, expected, "{summary}");
-        broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
-        let shown = run_json(&mut dlq(&ts.url, &broker.source(), &["show", &dup.actor_id]))?;
-        assert_eq!(shown["dead_letters"].as_array().map(Vec::len), Some(2), "{shown}");
-        broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
+        assert_eq!(summary_groups(&summary)?, expected, "{summary}");
+        assert_eq!((summary["dead_letters"].as_u64(), summary["requeues_pending"].as_u64()), (Some(rejected), Some(0)));
+        let shown = run_json(&mut dlq(&ts.url, &Dlq::Store, &["show", dup.as_str()]))?;
+        assert_eq!(shown["dead_letters"].as_array().map(Vec::len), Some(1), "one record per actor: {shown}");
+        assert_eq!(shown["dead_letters"][0]["at_ms"], second[dup.as_str()].at_ms, "{shown}");
+        assert_eq!(shown["audit"]["reason"], "journal_sidecar", "{shown}");
+        assert!(index_rows(&store).await? == rows_before, "reading changed the index");
 
         // A recovery that fits none of the selection moves nothing.
         let none = run_json_nothing(&mut dlq(
@@ -653,7 +748,7 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         ))?;
         assert_eq!(none["actors"], serde_json::json!([]), "{none}");
         assert_eq!(none["skipped"].as_array().map(Vec::len), Some(2), "{none}");
-        broker.wait_count(&broker.topology.dead_queue(), total, Duration::from_secs(10)).await?;
+        assert!(index_rows(&store).await? == rows_before, "a refused requeue changed the index");
         assert_eq!(broker.work().await?, 0);
 
         let moved = run_json(&mut dlq(
@@ -664,22 +759,37 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
         let moved_actors: BTreeSet<String> =
             moved["actors"].as_array().context("actors")?.iter().filter_map(|a| a.as_str().map(String::from)).collect();
         assert_eq!(moved_actors, journal_actors, "{moved}");
-        assert_eq!(moved["dead_letters_removed"], 4, "{moved}");
-        broker.wait_count(&broker.topology.dead_queue(), total - 4, Duration::from_secs(10)).await?;
+        assert_eq!(moved["dead_letters_removed"], 3, "one record per actor moved: {moved}");
+        assert_eq!(moved["republished"], serde_json::json!([]), "{moved}");
         broker.wait_count(&broker.topology.work_queue(), 3, Duration::from_secs(10)).await?;
+        // Each moved actor is now a ticket, not a dead letter; its job carries the ticket's token.
+        let pending = tickets(&store).await?;
+        assert_eq!(pending.keys().cloned().collect::<BTreeSet<_>>(), journal_actors);
+        let left = indexed(&store).await?;
+        assert!(left.keys().all(|a| !journal_actors.contains(a)), "{left:?}");
+        assert_eq!(left.len() as u64, rejected - 3);
         let jobs = broker.peek_jobs().await?;
-        assert_eq!(jobs.len(), 3, "one job per actor, duplicates collapsed");
-        let job_actors: BTreeSet<String> = jobs.iter().map(|j| j.actor_id.to_string()).collect();
+        assert_eq!(jobs.len(), 3, "one job per actor, duplicates collapsed: {jobs:?}");
+        let job_actors: BTreeSet<String> = jobs.iter().map(|(j, _)| j.actor_id.to_string()).collect();
         assert_eq!(job_actors, journal_actors);
-        for j in &jobs {
+        for (j, token) in &jobs {
             assert_eq!(j.recovery, Some(Recovery::RollbackJournal), "{j:?}");
             assert_eq!(j.campaign, campaign);
+            assert_eq!(token.as_deref(), Some(pending[j.actor_id.as_str()].token.as_str()), "{j:?}");
         }
-        let left: Vec<DeadLetterReason> = broker.peek_dead().await?.iter().map(|d| d.reason).collect();
-        assert!(left.iter().all(|r| *r != DeadLetterReason::JournalSidecar), "{left:?}");
+        let summary = run_json(&mut dlq(&ts.url, &Dlq::Store, &["summary", "--json"]))?;
+        assert_eq!(
+            (summary["dead_letters"].as_u64(), summary["requeues_pending"].as_u64()),
+            (Some(rejected - 3), Some(3))
+        );
+        let requeued = output(&mut dlq(&ts.url, &Dlq::Store, &["show", dup.as_str()]))?;
+        assert_eq!(requeued.status.code(), Some(4), "a requeued actor has no dead letter");
+        let shown: Value = serde_json::from_slice(&requeued.stdout)?;
+        assert_eq!(shown["requeue"]["token"].as_str(), Some(pending[dup.as_str()].token.as_str()), "{shown}");
+        assert!(String::from_utf8_lossy(&requeued.stderr).contains("requeued"), "show says where it is");
 
-        // The requeued jobs migrate the committed rows.
-        let mut worker = Proc::spawn("worker-2", worker_run(&ts.url, broker.prefix()), logs.path())?;
+        // The requeued jobs migrate the committed rows and consume their tickets.
+        let mut worker = Proc::spawn("worker-2", worker_run(&ts.url, &broker.topology), logs.path())?;
         wait_until("the requeued actors to migrate", Duration::from_secs(60), || async {
             let mut migrated = 0;
             for a in &journal_actors {
@@ -688,7 +798,11 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
                 }
             }
             let work = broker.work().await?;
-            Ok((migrated == journal_actors.len() && work == 0, format!("migrated={migrated} work={work}")))
+            let pending = tickets(&store).await?.len();
+            Ok((
+                migrated == journal_actors.len() && work == 0 && pending == 0,
+                format!("migrated={migrated} work={work} tickets={pending}"),
+            ))
         })
         .await
         .with_context(|| worker.log_tail())?;
@@ -699,18 +813,21 @@ async fn broker_listing_keeps_dead_letters_and_requeue_moves_exactly_the_selecte
             assert_eq!(audit.recovery, Some(Recovery::RollbackJournal), "{a}");
             assert_eq!(items(&file)?, i64::from(committed), "{a}");
         }
-        assert_eq!(broker.dead().await?, total - 4, "the other dead letters stay");
+        assert_eq!(indexed(&store).await?, left, "the other dead letters stay as they were");
         Ok(())
     })
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interrupted_listing_and_requeue_lose_no_dead_letter() -> Result<()> {
+async fn killed_listing_changes_nothing_and_killed_requeue_leaves_every_actor_dead_or_requeued_never_both_or_neither()
+-> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
     bounded(Duration::from_secs(240), async {
         // A generous delivery limit: this test reads the work queue more than once.
         let broker = Broker::new("ferry_t_interrupt", 1000).await?;
         let ts = TestStore::new(Backend::Sqlite).await;
+        let store = ts.store();
         let logs = tempfile::tempdir()?;
         let n = 600u32;
         let actors: BTreeSet<String> = (0..n).map(|i| format!("i-{i:05}")).collect();
@@ -719,51 +836,26 @@ async fn interrupted_listing_and_requeue_lose_no_dead_letter() -> Result<()> {
             .enumerate()
             .map(|(i, a)| dead_letter(a, "interrupt", DeadLetterReason::JournalSidecar, i as i64))
             .collect();
-        broker.publish_dead(&letters).await?;
-        let dead_q = broker.topology.dead_queue();
-        broker.wait_count(&dead_q, n, Duration::from_secs(10)).await?;
+        // Written straight into the store as workers write them (a campaign of 600 rejected
+        // actors would only take longer).
+        index_as_worker(&store, &letters).await?;
+        let rows_before = index_rows(&store).await?;
 
-        // A reader that fetches without ack and drops its handles without acking or closing.
-        {
-            let conn = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-            let ch = conn.create_channel().await?;
-            for _ in 0..50 {
-                ch.basic_get(dead_q.as_str().into(), BasicGetOptions::default()).await?.context("a dead letter")?;
+        // `dlq list` killed (SIGKILL) while it reads: the index is as it was.
+        let mut interrupted = 0;
+        for attempt in 0..20u64 {
+            let mut list =
+                Proc::spawn(&format!("list-{attempt}"), dlq(&ts.url, &Dlq::Store, &["list", "--json"]), logs.path())?;
+            tokio::time::sleep(Duration::from_millis(2 * attempt)).await;
+            let status = list.sigkill()?;
+            if status.signal() == Some(9) {
+                interrupted += 1;
             }
-            assert_eq!(broker.dead().await?, n - 50, "50 held unacked");
-            drop(ch);
-            drop(conn);
+            ensure!(index_rows(&store).await? == rows_before, "a killed listing changed the index");
         }
-        broker.wait_count(&dead_q, n, Duration::from_secs(15)).await?;
+        ensure!(interrupted > 0, "could not catch `dlq list` while it ran");
 
-        // `dlq list` killed (SIGKILL) while it holds fetched messages.
-        let mut interrupted = false;
-        for attempt in 0..5 {
-            let mut list = Proc::spawn(
-                &format!("list-{attempt}"),
-                dlq(&ts.url, &broker.source(), &["list", "--json"]),
-                logs.path(),
-            )?;
-            loop {
-                let ready = broker.dead().await?;
-                if ready < n - 20 && list.running() {
-                    list.sigkill()?;
-                    eprintln!("dlq list killed holding {} messages (attempt {attempt})", n - ready);
-                    interrupted = true;
-                    break;
-                }
-                if !list.running() {
-                    break;
-                }
-            }
-            broker.wait_count(&dead_q, n, Duration::from_secs(15)).await?;
-            if interrupted {
-                break;
-            }
-        }
-        ensure!(interrupted, "could not catch `dlq list` while it held messages");
-
-        // `dlq requeue` killed after it started moving.
+        // `dlq requeue` killed after it started publishing.
         let requeue_args = ["requeue", "--reason", "journal_sidecar", "--recovery", "rollback_journal", "--json"];
         let mut requeue = Proc::spawn("requeue", dlq(&ts.url, &broker.source(), &requeue_args), logs.path())?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -774,39 +866,57 @@ async fn interrupted_listing_and_requeue_lose_no_dead_letter() -> Result<()> {
         }
         ensure!(requeue.running(), "the requeue finished before it could be interrupted");
         requeue.sigkill()?;
-        // Its unacked dead letters go back to the queue once the broker sees the connection die.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let last = loop {
-            let dead: BTreeSet<String> = broker.peek_dead().await?.into_iter().map(|d| d.actor_id).collect();
-            let work: BTreeSet<String> =
-                broker.peek_jobs().await?.into_iter().map(|j| j.actor_id.to_string()).collect();
-            let union: BTreeSet<&String> = dead.iter().chain(work.iter()).collect();
-            if union.len() == actors.len() {
-                break (dead.len(), work.len());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "actors in neither queue: dead={} work={} union={}",
-                dead.len(),
-                work.len(),
-                union.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let (dead_left, moved) = last;
-        eprintln!("requeue killed with {moved} actors moved and {dead_left} dead letters left");
-        ensure!(dead_left > 0 && moved > 0 && moved < n as usize, "not interrupted half-way: {last:?}");
+        // Every actor is in exactly one place in the store: dead, or requeued (a ticket).
+        let dead = indexed(&store).await?;
+        let pending = tickets(&store).await?;
+        let both: Vec<&String> = dead.keys().filter(|a| pending.contains_key(*a)).collect();
+        assert!(both.is_empty(), "dead and requeued at once: {both:?}");
+        let union: BTreeSet<String> = dead.keys().chain(pending.keys()).cloned().collect();
+        assert_eq!(union, actors, "actors in neither place");
+        ensure!(
+            !dead.is_empty() && !pending.is_empty(),
+            "not interrupted half-way: {} dead, {} requeued",
+            dead.len(),
+            pending.len()
+        );
+        eprintln!("requeue killed with {} actors requeued and {} dead letters left", pending.len(), dead.len());
+        // A published job is always one of a ticket's.
+        for (job, token) in broker.peek_jobs().await? {
+            let t = pending
+                .get(job.actor_id.as_str())
+                .with_context(|| format!("{}: a job with no ticket", job.actor_id))?;
+            assert_eq!(token.as_deref(), Some(t.token.as_str()), "{}", job.actor_id);
+        }
 
-        // Running it again finishes the move: every actor has a job, no dead letter is left.
+        // Running it again finishes the move: the earlier requeue's tickets are published again,
+        // every other dead letter is moved, and no dead letter is left.
         let done = run_json(&mut dlq(&ts.url, &broker.source(), &requeue_args))?;
-        assert_eq!(done["dead_letters_removed"].as_u64(), Some(dead_left as u64), "{done}");
-        broker.wait_count(&dead_q, 0, Duration::from_secs(15)).await?;
+        assert_eq!(done["dead_letters_removed"].as_u64(), Some(dead.len() as u64), "{done}");
+        let republished: BTreeSet<String> = done["republished"]
+            .as_array()
+            .context("republished")?
+            .iter()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
+        assert_eq!(republished, pending.keys().cloned().collect::<BTreeSet<_>>(), "the interrupted requeue's tickets");
+        assert!(indexed(&store).await?.is_empty(), "dead letters left after the rerun");
+        let after = tickets(&store).await?;
+        assert_eq!(after.keys().cloned().collect::<BTreeSet<_>>(), actors, "every actor requeued");
+        for (a, t) in &pending {
+            assert_eq!(after[a].token, t.token, "{a}: the rerun kept the interrupted requeue's ticket");
+        }
+        // Every actor has a job carrying its ticket's token (copies of one are run once: the
+        // worker side is proven in triage_index.rs).
         let jobs = broker.peek_jobs().await?;
-        let job_actors: BTreeSet<String> = jobs.iter().map(|j| j.actor_id.to_string()).collect();
-        assert_eq!(job_actors, actors, "every actor has a job");
-        assert!(jobs.iter().all(|j| j.recovery == Some(Recovery::RollbackJournal)));
-        // At worst a message is in both queues: the kill can duplicate the job in flight.
-        assert!(jobs.len() <= actors.len() + 2, "{} jobs for {} actors", jobs.len(), actors.len());
+        let mut with_job = BTreeSet::new();
+        for (job, token) in &jobs {
+            let a = job.actor_id.to_string();
+            assert_eq!(token.as_deref(), Some(after[&a].token.as_str()), "{a}: a job with a stale token");
+            assert_eq!(job.recovery, Some(Recovery::RollbackJournal), "{a}");
+            with_job.insert(a);
+        }
+        assert_eq!(with_job, actors, "every actor has a job");
+        assert!(jobs.len() <= actors.len() + pending.len(), "{} jobs for {} actors", jobs.len(), actors.len());
         Ok(())
     })
     .await
@@ -952,10 +1062,9 @@ async fn embedded_export_csv_has_one_row_per_dead_letter_and_purge_needs_yes_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_export_csv_leaves_the_queue_and_purge_needs_yes_drops_only_the_selection_and_is_audited() -> Result<()>
-{
+async fn fleet_export_csv_and_purge_need_no_broker_and_purge_needs_yes_drops_only_the_selection_and_is_audited()
+-> Result<()> {
     bounded(Duration::from_secs(120), async {
-        let broker = Broker::new("ferry_t_purge", 10).await?;
         let ts = TestStore::new(Backend::Sqlite).await;
         let store = ts.store();
         let mut letters = Vec::new();
@@ -965,11 +1074,11 @@ async fn broker_export_csv_leaves_the_queue_and_purge_needs_yes_drops_only_the_s
         for i in 0..2 {
             letters.push(dead_letter(&format!("pw-{i}"), "purge", DeadLetterReason::WalSidecar, 10 + i));
         }
-        broker.publish_dead(&letters).await?;
-        let dead_q = broker.topology.dead_queue();
-        broker.wait_count(&dead_q, 5, Duration::from_secs(10)).await?;
+        index_as_worker(&store, &letters).await?;
+        let audits_before = snapshot(&store, keys::AUDIT_PREFIX).await?;
+        let rows_before = index_rows(&store).await?;
 
-        let csv = run_ok(&mut dlq(&ts.url, &broker.source(), &["export", "--format", "csv"]))?;
+        let csv = run_ok(&mut dlq(&ts.url, &Dlq::Store, &["export", "--format", "csv"]))?;
         let rows = parse_csv(&csv);
         assert_eq!(rows[0].join(","), CSV_HEADER, "{csv}");
         assert_eq!(rows.len() - 1, letters.len(), "one row per dead letter: {csv}");
@@ -978,28 +1087,35 @@ async fn broker_export_csv_leaves_the_queue_and_purge_needs_yes_drops_only_the_s
             letters.iter().map(|d| (d.actor_id.clone(), d.reason.as_str().to_string())).collect();
         assert_eq!(exported, expected);
         assert!(rows[1..].iter().all(|r| r.len() == 13 && r[12].contains("with a comma")), "quoted errors: {csv}");
-        broker.wait_count(&dead_q, 5, Duration::from_secs(10)).await?;
+        assert!(index_rows(&store).await? == rows_before, "export changed the index");
 
-        let refused = output(&mut dlq(&ts.url, &broker.source(), &["purge", "--reason", "wal_sidecar"]))?;
+        let refused = output(&mut dlq(&ts.url, &Dlq::Store, &["purge", "--reason", "wal_sidecar"]))?;
         assert!(!refused.status.success(), "purge without --yes must refuse");
-        broker.wait_count(&dead_q, 5, Duration::from_secs(10)).await?;
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"), "the refusal says how to confirm");
+        assert!(index_rows(&store).await? == rows_before, "a refused purge changed the index");
+        assert!(snapshot(&store, keys::AUDIT_PREFIX).await? == audits_before, "a refused purge changed an audit");
 
-        run_ok(&mut dlq(&ts.url, &broker.source(), &["purge", "--reason", "wal_sidecar", "--yes"]))?;
-        broker.wait_count(&dead_q, 3, Duration::from_secs(10)).await?;
-        let left: BTreeSet<String> = broker.peek_dead().await?.into_iter().map(|d| d.actor_id).collect();
+        let purged = run_ok(&mut dlq(&ts.url, &Dlq::Store, &["purge", "--reason", "wal_sidecar", "--yes"]))?;
+        assert!(purged.contains("purged 2 dead letters"), "{purged}");
+        let left: BTreeSet<String> = indexed(&store).await?.into_keys().collect();
         assert_eq!(left, ["pj-0", "pj-1", "pj-2"].map(String::from).into(), "only the selection is dropped");
+        let summary = ferry::triage::summary(&store).await?;
+        assert_eq!(summary.dead_letters, 3, "the index entries went with the records: {summary:?}");
+        let audits_before: BTreeMap<Vec<u8>, Vec<u8>> = audits_before.into_iter().collect();
         for d in &letters {
             let a = id(&d.actor_id);
-            let record = store.get(&keys::audit(&a)).await?;
             if d.reason == DeadLetterReason::WalSidecar {
                 let audit = audit(&store, &a).await?;
                 assert!(audit.purged_at_ms.is_some(), "{a}: the audit records the purge");
                 assert_eq!(audit.reason, Some(DeadLetterReason::WalSidecar));
                 assert_eq!(audit.outcome, OutcomeKind::DeadLettered);
             } else {
-                assert!(record.is_none(), "{a}: not purged, not touched");
+                let now = store.get(&keys::audit(&a)).await?;
+                assert_eq!(now.as_ref(), audits_before.get(&keys::audit(&a)), "{a}: not purged, not touched");
             }
         }
+        let after = run_ok(&mut dlq(&ts.url, &Dlq::Store, &["export", "--format", "csv"]))?;
+        assert_eq!(parse_csv(&after).len(), 1 + 3, "{after}");
         Ok(())
     })
     .await
@@ -1008,54 +1124,82 @@ async fn broker_export_csv_leaves_the_queue_and_purge_needs_yes_drops_only_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_the_broker_dead_letters_at_its_delivery_limit_is_triaged_the_same_however_often_it_is_listed() -> Result<()>
 {
-    bounded(Duration::from_secs(60), async {
-        let broker = Broker::new("ferry_t_dlimit", 2).await?;
+    bounded(Duration::from_secs(90), async {
+        // A delivery limit of 1: one delivery handed back reaches it.
+        let broker = Broker::new("ferry_t_dlimit", 1).await?;
         let ts = TestStore::new(Backend::Sqlite).await;
-        // A job that already used 3 attempts through ferry's retries, then keeps being handed
-        // back (a job that kills its workers) until the broker dead-letters it.
-        let job = Job::new("dlimit", id("dl-0"), 1_763_900_000_000, None);
-        let headers = ferry::queue::amqp::headers(&[(
-            ferry::queue::amqp::ATTEMPTS_HEADER,
-            lapin::types::AMQPValue::LongLongInt(3),
-        )]);
-        let props = ferry::queue::amqp::json_properties(&job.message_id(), headers);
-        let jobs_x = broker.topology.jobs_exchange();
-        let confirm = broker
-            .ch
-            .basic_publish(jobs_x.as_str().into(), "work".into(), BasicPublishOptions::default(), &job.encode(), props)
-            .await?;
-        ensure!(confirm.await?.is_ack(), "job not confirmed");
-        let ch = broker.conn.create_channel().await?;
+        let store = ts.store();
+        let logs = tempfile::tempdir()?;
+        let actor = id("dl-0");
+        write(&store, &actor, &plain(&DbSpec::small(71))?).await?;
         let work_q = broker.topology.work_queue();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while broker.dead().await? == 0 {
-            ensure!(Instant::now() < deadline, "the broker never dead-lettered the job");
-            if let Some(m) = ch.basic_get(work_q.as_str().into(), BasicGetOptions::default()).await? {
-                m.delivery.acker.reject(lapin::options::BasicRejectOptions { requeue: true }).await?;
-            } else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        ch.close(200, "done".into()).await?;
 
+        // A job that kills its worker: the worker takes it and dies (SIGKILL) before it settles,
+        // so the broker hands it back. The worker is frozen (SIGSTOP) once it consumes, before
+        // the job is published, so it holds the delivery without running it.
+        let mut doomed = Proc::spawn("doomed", worker_run(&ts.url, &broker.topology), logs.path())?;
+        wait_until("the doomed worker to consume", Duration::from_secs(15), || async {
+            Ok((doomed.log().contains("consuming"), doomed.log_tail()))
+        })
+        .await?;
+        doomed.pause()?;
+        let mut enqueue = command("ferry-producer");
+        enqueue.args(["enqueue", "--store", &ts.url, "--amqp", &amqp_url(), "--queue-prefix", broker.prefix()]);
+        enqueue.args(["--delivery-limit", "1", "--campaign", "dlimit", "--json"]);
+        assert_eq!(run_json(&mut enqueue)?["published"], 1);
+        // Delivered to the frozen worker (the only consumer), then handed back by its death.
+        broker.wait_count(&work_q, 0, Duration::from_secs(10)).await.with_context(|| doomed.log_tail())?;
+        doomed.sigkill()?;
+        broker.wait_count(&work_q, 1, Duration::from_secs(15)).await?;
+        // It was never run, and it is not lost.
+        assert!(store.get(&keys::audit(&actor)).await?.is_none(), "a doomed worker ran the job");
+
+        // The next worker sees the delivery count at the limit and dead-letters it itself, into
+        // the triage index (the broker would drop it past the index next time).
+        let mut worker = Proc::spawn("worker", worker_run(&ts.url, &broker.topology), logs.path())?;
+        wait_until("the job to be dead-lettered at its delivery limit", Duration::from_secs(30), || async {
+            let n = ferry::triage::summary(&store).await?.dead_letters;
+            Ok((n == 1, format!("{n} dead letters")))
+        })
+        .await
+        .with_context(|| worker.log_tail())?;
+        broker.wait_count(&work_q, 0, Duration::from_secs(10)).await?;
+        worker.sigterm()?;
+        ensure!(worker.wait_exit(Duration::from_secs(30)).await?.success(), "worker exit: {}", worker.log_tail());
+        let audit = audit(&store, &actor).await?;
+        assert_eq!((audit.outcome, audit.reason), (OutcomeKind::DeadLettered, Some(DeadLetterReason::DeliveryLimit)));
+        assert_eq!(head(&store, &actor).await?, None, "the job never ran");
+
+        let rows = index_rows(&store).await?;
         let mut seen = Vec::new();
         for _ in 0..3 {
+            seen.push(run_json(&mut dlq(&ts.url, &Dlq::Store, &["list", "--json"]))?);
             seen.push(run_json(&mut dlq(&ts.url, &broker.source(), &["list", "--json"]))?);
-            broker.wait_count(&broker.topology.dead_queue(), 1, Duration::from_secs(10)).await?;
         }
-        let first = &seen[0][0];
+        let listed = seen[0].as_array().context("a list")?;
+        assert_eq!(listed.len(), 1, "one record: {listed:?}");
+        let first = &listed[0];
         assert_eq!(first["reason"], "delivery_limit", "{first}");
         assert_eq!((first["actor_id"].as_str(), first["campaign"].as_str()), (Some("dl-0"), Some("dlimit")));
-        assert_eq!(first["attempts"], 3, "ferry's attempts, not the triage reads: {first}");
+        // One delivery handed back, then this one: the attempts the job took, never the reads.
+        assert_eq!(first["attempts"], 2, "{first}");
+        assert!(first["error"].as_str().is_some_and(|e| e.contains("delivery limit")), "{first}");
         assert!(seen.iter().all(|s| s == &seen[0]), "listing changed the dead letter: {seen:?}");
+        let shown = run_json(&mut dlq(&ts.url, &Dlq::Store, &["show", "dl-0"]))?;
+        assert_eq!(shown["dead_letters"], serde_json::json!([first]), "{shown}");
+        let summary = run_json(&mut dlq(&ts.url, &Dlq::Store, &["summary", "--json"]))?;
+        assert_eq!(summary_groups(&summary)?, [("delivery_limit".to_string(), (1, 1))].into(), "{summary}");
+        assert!(index_rows(&store).await? == rows, "listing changed the index");
 
         let moved =
             run_json(&mut dlq(&ts.url, &broker.source(), &["requeue", "--reason", "delivery_limit", "--json"]))?;
         assert_eq!(moved["actors"], serde_json::json!(["dl-0"]), "{moved}");
-        broker.wait_count(&broker.topology.dead_queue(), 0, Duration::from_secs(10)).await?;
+        assert_eq!(moved["dead_letters_removed"], 1, "{moved}");
+        assert!(indexed(&store).await?.is_empty());
         broker.wait_count(&work_q, 1, Duration::from_secs(10)).await?;
         let jobs = broker.peek_jobs().await?;
-        assert_eq!((jobs[0].actor_id.as_str(), jobs[0].recovery), ("dl-0", None));
+        assert_eq!((jobs[0].0.actor_id.as_str(), jobs[0].0.recovery), ("dl-0", None));
+        assert_eq!(jobs[0].1.as_deref(), Some(tickets(&store).await?["dl-0"].token.as_str()));
         Ok(())
     })
     .await

@@ -98,12 +98,7 @@ impl JobRunner {
     /// Runs the job in `body`, requeued by triage under `token` when it carries one: a
     /// requeued job runs only while its ticket is current, and its ticket is cleared with its
     /// durable outcome.
-    pub(crate) async fn run_delivery_in_current_span(
-        &self,
-        body: &[u8],
-        attempts: u32,
-        token: Option<&str>,
-    ) -> Disposition {
+    pub async fn run_delivery_in_current_span(&self, body: &[u8], attempts: u32, token: Option<&str>) -> Disposition {
         let mut job = match Job::parse(body) {
             Ok(job) => job,
             Err(bad) => return self.bad_message(body, &bad, attempts).await,
@@ -118,25 +113,9 @@ impl JobRunner {
                 Err(e) => return self.failed(&job, Self::store_error(&job, e), attempts).await,
             }
         }
-        let disposition = self.run_job_in_current_span(&job, attempts).await;
-        match (&disposition, &job.ticket) {
-            (Disposition::Ack(_), Some(raw)) => match self.settle_ticket(&job, raw).await {
-                Ok(()) => disposition,
-                Err(e) => self.failed(&job, Self::store_error(&job, e), attempts).await,
-            },
-            _ => disposition,
-        }
-    }
-
-    /// Clears the ticket of a requeued job whose outcome is durable. A ticket replaced since
-    /// (a newer requeue) is left to its own job.
-    async fn settle_ticket(&self, job: &Job, raw: &[u8]) -> Result<(), StoreError> {
-        let mut txn = Txn::new();
-        ticket::settle(&mut txn, &job.actor_id, raw);
-        match self.migrator.store().commit(txn).await {
-            Ok(()) | Err(StoreError::Conflict { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        // The ticket is cleared in the transaction of the job's outcome (`Request::clears`,
+        // or the dead letter's record below).
+        self.run_job_in_current_span(&job, attempts).await
     }
 
     fn store_error(job: &Job, e: StoreError) -> MigrateError {
@@ -146,7 +125,7 @@ impl JobRunner {
     /// Dead-letters the job in `body` without running it: its delivery `deliveries` reached the
     /// work queue's delivery limit, so the broker would drop it from work next time. Taking the
     /// decision here puts it in the triage index like every other dead letter.
-    pub(crate) async fn delivery_limit_reached(
+    pub async fn delivery_limit_reached(
         &self,
         body: &[u8],
         attempts: u32,
@@ -236,8 +215,13 @@ impl JobRunner {
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
         let _reservation = self.budget.reserve(self.footprint(job).await).await;
-        let req =
-            Request { actor: job.actor_id.clone(), campaign: job.campaign.clone(), recovery: job.recovery, attempts };
+        let req = Request {
+            actor: job.actor_id.clone(),
+            campaign: job.campaign.clone(),
+            recovery: job.recovery,
+            attempts,
+            clears: job.ticket.as_ref().map(|_| ticket::key(&job.actor_id)),
+        };
         let result = self.migrator.migrate(&req).await;
         metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
         match result {

@@ -135,12 +135,23 @@ impl AuditRecord {
 /// Writes the audit of a skip and returns what was written. A skip of an already-migrated
 /// actor keeps the fields of the migration it found (DESIGN.md section 2), checked to be
 /// still the record it read, so a concurrent write (another skip, a purge note) is never
-/// overwritten with stale fields; any other skip is written as given.
-pub async fn record_skip(store: &dyn Store, skip: AuditRecord) -> Result<AuditRecord, StoreError> {
+/// overwritten with stale fields; any other skip is written as given. `clears` is a key the
+/// same transaction clears (a requeued job's ticket).
+pub async fn record_skip(
+    store: &dyn Store,
+    skip: AuditRecord,
+    clears: Option<&[u8]>,
+) -> Result<AuditRecord, StoreError> {
     let key = keys::audit(&skip.actor_id);
+    let clear = |txn: &mut Txn| {
+        if let Some(k) = clears {
+            txn.clear(k.to_vec());
+        }
+    };
     if skip.outcome != OutcomeKind::SkippedAlreadyMigrated {
         let mut txn = Txn::new();
         txn.set(key, skip.encode());
+        clear(&mut txn);
         store.commit(txn).await?;
         return Ok(skip);
     }
@@ -155,6 +166,7 @@ pub async fn record_skip(store: &dyn Store, skip: AuditRecord) -> Result<AuditRe
         };
         let mut txn = Txn::new();
         txn.check_value(key.clone(), previous).set(key.clone(), audit.encode());
+        clear(&mut txn);
         match store.commit(txn).await {
             Ok(()) => return Ok(audit),
             // Raced another writer of the record: read it again, a few times at most.

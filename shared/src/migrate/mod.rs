@@ -91,6 +91,10 @@ pub struct Request {
     pub recovery: Option<Recovery>,
     /// 1 on the first delivery.
     pub attempts: u32,
+    /// A key the transaction of the outcome (finalize, or a skip's audit) clears too: the
+    /// requeue ticket of a requeued job, so the job's outcome and the end of its requeue are
+    /// one commit and no second copy of the job can run in between.
+    pub clears: Option<Vec<u8>>,
 }
 
 /// A completed migration or skip; its audit record is already durable.
@@ -418,6 +422,9 @@ impl Migrator {
         txn.set(v2keys::meta(&req.actor), quota::with_usage(&req.actor, &head, usage).1);
         txn.set(keys::audit(&req.actor), audit.encode());
         txn.clear(keys::lease(&req.actor));
+        if let Some(key) = &req.clears {
+            txn.clear(key.clone());
+        }
         match self.store.commit(txn).await {
             Ok(()) => {}
             // Checks 0 and 1 are the fence; 2 is the v1 digest.
@@ -515,6 +522,9 @@ impl Migrator {
         if prev.lease_raw.is_some() {
             txn.clear(keys::lease(actor));
         }
+        if let Some(key) = &req.clears {
+            txn.clear(key.clone());
+        }
         let finalize_started = std::time::Instant::now();
         match self.store.commit(txn).await {
             Ok(()) => {}
@@ -567,7 +577,7 @@ impl Migrator {
         let mut skip =
             AuditRecord::skipped(&req.actor, &req.campaign, kind, head.as_ref(), &self.cfg.worker_id, (started, now));
         skip.attempts = Some(req.attempts);
-        let audit = audit::record_skip(&*self.store, skip).await.map_err(|e| MigrateError {
+        let audit = audit::record_skip(&*self.store, skip, req.clears.as_deref()).await.map_err(|e| MigrateError {
             actor: req.actor.clone(),
             phase: Phase::Inspect,
             cause: e.into(),

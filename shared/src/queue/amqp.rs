@@ -14,6 +14,9 @@ pub const LAST_ERROR_HEADER: &str = "x-ferry-last-error";
 pub const REASON_HEADER: &str = "x-ferry-reason";
 pub const ACTOR_HEADER: &str = "x-ferry-actor";
 pub const CAMPAIGN_HEADER: &str = "x-ferry-campaign";
+/// Header on ferry's own dead letters: already in the store's triage index (written in the
+/// audit transaction before the publish), so the dead-letter inbox only acks them.
+pub const INDEXED_HEADER: &str = "x-ferry-indexed";
 /// The broker's redelivery counter on quorum queues.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -202,6 +205,11 @@ pub fn int_header(props: &BasicProperties, name: &str) -> Option<i64> {
         AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
         _ => None,
     }
+}
+
+/// Whether a message carries a header, whatever its value.
+pub fn has_header(props: &BasicProperties, name: &str) -> bool {
+    props.headers().as_ref().is_some_and(|h| h.inner().contains_key(name))
 }
 
 /// A string header.

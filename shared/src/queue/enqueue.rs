@@ -228,7 +228,7 @@ async fn record_skip(
     };
     let now = SystemClock.now_ms();
     let skip = AuditRecord::skipped(actor, campaign, outcome, head, PRODUCER_WORKER, (now, now));
-    audit::record_skip(&**store, skip).await.map(drop)
+    audit::record_skip(&**store, skip, None).await.map(drop)
 }
 
 /// An actor the scan found: its id (or not a valid one), whether it has v1 SQLite data when

@@ -1,7 +1,8 @@
-//! The fleet on RabbitMQ: the topology, AMQP plumbing, the worker's consumer loop, the
-//! producer's enqueue, campaign status, and the dead-letter queue as triage reads it.
+//! The fleet on RabbitMQ: the topology, AMQP plumbing, the worker's consumer loop and its
+//! dead-letter inbox, the producer's enqueue, and campaign status.
 
 pub mod amqp;
+pub mod dead_inbox;
 pub mod enqueue;
 pub mod status;
 pub mod topology;

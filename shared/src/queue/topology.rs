@@ -6,18 +6,24 @@
 //!                                                    at-least-once dead-lettering)
 //! {p}.retry  (direct exchange) --{ms}--> {p}.retry.{ms} (quorum, TTL, no consumers)
 //!                                          --expired--> {p}.jobs / work
-//! {p}.dead   (direct exchange) --dead--> {p}.dead   (quorum: the triage queue)
+//! {p}.dead   (direct exchange) --dead--> {p}.dead     (quorum: the inbox workers drain into
+//!                                                      the store's triage index)
+//!                              --dead--> {p}.dead-log (stream: every dead letter, kept with
+//!                                                      retention for other tools)
 //! ```
 //!
 //! Every publish goes through one of ferry's own exchanges (retries too: routing key = the
 //! tier), never through the default exchange, so a user's write permission names exactly
 //! which of ferry's exchanges it may publish to and nothing else in the vhost.
 //!
-//! Invariants: every queue is quorum and durable; every hop a message makes without a
-//! consumer (retry expiry, delivery-limit dead-lettering) is at-least-once
-//! (`x-dead-letter-strategy: at-least-once` with `x-overflow: reject-publish`), so the broker
-//! never drops a job between queues; retry tiers have fixed TTLs so an expiry never waits
-//! behind a longer one.
+//! Invariants: every queue is durable, and quorum except the dead-letter log (a stream: read
+//! without being consumed away, trimmed only by [`DEAD_LOG_MAX_AGE`] and
+//! [`DEAD_LOG_MAX_BYTES`]); every hop a message makes without a consumer (retry expiry,
+//! delivery-limit dead-lettering) is at-least-once (`x-dead-letter-strategy: at-least-once`
+//! with `x-overflow: reject-publish`), so the broker never drops a job between queues; retry
+//! tiers have fixed TTLs so an expiry never waits behind a longer one; a queue's arguments
+//! never change once shipped (a redeclare with other arguments fails on every existing
+//! deployment), so what the inbox needs beyond them comes as a policy ([`Topology::policies`]).
 
 use std::time::Duration;
 
@@ -39,6 +45,21 @@ pub const DEFAULT_DELIVERY_LIMIT: i64 = 10;
 pub const RETRY_TIERS_MS: [u64; 5] = [1_000, 5_000, 30_000, 120_000, 600_000];
 /// A job that waits in a queue this long without a consumer is still kept (no TTL on work).
 pub const MAX_QUEUE_LENGTH: i64 = 50_000_000;
+/// How long the dead-letter log keeps a letter (`x-max-age`; the broker trims whole segments,
+/// so a letter may stay a little longer).
+pub const DEAD_LOG_MAX_AGE: &str = "30D";
+/// The dead-letter log's size bound (`x-max-length-bytes`): at about 1 KiB a letter, some
+/// twenty million letters before the oldest segments go.
+pub const DEAD_LOG_MAX_BYTES: i64 = 20 << 30;
+/// The delivery limit the deploy policy gives the dead-letter inbox: one no redelivery reaches
+/// (the inbox never hands a message back; only a worker lost while holding one returns it).
+/// RabbitMQ 4.x would otherwise apply its default of 20 and drop the letter at the limit;
+/// `-1` (unlimited) is not an option: 3.x refuses it in a policy and 4.x does not honour it
+/// from one everywhere.
+pub const INBOX_DELIVERY_LIMIT: i64 = 1_000_000;
+/// Priority of the inbox policy: above a blanket policy at the default 0 (RabbitMQ applies
+/// only the one policy of highest priority to a queue).
+pub const INBOX_POLICY_PRIORITY: i64 = 10;
 
 /// The names of one deployment's exchanges and queues.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +155,17 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// The stream every dead letter is also routed to, for tools that read dead letters
+    /// without taking them (consume it with `x-stream-offset`).
+    pub fn dead_log(&self) -> String {
+        format!("{}.dead-log", self.prefix)
+    }
+
+    /// Name of the policy of the dead-letter inbox ([`Topology::policies`]).
+    pub fn inbox_policy(&self) -> String {
+        format!("{}.dead-inbox", self.prefix)
+    }
+
     pub fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)
     }
@@ -174,6 +206,7 @@ impl Topology {
             out.push((self.retry_queue(tier), self.retry_exchange(), Self::retry_key(tier)));
         }
         out.push((self.dead_queue(), self.dead_exchange(), DEAD_KEY.to_string()));
+        out.push((self.dead_log(), self.dead_exchange(), DEAD_KEY.to_string()));
         out
     }
 
@@ -208,7 +241,37 @@ impl Topology {
             specs.push(QueueSpec { name: self.retry_queue(tier), args });
         }
         specs.push(QueueSpec { name: self.dead_queue(), args: quorum() });
+        // A stream takes none of the quorum dead-lettering and overflow arguments: nothing is
+        // dead-lettered out of it, and it is bounded by age and size, not length.
+        let log = vec![
+            ("x-queue-type", ArgValue::Str("stream".into())),
+            ("x-max-age", ArgValue::Str(DEAD_LOG_MAX_AGE.into())),
+            ("x-max-length-bytes", ArgValue::Int(DEAD_LOG_MAX_BYTES)),
+        ];
+        specs.push(QueueSpec { name: self.dead_log(), args: log });
         specs
+    }
+
+    /// The policies the deploy definitions carry: (name, pattern, definition). One, for the
+    /// dead-letter inbox `{p}.dead`, whose arguments (quorum, no delivery limit) predate it:
+    /// a delivery limit no redelivery reaches ([`INBOX_DELIVERY_LIMIT`]), and, should one reach
+    /// it, dead-lettering back to `{p}.dead`, at-least-once (`overflow: reject-publish` is what
+    /// at-least-once requires; the inbox has no length limit for it to act on). That does not
+    /// loop: the broker drops a message dead-lettered into a queue it already died in unless a
+    /// death on the way was `rejected` (a hand-back at the limit is `delivery_limit`), so the
+    /// letter lands only in the `{p}.dead-log` stream, a second time, with
+    /// `x-first-death-queue` = `{p}.dead` for ferry's own. At-most-once, the default, would
+    /// not even do that: RabbitMQ 3.x delivers no at-most-once dead letter of a quorum queue to
+    /// a stream.
+    pub fn policies(&self) -> Vec<(String, String, serde_json::Value)> {
+        let definition = serde_json::json!({
+            "delivery-limit": INBOX_DELIVERY_LIMIT,
+            "dead-letter-exchange": self.dead_exchange(),
+            "dead-letter-routing-key": DEAD_KEY,
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+        });
+        vec![(self.inbox_policy(), format!("^{}$", self.dead_queue().replace('.', "\\.")), definition)]
     }
 
     /// Declares everything (idempotent: the same arguments every time).
@@ -262,7 +325,8 @@ impl Topology {
         Ok(())
     }
 
-    /// The topology as RabbitMQ definitions (exchanges, queues, bindings) for `vhost`.
+    /// The topology as RabbitMQ definitions (exchanges, queues, bindings, policies) for
+    /// `vhost`.
     pub fn definitions(&self, vhost: &str) -> serde_json::Value {
         let exchanges: Vec<_> = self
             .exchanges()
@@ -289,18 +353,26 @@ impl Topology {
                                    "routing_key": k, "arguments": {}})
             })
             .collect();
-        serde_json::json!({"exchanges": exchanges, "queues": queues, "bindings": bindings})
+        let policies: Vec<_> = self
+            .policies()
+            .into_iter()
+            .map(|(name, pattern, definition)| {
+                serde_json::json!({"vhost": vhost, "name": name, "pattern": pattern, "apply-to": "queues",
+                                   "definition": definition, "priority": INBOX_POLICY_PRIORITY})
+            })
+            .collect();
+        serde_json::json!({"exchanges": exchanges, "queues": queues, "bindings": bindings, "policies": policies})
     }
 }
 
-/// The least-privilege worker user: consumes the work queue, publishes retries and dead
-/// letters, configures nothing.
+/// The least-privilege worker user: consumes the work queue and the dead-letter inbox,
+/// publishes retries and dead letters, configures nothing.
 pub const WORKER_USER: &str = "ferry-worker";
 /// The operator user: the producer (declare, enqueue) and triage that moves dead letters;
 /// configure, write and read on ferry's names only.
 pub const OPERATOR_USER: &str = "ferry-operator";
-/// The read-only triage user: reads the dead-letter queue (`dlq list|summary|show|export`)
-/// and `status` (passive declares); configures and writes nothing.
+/// The read-only triage user: no permission at all in the vhost (triage reads the store's
+/// index, not the broker); it logs in for `status`, whose passive declares need none.
 pub const TRIAGE_USER: &str = "ferry-triage";
 /// The monitoring user KEDA reads queue lengths with through the management API (tag
 /// `monitoring`, no permission in the vhost beyond access).
@@ -337,10 +409,10 @@ impl Topology {
                 WORKER_USER,
                 NOTHING.into(),
                 regex_of(&[self.retry_exchange(), self.dead_exchange()]),
-                regex_of(&[self.work_queue()]),
+                regex_of(&[self.work_queue(), self.dead_queue()]),
             ),
             (OPERATOR_USER, all.clone(), all.clone(), all),
-            (TRIAGE_USER, NOTHING.into(), NOTHING.into(), regex_of(&[self.dead_queue()])),
+            (TRIAGE_USER, NOTHING.into(), NOTHING.into(), NOTHING.into()),
             (MONITOR_USER, NOTHING.into(), NOTHING.into(), NOTHING.into()),
         ]
     }
@@ -387,5 +459,33 @@ mod tests {
         }
         assert_eq!(Topology::checked("ferry", 0), Err(TopologyError::BadDeliveryLimit(0)));
         assert!(Topology { prefix: "bad prefix!".into(), delivery_limit: 10 }.validate().is_err());
+    }
+
+    #[test]
+    fn the_dead_log_is_a_bounded_stream_on_the_dead_exchange_with_no_quorum_arguments() {
+        let t = Topology::new("ferry");
+        let log = t.queues().into_iter().find(|q| q.name == "ferry.dead-log").expect("the dead log is declared");
+        let keys: Vec<&str> = log.args.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["x-queue-type", "x-max-age", "x-max-length-bytes"]);
+        assert_eq!(log.args[0].1, ArgValue::Str("stream".into()));
+        assert!(t.bindings().contains(&("ferry.dead-log".into(), "ferry.dead".into(), DEAD_KEY.into())));
+        // The inbox keeps the arguments it shipped with.
+        let inbox = t.queues().into_iter().find(|q| q.name == "ferry.dead").expect("the inbox");
+        assert_eq!(inbox.args, vec![("x-queue-type", ArgValue::Str("quorum".into()))]);
+    }
+
+    #[test]
+    fn the_worker_reads_the_inbox_the_triage_user_nothing_and_the_policy_matches_the_inbox_only() {
+        let t = Topology::new("ferry");
+        let perms = t.permissions();
+        let of = |user: &str| perms.iter().find(|p| p.0 == user).cloned().expect("a deploy user");
+        assert_eq!(of(WORKER_USER).3, "^(ferry\\.work|ferry\\.dead)$");
+        let triage = of(TRIAGE_USER);
+        assert_eq!((triage.1.as_str(), triage.2.as_str(), triage.3.as_str()), (NOTHING, NOTHING, NOTHING));
+        let policies = t.policies();
+        assert_eq!(policies.len(), 1);
+        // Anchored, the dot escaped: the inbox only (tests/tests/dead_inbox.rs checks on a broker).
+        assert_eq!(policies[0].1, "^ferry\\.dead$");
+        assert_eq!(policies[0].2["delivery-limit"], INBOX_DELIVERY_LIMIT);
     }
 }

@@ -12,7 +12,10 @@
 //!   at once across sessions, and a delivery whose session died before it got a slot is not
 //!   run at all;
 //! - on shutdown the consumer is cancelled first, in-flight jobs get the grace period, and
-//!   whatever is still unacked goes back to the broker when the channel closes.
+//!   whatever is still unacked goes back to the broker when the channel closes;
+//! - every session also runs the dead-letter inbox ([`super::dead_inbox`]) on its own channel
+//!   of the same connection: it starts and stops with the session, and its end is a lost
+//!   session.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +36,7 @@ use crate::metrics as m;
 use crate::triage::ticket;
 
 use super::amqp::{self, AmqpError};
+use super::dead_inbox::DeadInbox;
 use super::topology::{DEAD_KEY, Topology};
 
 /// Settings of a fleet worker.
@@ -166,9 +170,10 @@ struct Session {
     publish: Channel,
     consumer: lapin::Consumer,
     tag: String,
+    inbox: DeadInbox,
 }
 
-async fn open_session(cfg: &WorkerConfig) -> Result<Session, AmqpError> {
+async fn open_session(cfg: &WorkerConfig, store: &crate::store::DynStore) -> Result<Session, AmqpError> {
     let conn =
         amqp::connect_within(&cfg.amqp_url, &format!("ferry-worker {}", cfg.worker_id), cfg.connect_timeout).await?;
     let consume = conn.create_channel().await?;
@@ -190,7 +195,8 @@ async fn open_session(cfg: &WorkerConfig) -> Result<Session, AmqpError> {
             FieldTable::default(),
         )
         .await?;
-    Ok(Session { conn, consume, publish, consumer, tag })
+    let inbox = DeadInbox::start(&conn, &cfg.topology, store.clone(), &tag).await?;
+    Ok(Session { conn, consume, publish, consumer, tag, inbox })
 }
 
 async fn session(
@@ -202,13 +208,13 @@ async fn session(
     opened_before: &mut bool,
 ) -> Result<SessionEnd, AmqpError> {
     // Opening can hang on an unreachable broker: SIGTERM must still be heard.
-    let Session { conn, consume, publish, mut consumer, tag } = tokio::select! {
+    let Session { conn, consume, publish, mut consumer, tag, mut inbox } = tokio::select! {
         biased;
         () = &mut *shutdown => {
             in_flight.finish(cfg.shutdown_grace).await;
             return Ok(SessionEnd::Shutdown);
         }
-        opened = open_session(cfg) => opened?,
+        opened = open_session(cfg, runner.migrator.store()) => opened?,
     };
     if *opened_before {
         metrics::counter!(m::RECONNECTS).increment(1);
@@ -225,6 +231,7 @@ async fn session(
                 None => break SessionEnd::Lost("consumer stream ended".into()),
             },
             Some(_) = in_flight.tasks.join_next(), if !in_flight.tasks.is_empty() => {}
+            () = inbox.ended() => break SessionEnd::Lost("the dead-letter inbox consumer ended".into()),
         }
     };
     ready.set(false);
@@ -232,6 +239,8 @@ async fn session(
         let _ = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
         in_flight.finish(cfg.shutdown_grace).await;
     }
+    // After the jobs: the dead letters of those that finished in the grace are settled too.
+    inbox.stop().await;
     // After a loss this also fails the in-flight jobs' pending publishes and acks at once
     // (their deliveries are back on the broker), so none waits on a dead channel.
     close(&conn, &consume, &publish).await;
@@ -344,6 +353,8 @@ async fn dead_letter(
         (amqp::ACTOR_HEADER, amqp::long_string(&dead.actor_id)),
         (amqp::CAMPAIGN_HEADER, amqp::long_string(&dead.campaign)),
         (amqp::ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(dead.attempts))),
+        // Already in the store's index: the dead-letter inbox only acks it.
+        (amqp::INDEXED_HEADER, AMQPValue::LongLongInt(1)),
     ]);
     let id = delivery
         .properties
@@ -388,7 +399,9 @@ pub enum FleetError {
 
 /// Opens the store, serves HTTP, and consumes until `shutdown`.
 pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result<(), FleetError> {
-    let pool = usize::from(cfg.worker.concurrency) + 2;
+    // A connection per job, two spare, and one for the dead-letter inbox (it makes one store
+    // call at a time), so admitting dead letters never waits behind the jobs.
+    let pool = usize::from(cfg.worker.concurrency) + 3;
     // The worker never creates its store: a wrong URL must fail, not ack a campaign away.
     let opts =
         crate::store::OpenOptions::new(pool, crate::store::OpenMode::Existing).lease_ttl(cfg.migrate.lease_ttl());

@@ -241,13 +241,16 @@ pub async fn page(store: &dyn Store, sel: &Selection, limit: usize, after: Optio
     Ok(out)
 }
 
-/// The dead letter an index key points at.
+/// The dead letter an index key points at, while it is still the letter indexed there: an
+/// entry scanned just before its letter was replaced by one of another reason or campaign
+/// points at a letter that is no longer under it, and is skipped (the new letter is read at
+/// its own entry), so a read never returns a letter out of index order or twice.
 async fn letter_of_index_key(store: &dyn Store, key: &[u8]) -> Result<Option<Stored>, StoreError> {
     let name = key.rsplit(|b| *b == b'/').next().unwrap_or_default();
-    match LetterId::from_index_name(name) {
-        Some(id) => get(store, &id).await,
-        None => Ok(None),
-    }
+    let Some(id) = LetterId::from_index_name(name) else { return Ok(None) };
+    Ok(get(store, &id)
+        .await?
+        .filter(|s| reason_key(&s.letter) == key || campaign_key(&s.letter).is_some_and(|k| k == key)))
 }
 
 /// Calls `visit` on every dead letter of `sel`, in index order, one batch in memory at a time:

@@ -6,7 +6,8 @@
 //! store, dead or requeued; the job carries the ticket's token in the [`TOKEN_HEADER`], and a
 //! worker runs a ticketed job only while the actor's ticket has that token, so a job published
 //! twice for one requeue (a `dlq requeue` killed after the publish and run again) runs once;
-//! the worker clears the ticket with the job's durable outcome.
+//! the ticket is cleared in the transaction of the job's outcome (finalize, a skip's audit, or
+//! the dead letter that lists the actor again), so no second copy can run after it.
 
 use serde::{Deserialize, Serialize};
 
@@ -60,8 +61,8 @@ pub fn key(actor: &ActorId) -> Vec<u8> {
 /// The ticket of a job that carries a token, as its worker found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The actor's ticket has the job's token: run the job, then [`settle`] with this raw
-    /// ticket.
+    /// The actor's ticket has the job's token: run the job; its outcome clears the ticket
+    /// (a dead letter with [`settle`] on this raw ticket).
     Current(Vec<u8>),
     /// No ticket, or one with another token: this job is a second copy of a requeue already
     /// run (or replaced by a newer one) and must not run.

@@ -1,0 +1,149 @@
+//! The job runner's side of a requeue (`triage::ticket`) and of the delivery limit, on both
+//! store backends: a ticketed job runs only while its ticket is current, its outcome clears
+//! the ticket, and a job handed back to its delivery limit is dead-lettered into the index.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ferry::budget::MemoryBudget;
+use ferry::clock::SystemClock;
+use ferry::jobs::{DeadLetter, Disposition, Job, JobRunner, RetryPolicy};
+use ferry::migrate::{MigrateConfig, Migrator, OutcomeKind};
+use ferry::store::{DynStore, Txn};
+use ferry::synth::sqlite::{DbSpec, database, hot_journal};
+use ferry::synth::{DbFiles, write_v1};
+use ferry::testing::{Backend, TestStore};
+use ferry::triage::index::{self, LetterId};
+use ferry::triage::ticket::{self, Ticket};
+use ferry::{ActorId, DeadLetterReason, keys};
+
+fn runner(store: &DynStore) -> JobRunner {
+    JobRunner {
+        migrator: Migrator::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            MigrateConfig { worker_id: "test-worker".into(), ..MigrateConfig::default() },
+        ),
+        retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
+        budget: MemoryBudget::new(1 << 30),
+        gate: None,
+    }
+}
+
+fn letter(actor: &ActorId, reason: DeadLetterReason) -> DeadLetter {
+    DeadLetter {
+        actor_id: actor.to_string(),
+        campaign: "c1".into(),
+        reason,
+        phase: "validate".into(),
+        error: "an earlier run".into(),
+        attempts: 1,
+        worker: "w".into(),
+        at_ms: 1,
+        v1_files: None,
+        recovery: None,
+        message: String::new(),
+    }
+}
+
+/// Plants `files` for `actor` and a ticket for it, as `dlq requeue` leaves one.
+async fn requeued(store: &DynStore, actor: &ActorId, files: &DbFiles, reason: DeadLetterReason) -> Result<Ticket> {
+    write_v1(&**store, actor, files).await?;
+    let t = Ticket::new(letter(actor, reason), None, 1);
+    let mut txn = Txn::new();
+    txn.set(ticket::key(actor), t.encode());
+    store.commit(txn).await?;
+    Ok(t)
+}
+
+fn body(actor: &ActorId) -> Vec<u8> {
+    Job::new("c1", actor.clone(), 1, None).encode()
+}
+
+fn plain() -> Result<DbFiles> {
+    Ok(DbFiles { main: database(&DbSpec::small(7)).map_err(anyhow::Error::msg)?, ..DbFiles::default() })
+}
+
+async fn stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ActorId::parse("stale-1")?;
+    let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
+    let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some("another-token")).await;
+    assert!(matches!(d, Disposition::Superseded), "{d:?}");
+    assert!(store.get(&keys::audit(&actor)).await?.is_none(), "the stale copy ran");
+    assert_eq!(store.get(&ticket::key(&actor)).await?, Some(t.encode()), "the ticket is the current one's");
+    Ok(())
+}
+
+async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ActorId::parse("current-1")?;
+    let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
+    let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not acked: {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::Migrated);
+    assert!(store.get(&ticket::key(&actor)).await?.is_none(), "the ticket outlived its job");
+    // A second copy of the same requeue now finds no ticket: it does not run again.
+    let again = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
+    assert!(matches!(again, Disposition::Superseded), "{again:?}");
+    Ok(())
+}
+
+async fn requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ActorId::parse("journal-1")?;
+    let files = hot_journal(&DbSpec::small(8), 20).map_err(anyhow::Error::msg)?;
+    let t = requeued(&store, &actor, &files, DeadLetterReason::JournalSidecar).await?;
+    let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
+    let Disposition::DeadLetter(dead) = d else { anyhow::bail!("not dead-lettered: {d:?}") };
+    assert_eq!(dead.reason, DeadLetterReason::JournalSidecar);
+    let kept = index::get(&*store, &LetterId::Actor(actor.clone())).await?.context("no index record")?;
+    assert_eq!(kept.letter, dead);
+    assert!(store.get(&ticket::key(&actor)).await?.is_none(), "listed and requeued at once");
+    Ok(())
+}
+
+async fn delivery_limit_is_dead_lettered_into_the_index_without_running(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ActorId::parse("limit-1")?;
+    write_v1(&*store, &actor, &plain()?).await?;
+    let d = runner(&store).delivery_limit_reached(&body(&actor), 11, 10, None).await;
+    let Disposition::DeadLetter(dead) = d else { anyhow::bail!("not dead-lettered: {d:?}") };
+    assert_eq!(dead.reason, DeadLetterReason::DeliveryLimit);
+    assert!(index::get(&*store, &LetterId::Actor(actor.clone())).await?.is_some(), "not in the index");
+    assert!(store.get(&ferry::v2::keys::meta(&actor)).await?.is_none(), "the job ran");
+    Ok(())
+}
+
+async fn bad_message_is_indexed_once_however_often_it_is_delivered(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let r = runner(&store);
+    for attempt in 1..=3 {
+        let d = r.run_delivery_in_current_span(b"{\"not\": \"a job\"}", attempt, None).await;
+        assert!(matches!(&d, Disposition::DeadLetter(x) if x.reason == DeadLetterReason::BadMessage), "{d:?}");
+    }
+    let summary = index::summary(&*store).await?;
+    assert_eq!(summary.len(), 1, "{summary:?}");
+    assert_eq!((summary[0].reason.as_str(), summary[0].count), ("bad_message", 1));
+    Ok(())
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Postgres).await } )* }
+    };
+}
+
+on_both_backends!(
+    stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
+    current_requeue_runs_and_its_outcome_clears_the_ticket,
+    requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
+    delivery_limit_is_dead_lettered_into_the_index_without_running,
+    bad_message_is_indexed_once_however_often_it_is_delivered,
+);
