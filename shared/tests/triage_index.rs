@@ -212,9 +212,9 @@ async fn a_bad_message_is_one_record_by_its_body_with_no_campaign_entry_unless_i
 
     let page = index::page(&*store, &Selection::default(), 10, None).await.unwrap();
     assert_eq!(page.letters, vec![again.clone(), other.clone()]);
-    let by_reason = Selection { reason: Some(DeadLetterReason::BadMessage), campaign: None };
+    let by_reason = Selection { reason: Some(DeadLetterReason::BadMessage), campaign: None, actor_prefix: None };
     assert_eq!(index::page(&*store, &by_reason, 10, None).await.unwrap().letters.len(), 2);
-    let by_campaign = Selection { reason: None, campaign: Some("camp".into()) };
+    let by_campaign = Selection { reason: None, campaign: Some("camp".into()), actor_prefix: None };
     assert_eq!(index::page(&*store, &by_campaign, 10, None).await.unwrap().letters, vec![other.clone()]);
 
     remove(&*store, &again).await;
@@ -290,11 +290,15 @@ async fn walk(
 fn selections() -> Vec<Selection> {
     vec![
         Selection::default(),
-        Selection { reason: Some(DeadLetterReason::WalSidecar), campaign: None },
-        Selection { reason: None, campaign: Some("camp-a".into()) },
-        Selection { reason: Some(DeadLetterReason::DeliveryLimit), campaign: Some("camp-b".into()) },
-        Selection { reason: Some(DeadLetterReason::ShmSidecar), campaign: None },
-        Selection { reason: None, campaign: Some("camp".into()) },
+        Selection { reason: Some(DeadLetterReason::WalSidecar), campaign: None, actor_prefix: None },
+        Selection { reason: None, campaign: Some("camp-a".into()), actor_prefix: None },
+        Selection {
+            reason: Some(DeadLetterReason::DeliveryLimit),
+            campaign: Some("camp-b".into()),
+            actor_prefix: None,
+        },
+        Selection { reason: Some(DeadLetterReason::ShmSidecar), campaign: None, actor_prefix: None },
+        Selection { reason: None, campaign: Some("camp".into()), actor_prefix: None },
     ]
 }
 
@@ -314,7 +318,7 @@ async fn pages_walked_by_cursor_return_every_letter_once_in_index_order_for_ever
         }
     }
     // A selection with nothing in it (a campaign whose name prefixes another's) is empty.
-    let prefix_only = Selection { reason: None, campaign: Some("camp".into()) };
+    let prefix_only = Selection { reason: None, campaign: Some("camp".into()), actor_prefix: None };
     assert!(index::page(&*store, &prefix_only, 10, None).await.unwrap().letters.is_empty());
 }
 
