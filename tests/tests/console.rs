@@ -134,8 +134,17 @@ impl Browser {
         Ok(self.client.find_all(Locator::Css(css)).await?.len())
     }
 
+    /// Clicks a link or a submit button and waits for the page it loads: every click of these
+    /// tests navigates, and reading before the old document is gone meets stale elements.
     async fn click(&self, css: &str) -> Result<()> {
+        let old = self.client.find(Locator::Css("html")).await?;
         self.client.find(Locator::Css(css)).await.with_context(|| format!("no {css} to click"))?.click().await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while old.tag_name().await.is_ok() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "clicking {css} loaded no new page");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.client.wait().for_element(Locator::Css("body")).await?;
         Ok(())
     }
 
