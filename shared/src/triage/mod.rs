@@ -181,22 +181,29 @@ pub fn recovery_fits(reason: DeadLetterReason, recovery: Option<Recovery>) -> bo
     }
 }
 
-/// Up to `limit` dead letters of `filter`, after the cursor `after` (a page's `next`): the
-/// named actors by their keys, otherwise a page of the index.
+/// Up to `limit` dead letters of `filter`, after the cursor `after` (a page's `next`): a page
+/// of the index, or of the named actors by their keys, in id order (the cursor is then the
+/// last actor id read), so a requeue or purge of more actors than one page moves them all.
 pub async fn page(store: &DynStore, filter: &Filter, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
-    let Some(actors) = filter.named_actors() else {
+    let Some(mut actors) = filter.named_actors() else {
         return index::page(&**store, &filter.selection(), limit, after).await;
     };
+    actors.sort();
+    actors.dedup();
+    let start = after.map_or(0, |a| actors.partition_point(|x| x.as_bytes() <= a.as_bytes()));
+    let rest = &actors[start..];
     let mut letters = Vec::new();
-    for actor in actors {
-        if let Some(stored) = index::get(&**store, &LetterId::Actor(actor)).await?
+    let mut read = 0;
+    while read < rest.len() && letters.len() < limit {
+        if let Some(stored) = index::get(&**store, &LetterId::Actor(rest[read].clone())).await?
             && filter.matches(&stored.letter)
         {
             letters.push(stored.letter);
         }
+        read += 1;
     }
-    letters.truncate(limit);
-    Ok(Page { letters, next: None })
+    let next = (read > 0 && read < rest.len()).then(|| rest[read - 1].to_string());
+    Ok(Page { letters, next })
 }
 
 /// Every dead letter of `filter`, one batch in memory at a time, for `export`: one sequential
@@ -360,4 +367,58 @@ pub async fn show(store: &DynStore, actor: &ActorId) -> Result<ActorState, Store
     let lease = store.get(&keys::lease(actor)).await?.map(|raw| String::from_utf8_lossy(&raw).into_owned());
     let audit = store.get(&keys::audit(actor)).await?.as_deref().and_then(AuditRecord::decode);
     Ok(ActorState { actor: actor.to_string(), dead_letters, requeue, v1_files: probe.files(), v2_head, lease, audit })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Backend, TestStore};
+
+    fn letter(i: usize) -> DeadLetter {
+        DeadLetter {
+            actor_id: format!("actor-{i:05}"),
+            campaign: "c".into(),
+            reason: DeadLetterReason::JournalSidecar,
+            phase: "read".into(),
+            error: "a rollback journal is present".into(),
+            attempts: 1,
+            worker: "w".into(),
+            at_ms: i as i64,
+            v1_files: None,
+            recovery: None,
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn named_actors_page_past_one_batch_and_a_purge_of_more_than_a_batch_drops_them_all() {
+        let store = TestStore::new(Backend::Sqlite).await;
+        let mut txn = Txn::new();
+        for i in 0..1_300 {
+            index::put(&mut txn, None, &letter(i));
+        }
+        store.store.commit(txn).await.unwrap();
+        // Named out of order, one twice, one without a dead letter.
+        let mut actors: Vec<String> = (0..1_200).rev().map(|i| format!("actor-{i:05}")).collect();
+        actors.push("actor-00007".into());
+        actors.push("actor-99999".into());
+        let filter = Filter { actors, ..Filter::default() };
+
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let p = page(&store.store, &filter, MOVE_BATCH, after.as_deref()).await.unwrap();
+            assert!(p.letters.len() <= MOVE_BATCH);
+            seen.extend(p.letters.into_iter().map(|d| d.actor_id));
+            match p.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..1_200).map(|i| format!("actor-{i:05}")).collect();
+        assert_eq!(seen, want);
+
+        assert_eq!(purge(&store.store, &filter).await.unwrap(), 1_200);
+        assert_eq!(summary(&store.store).await.unwrap().dead_letters, 100);
+    }
 }
