@@ -45,10 +45,24 @@ use lapin::{BasicProperties, Channel, Connection};
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
+        // Test executables live in target/{profile}/deps, binaries (the bench) in
+        // target/{profile}; the workspace binaries are in target/{profile}.
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().expect("executable directory");
+        let dir = if dir.ends_with("deps") { dir.parent().expect("target/{profile}") } else { dir }.to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "--bins", "--manifest-path", manifest]);
+        // Built into the target directory this executable runs from, where they are looked
+        // for: a bench started as target-x/release/bench without CARGO_TARGET_DIR would
+        // otherwise build the whole workspace again into ./target. (A cross build's layout,
+        // target/{triple}/{profile}, is left to CARGO_BUILD_TARGET's own settings.)
+        if std::env::var_os("CARGO_BUILD_TARGET").is_none()
+            && let Some(target) = dir.parent()
+        {
+            cmd.arg("--target-dir").arg(target);
+        }
         // The variables cargo sets for this test process (package name, manifest dir, ...)
         // are inputs of some build scripts (ring's): passed on, they would make this build and
         // the next plain `cargo build` rebuild those crates for each other.
@@ -67,11 +81,7 @@ pub fn bin(name: &str) -> PathBuf {
         }
         let status = cmd.status().expect("running cargo build for the ferry binaries");
         assert!(status.success(), "cargo build --bins failed");
-        // Test executables live in target/{profile}/deps, binaries (the bench) in
-        // target/{profile}; the workspace binaries are in target/{profile}.
-        let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe.parent().expect("executable directory");
-        if dir.ends_with("deps") { dir.parent().expect("target/{profile}") } else { dir }.to_path_buf()
+        dir
     });
     let path = dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
