@@ -164,10 +164,11 @@ impl Report {
         ));
         for r in &self.rows {
             out.push_str(&format!(
-                "{:<12} {:<44} {:>12.1} {:<8} {:<34} {:>12.1} {:>6.0}% {:>7}\n",
+                "{:<12} {:<44} {:>12} {:<8} {:<34} {:>12.1} {:>6.0}% {:>7}\n",
                 r.section,
                 r.measure,
-                r.value,
+                // Seconds of a quick command need more than one decimal.
+                if r.value.abs() < 10.0 { format!("{:.3}", r.value) } else { format!("{:.1}", r.value) },
                 r.unit,
                 r.against,
                 r.limit,
