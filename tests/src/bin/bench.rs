@@ -2,8 +2,12 @@
 //! the limit each figure is judged against, in the same run on the same machine.
 //!
 //!   cargo run --release -p ferry-tests --bin bench -- [--quick] [--json-out bench.json]
+//!   cargo run --release -p ferry-tests --bin bench -- --triage-only --triage-letters 100000,1000000
 //!
 //! Needs the local PostgreSQL and RabbitMQ (like the tests). Prints a table and JSON.
+
+#[path = "bench/triage.rs"]
+mod triage;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -49,6 +53,19 @@ struct Args {
     /// Memory budgets of the manifest-memory rows (deploy/k8s/config.yaml runs 1536).
     #[arg(long, value_delimiter = ',', default_value = "256,512")]
     budgets_mib: Vec<u64>,
+    /// Only the triage section (issue 15): `ferry-producer dlq` commands timed on a backlog
+    /// of dead letters, at each of --triage-letters, on SQLite and PostgreSQL.
+    #[arg(long, env = "FERRY_BENCH_TRIAGE_ONLY")]
+    triage_only: bool,
+    /// Dead letters of each triage fixture [default: 100000,1000000 with --triage-only,
+    /// 100000 in the full run, 10000 with --quick]. A million takes some minutes per backend
+    /// to write and publish.
+    #[arg(long, env = "FERRY_BENCH_TRIAGE_LETTERS", value_delimiter = ',')]
+    triage_letters: Option<Vec<u64>>,
+    /// Publish the broker side of a triage fixture (the dead-letter queue's messages) for at
+    /// most this many letters; the store side always has them all.
+    #[arg(long, env = "FERRY_BENCH_TRIAGE_BROKER_MAX", default_value_t = 1_000_000)]
+    triage_broker_max: u64,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -60,7 +77,11 @@ struct Row {
     against: String,
     limit: f64,
     ratio: f64,
+    /// The ratio to reach (at least).
     target: Option<f64>,
+    /// The ratio to stay under (at most): times and memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_max: Option<f64>,
 }
 
 #[derive(Default, serde::Serialize)]
@@ -92,6 +113,7 @@ impl Report {
             limit,
             ratio,
             target,
+            target_max: None,
         };
         let verdict = match target {
             Some(t) if ratio >= t => format!("(target {:.0}%: met)", t * 100.0),
@@ -102,6 +124,38 @@ impl Report {
         self.rows.push(row);
     }
 
+    /// A row whose ratio must stay at or under `target_max` (a time or memory limit).
+    #[allow(clippy::too_many_arguments)]
+    fn add_at_most(
+        &mut self,
+        section: &str,
+        measure: &str,
+        value: f64,
+        unit: &str,
+        against: &str,
+        limit: f64,
+        target_max: f64,
+    ) {
+        let ratio = if limit > 0.0 { value / limit } else { 0.0 };
+        let met = if ratio <= target_max { "met" } else { "MISSED" };
+        eprintln!(
+            "  {measure}: {value:.3} {unit} vs {against} {limit:.1} -> {:.0}% (target <= {:.0}%: {met})",
+            ratio * 100.0,
+            target_max * 100.0
+        );
+        self.rows.push(Row {
+            section: section.into(),
+            measure: measure.into(),
+            value,
+            unit: unit.into(),
+            against: against.into(),
+            limit,
+            ratio,
+            target: None,
+            target_max: Some(target_max),
+        });
+    }
+
     fn table(&self) -> String {
         let mut out = format!("machine: {}\n", self.machine);
         out.push_str(&format!(
@@ -110,15 +164,20 @@ impl Report {
         ));
         for r in &self.rows {
             out.push_str(&format!(
-                "{:<12} {:<44} {:>12.1} {:<8} {:<34} {:>12.1} {:>6.0}% {:>7}\n",
+                "{:<12} {:<44} {:>12} {:<8} {:<34} {:>12.1} {:>6.0}% {:>7}\n",
                 r.section,
                 r.measure,
-                r.value,
+                // Seconds of a quick command need more than one decimal.
+                if r.value.abs() < 10.0 { format!("{:.3}", r.value) } else { format!("{:.1}", r.value) },
                 r.unit,
                 r.against,
                 r.limit,
                 r.ratio * 100.0,
-                r.target.map_or("-".into(), |t| format!("{:.0}%", t * 100.0))
+                match (r.target, r.target_max) {
+                    (Some(t), _) => format!("{:.0}%", t * 100.0),
+                    (None, Some(t)) => format!("<={:.0}%", t * 100.0),
+                    (None, None) => "-".into(),
+                }
             ));
         }
         for n in &self.notes {
@@ -478,6 +537,12 @@ async fn main() -> Result<()> {
         println!("{}", report.table());
         return Ok(());
     }
+    if args.triage_only {
+        let sizes = args.triage_letters.clone().unwrap_or_else(|| vec![100_000, 1_000_000]);
+        eprintln!("ferry bench on {}: triage at {sizes:?} dead letters", report.machine);
+        triage::triage(&mut report, &sizes, args.triage_broker_max).await?;
+        return finish(&report, args.json_out.as_deref());
+    }
     let tiny = args.tiny.unwrap_or(if args.quick { 600 } else { 3000 });
     let sizes: Vec<u64> = if args.quick { vec![16] } else { vec![16, 64, 128] };
     eprintln!("ferry bench on {}", report.machine);
@@ -564,11 +629,20 @@ async fn main() -> Result<()> {
         );
     }
 
+    let sizes = args.triage_letters.clone().unwrap_or_else(|| vec![if args.quick { 10_000 } else { 100_000 }]);
+    eprintln!("6. triage ({sizes:?} dead letters)");
+    triage::triage(&mut report, &sizes, args.triage_broker_max).await?;
+
+    finish(&report, args.json_out.as_deref())
+}
+
+/// Prints the table and the JSON, and writes the JSON to `json_out`.
+fn finish(report: &Report, json_out: Option<&str>) -> Result<()> {
     println!("{}", report.table());
-    let json = serde_json::to_string_pretty(&report)?;
+    let json = serde_json::to_string_pretty(report)?;
     println!("{json}");
-    if let Some(path) = args.json_out {
-        std::fs::write(&path, &json).with_context(|| format!("writing {path}"))?;
+    if let Some(path) = json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {path}"))?;
     }
     Ok(())
 }
