@@ -7,8 +7,8 @@
 //! transaction, and the same `DeadLetter::encode()` bodies, with the worker's headers, as
 //! confirmed publishes to the dead-letter quorum queue of a unique prefix. Then each command
 //! runs as a subprocess of the release `ferry-producer`, its wall time and peak RSS (GNU
-//! `time`'s `%M`) measured, and the broker's `mem_used` (management API) is read before and
-//! after the whole session.
+//! `time`'s `%M`) measured, and the broker's memory (`mem_used`, read fresh from the
+//! management API) is read before and after the whole session.
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -363,8 +363,14 @@ async fn session(report: &mut Report, backend: Backend, n: u64, on_broker: u64) 
     eprintln!("  {tag}: writing {n} dead letters to the store and {on_broker} to {prefix}.dead");
     let mem_empty = broker_mem_mib().await?;
     let started = Instant::now();
-    let (store_rate, broker_rate) =
-        tokio::try_join!(write_store(&store.store, n, now_ms), publish_broker(&prefix, on_broker, now_ms))?;
+    let fixture = tokio::try_join!(write_store(&store.store, n, now_ms), publish_broker(&prefix, on_broker, now_ms));
+    let (store_rate, broker_rate) = match fixture {
+        Ok(rates) => rates,
+        Err(e) => {
+            let _ = super::delete_topology(&prefix).await;
+            return Err(e);
+        }
+    };
     let fixture_secs = started.elapsed().as_secs_f64();
     report.add("triage", &format!("{tag}: fixture store writes"), store_rate, "letters/s", "-", 0.0, None);
     report.notes.push(format!(
