@@ -40,14 +40,13 @@ use ferry::store::{DynStore, KeyRange, KeyValue, Txn};
 use ferry::synth::sqlite::{self as fixtures, DbFiles, DbSpec};
 use ferry::synth::write_v1;
 use ferry::testing::{Backend, TestStore, amqp_url, unique_name};
-use ferry::triage::index;
 use ferry::triage::ticket::{self, Ticket};
 use ferry::v1::FileTag;
 use ferry::v1::keys::chunk_key;
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason, Recovery};
 use ferry_tests::Proc;
-use ferry_tests::bin;
+use ferry_tests::{bin, index_as_worker};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -237,40 +236,6 @@ fn dead_letter(actor: &str, campaign: &str, reason: DeadLetterReason, n: i64) ->
         recovery: None,
         message: String::from_utf8(job.encode()).expect("job JSON is UTF-8"),
     }
-}
-
-/// Writes dead letters as a fleet worker does: each with its actor's audit record, in one
-/// transaction with its triage index record.
-async fn index_as_worker(store: &DynStore, letters: &[DeadLetter]) -> Result<()> {
-    for chunk in letters.chunks(100) {
-        let mut txn = Txn::new();
-        for d in chunk {
-            let actor = id(&d.actor_id);
-            let audit = AuditRecord {
-                actor_id: actor.clone(),
-                campaign: d.campaign.clone(),
-                outcome: OutcomeKind::DeadLettered,
-                reason: Some(d.reason),
-                phase: Some(d.phase.clone()),
-                error: Some(d.error.clone()),
-                recovery: d.recovery,
-                pages: None,
-                v1_bytes: d.v1_files.as_ref().and_then(|f| f.main),
-                checksum: None,
-                generation: None,
-                worker: d.worker.clone(),
-                started_at_ms: d.at_ms - 5,
-                finished_at_ms: d.at_ms,
-                v1_files: d.v1_files.clone(),
-                attempts: Some(d.attempts),
-                purged_at_ms: None,
-            };
-            txn.set(keys::audit(&actor), audit.encode());
-            index::put(&mut txn, index::current(&**store, d).await?.as_deref(), d);
-        }
-        store.commit(txn).await?;
-    }
-    Ok(())
 }
 
 /// The dead letters of the triage index, by actor (records, not the broker's queue).

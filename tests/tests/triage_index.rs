@@ -29,16 +29,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use ferry::jobs::{DeadLetter, Job};
 use ferry::keys;
-use ferry::migrate::{AuditRecord, OutcomeKind};
+use ferry::migrate::OutcomeKind;
 use ferry::queue::Topology;
 use ferry::queue::amqp;
-use ferry::store::{DynStore, KeyRange, KeyValue, Txn};
+use ferry::store::{DynStore, KeyRange, KeyValue};
 use ferry::synth::sqlite::{self as fixtures, DbFiles, DbSpec};
 use ferry::testing::{Backend, TestStore, amqp_url, unique_name};
-use ferry::triage::index;
 use ferry::triage::ticket::{self, Ticket};
 use ferry::{ActorId, DeadLetterReason, Recovery};
-use ferry_tests::{Proc, WorkerSpec, bin, bounded, wait_until};
+use ferry_tests::{Proc, WorkerSpec, bin, bounded, index_as_worker, wait_until};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use rand::{RngExt, SeedableRng};
@@ -251,41 +250,6 @@ fn dead_letter(actor: &str, campaign: &str, reason: DeadLetterReason, n: i64) ->
         recovery: None,
         message: String::from_utf8(job.encode()).expect("job JSON is UTF-8"),
     }
-}
-
-/// Writes dead letters straight into the store as a fleet worker does (each with its actor's
-/// audit record, in one transaction with its triage index record): quicker than a campaign
-/// of hundreds of rejected actors, and the same rows.
-async fn index_as_worker(store: &DynStore, letters: &[DeadLetter]) -> Result<()> {
-    for chunk in letters.chunks(100) {
-        let mut txn = Txn::new();
-        for d in chunk {
-            let actor = id(&d.actor_id);
-            let audit = AuditRecord {
-                actor_id: actor.clone(),
-                campaign: d.campaign.clone(),
-                outcome: OutcomeKind::DeadLettered,
-                reason: Some(d.reason),
-                phase: Some(d.phase.clone()),
-                error: Some(d.error.clone()),
-                recovery: d.recovery,
-                pages: None,
-                v1_bytes: d.v1_files.as_ref().and_then(|f| f.main),
-                checksum: None,
-                generation: None,
-                worker: d.worker.clone(),
-                started_at_ms: d.at_ms - 5,
-                finished_at_ms: d.at_ms,
-                v1_files: d.v1_files.clone(),
-                attempts: Some(d.attempts),
-                purged_at_ms: None,
-            };
-            txn.set(keys::audit(&actor), audit.encode());
-            index::put(&mut txn, index::current(&**store, d).await?.as_deref(), d);
-        }
-        store.commit(txn).await?;
-    }
-    Ok(())
 }
 
 /// Runs a campaign of `planted` actors through one worker until every actor is audited and

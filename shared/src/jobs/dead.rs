@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::actor::ActorId;
+use crate::migrate::{AuditRecord, OutcomeKind};
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
 use crate::v1::V1Files;
@@ -37,6 +39,30 @@ impl DeadLetter {
 
     pub fn decode(bytes: &[u8]) -> Option<DeadLetter> {
         serde_json::from_slice(bytes).ok()
+    }
+
+    /// The `dead_lettered` audit record of `actor` this letter stands for, its run started at
+    /// `started_at_ms`.
+    pub fn audit(&self, actor: &ActorId, started_at_ms: i64) -> AuditRecord {
+        AuditRecord {
+            actor_id: actor.clone(),
+            campaign: self.campaign.clone(),
+            outcome: OutcomeKind::DeadLettered,
+            reason: Some(self.reason),
+            phase: Some(self.phase.clone()),
+            error: Some(self.error.clone()),
+            recovery: self.recovery,
+            pages: None,
+            v1_bytes: self.v1_files.as_ref().and_then(|f| f.main),
+            checksum: None,
+            generation: None,
+            worker: self.worker.clone(),
+            started_at_ms,
+            finished_at_ms: self.at_ms,
+            v1_files: self.v1_files.clone(),
+            attempts: Some(self.attempts),
+            purged_at_ms: None,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use tracing::{Instrument, info, warn};
 use crate::budget::MemoryBudget;
 use crate::keys;
 use crate::metrics as m;
-use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request};
+use crate::migrate::{Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request};
 use crate::reason::DeadLetterReason;
 use crate::store::{StoreError, Txn};
 use crate::triage::index;
@@ -316,25 +316,8 @@ impl JobRunner {
     async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<(), StoreError> {
         let store = self.migrator.store();
         let old = index::current(&**store, dead).await?;
-        let audit = AuditRecord {
-            actor_id: job.actor_id.clone(),
-            campaign: job.campaign.clone(),
-            outcome: OutcomeKind::DeadLettered,
-            reason: Some(dead.reason),
-            phase: Some(dead.phase.clone()),
-            error: Some(dead.error.clone()),
-            recovery: job.recovery,
-            pages: None,
-            v1_bytes: dead.v1_files.as_ref().and_then(|f| f.main),
-            checksum: None,
-            generation: None,
-            worker: dead.worker.clone(),
-            started_at_ms: job.enqueued_at_ms,
-            finished_at_ms: dead.at_ms,
-            v1_files: dead.v1_files.clone(),
-            attempts: Some(dead.attempts),
-            purged_at_ms: None,
-        };
+        // The letter carries the job's campaign and recovery.
+        let audit = dead.audit(&job.actor_id, job.enqueued_at_ms);
         let mut txn = Txn::new();
         txn.set(keys::audit(&job.actor_id), audit.encode());
         index::put(&mut txn, old.as_deref(), dead);

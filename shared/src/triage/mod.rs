@@ -320,25 +320,7 @@ async fn purge_one(store: &DynStore, d: &DeadLetter) -> Result<bool, StoreError>
 /// has no audit yet).
 fn purged_audit(actor: &ActorId, d: &DeadLetter, raw: Option<&[u8]>) -> AuditRecord {
     let previous = raw.and_then(AuditRecord::decode);
-    let mut audit = previous.unwrap_or(AuditRecord {
-        actor_id: actor.clone(),
-        campaign: d.campaign.clone(),
-        outcome: crate::migrate::OutcomeKind::DeadLettered,
-        reason: Some(d.reason),
-        phase: Some(d.phase.clone()),
-        error: Some(d.error.clone()),
-        recovery: d.recovery,
-        pages: None,
-        v1_bytes: d.v1_files.as_ref().and_then(|f| f.main),
-        checksum: None,
-        generation: None,
-        worker: d.worker.clone(),
-        started_at_ms: d.at_ms,
-        finished_at_ms: d.at_ms,
-        v1_files: d.v1_files.clone(),
-        attempts: Some(d.attempts),
-        purged_at_ms: None,
-    });
+    let mut audit = previous.unwrap_or_else(|| d.audit(actor, d.at_ms));
     audit.purged_at_ms = Some(crate::clock::Clock::now_ms(&crate::clock::SystemClock));
     audit
 }
