@@ -209,21 +209,44 @@ pub struct Page {
 /// Up to `limit` dead letters of `sel`, after the cursor `after` (a page's `next`): one index
 /// scan and one point read per letter, whatever the backlog.
 pub async fn page(store: &dyn Store, sel: &Selection, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
+    Ok(page_stored(store, sel, limit, after).await?.into_page())
+}
+
+/// A page with each letter's raw record, for the moves that check it (requeue, purge).
+#[derive(Clone, Debug, Default)]
+pub struct StoredPage {
+    pub stored: Vec<Stored>,
+    pub next: Option<String>,
+}
+
+impl StoredPage {
+    pub fn into_page(self) -> Page {
+        Page { letters: self.stored.into_iter().map(|s| s.letter).collect(), next: self.next }
+    }
+}
+
+/// [`page`], with the raw records.
+pub async fn page_stored(
+    store: &dyn Store,
+    sel: &Selection,
+    limit: usize,
+    after: Option<&str>,
+) -> Result<StoredPage, StoreError> {
     let whole = sel.range();
     let mut range = match after {
         Some(cursor) => whole.after(&[whole.start.as_slice(), cursor.as_bytes()].concat()),
         None => whole.clone(),
     };
-    let mut out = Page::default();
-    while out.letters.len() < limit {
-        let want = (limit - out.letters.len()).min(BATCH);
+    let mut out = StoredPage::default();
+    while out.stored.len() < limit {
+        let want = (limit - out.stored.len()).min(BATCH);
         let keys = store.scan_keys(&range, want).await?;
         let full = keys.len() == want;
         for key in &keys {
             if let Some(stored) = letter_of_index_key(store, key).await?
                 && sel.matches(&stored.letter)
             {
-                out.letters.push(stored.letter);
+                out.stored.push(stored);
             }
         }
         let Some(last) = keys.last() else { break };

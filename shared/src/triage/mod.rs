@@ -30,7 +30,7 @@ use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
 use crate::store::{DynStore, StoreError, Txn};
 
-pub use self::index::{Group, LetterId, Page, Selection, Stored};
+pub use self::index::{Group, LetterId, Page, Selection, Stored, StoredPage};
 pub use self::requeue::{Requeued, requeue};
 pub use self::ticket::Ticket;
 
@@ -188,25 +188,35 @@ pub fn recovery_fits(reason: DeadLetterReason, recovery: Option<Recovery>) -> bo
 /// of the index, or of the named actors by their keys, in id order (the cursor is then the
 /// last actor id read), so a requeue or purge of more actors than one page moves them all.
 pub async fn page(store: &DynStore, filter: &Filter, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
+    Ok(page_stored(store, filter, limit, after).await?.into_page())
+}
+
+/// [`page`], with the raw records (what a move checks).
+pub(crate) async fn page_stored(
+    store: &DynStore,
+    filter: &Filter,
+    limit: usize,
+    after: Option<&str>,
+) -> Result<StoredPage, StoreError> {
     let Some(mut actors) = filter.named_actors() else {
-        return index::page(&**store, &filter.selection(), limit, after).await;
+        return index::page_stored(&**store, &filter.selection(), limit, after).await;
     };
     actors.sort();
     actors.dedup();
     let start = after.map_or(0, |a| actors.partition_point(|x| x.as_bytes() <= a.as_bytes()));
     let rest = &actors[start..];
-    let mut letters = Vec::new();
+    let mut stored = Vec::new();
     let mut read = 0;
-    while read < rest.len() && letters.len() < limit {
-        if let Some(stored) = index::get(&**store, &LetterId::Actor(rest[read].clone())).await?
-            && filter.matches(&stored.letter)
+    while read < rest.len() && stored.len() < limit {
+        if let Some(s) = index::get(&**store, &LetterId::Actor(rest[read].clone())).await?
+            && filter.matches(&s.letter)
         {
-            letters.push(stored.letter);
+            stored.push(s);
         }
         read += 1;
     }
     let next = (read > 0 && read < rest.len()).then(|| rest[read - 1].to_string());
-    Ok(Page { letters, next })
+    Ok(StoredPage { stored, next })
 }
 
 /// Every dead letter of `filter`, one batch in memory at a time, for `export`: one sequential
@@ -279,9 +289,9 @@ pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError>
     let mut purged = 0;
     let mut after: Option<String> = None;
     loop {
-        let page = page(store, filter, MOVE_BATCH, after.as_deref()).await?;
-        for d in &page.letters {
-            if purge_one(store, d).await? {
+        let page = page_stored(store, filter, MOVE_BATCH, after.as_deref()).await?;
+        for s in &page.stored {
+            if purge_one(store, s).await? {
                 purged += 1;
             }
         }
@@ -292,13 +302,11 @@ pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError>
     }
 }
 
-/// Purges one letter; false when it changed under the purge (left as it is now).
-async fn purge_one(store: &DynStore, d: &DeadLetter) -> Result<bool, StoreError> {
+/// Purges one letter as it was read; false when it changed since (left as it is now: the
+/// transaction checks the record).
+async fn purge_one(store: &DynStore, stored: &Stored) -> Result<bool, StoreError> {
+    let d = &stored.letter;
     let id = LetterId::of(d);
-    let Some(stored) = index::get(&**store, &id).await? else { return Ok(false) };
-    if &stored.letter != d {
-        return Ok(false);
-    }
     let mut txn = Txn::new();
     index::remove(&mut txn, &stored.raw, d);
     match &id {

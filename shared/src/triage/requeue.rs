@@ -14,13 +14,13 @@ use std::sync::Arc;
 use lapin::Channel;
 use lapin::types::FieldTable;
 
-use super::index::{self, LetterId, Stored};
+use super::index::{self, Stored};
 use super::ticket::{self, Ticket};
-use super::{Filter, MOVE_BATCH, Source, TriageError, check_requeue, page};
+use super::{Filter, MOVE_BATCH, Source, TriageError, check_requeue, page_stored};
 use crate::actor::ActorId;
 use crate::budget::MemoryBudget;
 use crate::clock::{Clock, SystemClock};
-use crate::jobs::{DeadLetter, Disposition, Job, JobRunner, RetryPolicy};
+use crate::jobs::{Disposition, Job, JobRunner, RetryPolicy};
 use crate::migrate::{MigrateConfig, Migrator};
 use crate::queue::Topology;
 use crate::queue::amqp;
@@ -82,11 +82,11 @@ impl Broker<'_> {
         }
         let mut after: Option<String> = None;
         loop {
-            let page = page(self.store, filter, MOVE_BATCH, after.as_deref()).await?;
+            let page = page_stored(self.store, filter, MOVE_BATCH, after.as_deref()).await?;
             let mut batch = Vec::new();
-            for d in page.letters {
-                match check_requeue(&d, recovery, force) {
-                    Ok(actor) => batch.push((actor, d)),
+            for s in page.stored {
+                match check_requeue(&s.letter, recovery, force) {
+                    Ok(actor) => batch.push((actor, s)),
                     Err(why) => out.skipped.push(why),
                 }
             }
@@ -119,23 +119,17 @@ impl Broker<'_> {
         Ok(out)
     }
 
-    /// Moves each dead letter of `batch` to a ticket: the whole batch in one transaction, or,
-    /// when one of them changed under the move, each alone (the changed ones are skipped).
+    /// Moves each dead letter of `batch`, as it was read, to a ticket: the whole batch in one
+    /// transaction, or, when one of them changed since (the transaction checks every record),
+    /// each alone (the changed ones are skipped).
     async fn to_tickets(
         &self,
-        batch: Vec<(ActorId, DeadLetter)>,
+        batch: Vec<(ActorId, Stored)>,
         recovery: Option<Recovery>,
         out: &mut Requeued,
     ) -> Result<Vec<(ActorId, Ticket)>, StoreError> {
-        let mut stored = Vec::new();
-        for (actor, d) in batch {
-            match index::get(&**self.store, &LetterId::Actor(actor.clone())).await? {
-                Some(s) if s.letter == d => stored.push((actor, s)),
-                _ => out.skipped.push(format!("{actor}: its dead letter changed while requeuing; run again")),
-            }
-        }
         let now = SystemClock.now_ms();
-        let tickets: Vec<(ActorId, Stored, Ticket)> = stored
+        let tickets: Vec<(ActorId, Stored, Ticket)> = batch
             .into_iter()
             .map(|(actor, s)| {
                 let t = Ticket::new(s.letter.clone(), recovery, now);
@@ -208,11 +202,11 @@ async fn requeue_embedded(
     let mut out = Requeued::default();
     let mut after: Option<String> = None;
     loop {
-        let page = page(store, filter, MOVE_BATCH, after.as_deref()).await?;
-        for d in page.letters {
-            match check_requeue(&d, recovery, force) {
+        let page = page_stored(store, filter, MOVE_BATCH, after.as_deref()).await?;
+        for s in page.stored {
+            match check_requeue(&s.letter, recovery, force) {
                 Ok(actor) => {
-                    let outcome = rerun(store, &runner, &d, actor.clone(), recovery, &mut out).await?;
+                    let outcome = rerun(store, &runner, &s, actor.clone(), recovery, &mut out).await?;
                     out.outcomes.insert(actor.to_string(), outcome);
                     out.actors.push(actor.to_string());
                 }
@@ -229,15 +223,12 @@ async fn requeue_embedded(
 async fn rerun(
     store: &DynStore,
     runner: &JobRunner,
-    d: &DeadLetter,
+    before: &Stored,
     actor: ActorId,
     recovery: Option<Recovery>,
     out: &mut Requeued,
 ) -> Result<String, StoreError> {
-    let Some(before) = index::get(&**store, &LetterId::Actor(actor.clone())).await? else {
-        return Ok("its dead letter is gone".into());
-    };
-    let job = Job::new(&d.campaign, actor, SystemClock.now_ms(), recovery);
+    let job = Job::new(&before.letter.campaign, actor, SystemClock.now_ms(), recovery);
     let mut attempts = 1;
     loop {
         match runner.run_job(&job, attempts).await {
