@@ -54,10 +54,19 @@ fn actor_of(key: &[u8]) -> (Vec<u8>, Vec<u8>, bool) {
 /// one is under 0x08, its first key).
 type Group = (Vec<u8>, Vec<u8>, bool, Vec<u8>);
 
+/// One batch of a skip-scan over v1 actors ([`crate::store::Store::v1_actors`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActorBatch {
+    pub actors: Vec<ScannedActor>,
+    /// Where the next batch starts, a logical key the same store understands (`None`: done).
+    pub next: Option<Vec<u8>>,
+}
+
 /// Walks the actors under `v1/`.
 pub struct ActorScan<'a> {
     store: &'a dyn Store,
-    next_start: Vec<u8>,
+    /// `None` once the range is done.
+    next_start: Option<Vec<u8>>,
     end: Vec<u8>,
     pending: std::collections::VecDeque<ScannedActor>,
 }
@@ -69,7 +78,7 @@ impl<'a> ActorScan<'a> {
             Some(raw) => after_actor(raw),
             None => V1_PREFIX.to_vec(),
         };
-        ActorScan { store, next_start, end: prefix_end(V1_PREFIX), pending: Default::default() }
+        ActorScan { store, next_start: Some(next_start), end: prefix_end(V1_PREFIX), pending: Default::default() }
     }
 
     /// Only actors whose id starts with `prefix`.
@@ -81,53 +90,63 @@ impl<'a> ActorScan<'a> {
             Some(raw) => after_actor(raw).max(start),
             None => start,
         };
-        ActorScan { store, next_start, end, pending: Default::default() }
+        ActorScan { store, next_start: Some(next_start), end, pending: Default::default() }
     }
 
     pub async fn next(&mut self) -> Result<Option<ScannedActor>, StoreError> {
-        if self.pending.is_empty() {
-            self.fill().await?;
+        while self.pending.is_empty() {
+            let Some(start) = self.next_start.take() else {
+                return Ok(None);
+            };
+            let batch = self.store.v1_actors(&KeyRange::new(start, self.end.clone()), KEY_BATCH).await?;
+            self.pending.extend(batch.actors);
+            self.next_start = batch.next;
         }
         Ok(self.pending.pop_front())
     }
+}
 
-    /// Reads the next batch of keys and queues the actors it covers.
-    async fn fill(&mut self) -> Result<(), StoreError> {
-        if self.next_start >= self.end {
-            return Ok(());
-        }
-        let range = KeyRange::new(self.next_start.clone(), self.end.clone());
-        let keys = self.store.scan_keys(&range, KEY_BATCH).await?;
-        let full = keys.len() == KEY_BATCH;
-        let mut groups: Vec<Group> = Vec::new();
-        for key in keys {
-            let (raw, after, sqlite) = actor_of(&key);
-            match groups.last_mut() {
-                Some(g) if g.0 == raw && g.1 == after => g.2 |= sqlite,
-                _ => groups.push((raw, after, sqlite, key)),
-            }
-        }
-        let Some(last) = groups.last() else {
-            self.next_start = self.end.clone();
-            return Ok(());
-        };
-        let last_complete = !full;
-        self.next_start = match (full, groups.len()) {
-            (false, _) => last.1.clone(),
-            // One actor filled the batch: take it (its SQLite keys may lie beyond) and skip it.
-            (true, 1) => last.1.clone(),
-            // The last actor may be cut off: read it again, whole, next time.
-            (true, _) => last.3.clone(),
-        };
-        let take = if full && groups.len() > 1 { groups.len() - 1 } else { groups.len() };
-        let n = groups.len();
-        for (i, (raw, _, sqlite, _)) in groups.into_iter().take(take).enumerate() {
-            let complete = i + 1 < n || last_complete;
-            let id = ActorId::from_bytes(&raw);
-            // Without all its keys, a missing 0x08 key in the batch proves nothing.
-            let has_sqlite = if complete || sqlite { Some(sqlite) } else { None };
-            self.pending.push_back(ScannedActor { raw, id, has_sqlite });
-        }
-        Ok(())
+/// [`crate::store::Store::v1_actors`] over logical keys: one `scan_keys` of up to `limit` keys
+/// covers many small actors; a larger actor costs one call and a skip past it.
+pub async fn logical_actor_batch<S: Store + ?Sized>(
+    store: &S,
+    range: &KeyRange,
+    limit: usize,
+) -> Result<ActorBatch, StoreError> {
+    if range.start >= range.end {
+        return Ok(ActorBatch::default());
     }
+    let keys = store.scan_keys(range, limit).await?;
+    let full = keys.len() == limit;
+    let mut groups: Vec<Group> = Vec::new();
+    for key in keys {
+        let (raw, after, sqlite) = actor_of(&key);
+        match groups.last_mut() {
+            Some(g) if g.0 == raw && g.1 == after => g.2 |= sqlite,
+            _ => groups.push((raw, after, sqlite, key)),
+        }
+    }
+    let Some(last) = groups.last() else {
+        return Ok(ActorBatch::default());
+    };
+    let last_complete = !full;
+    let next = match (full, groups.len()) {
+        (false, _) => last.1.clone(),
+        // One actor filled the batch: take it (its SQLite keys may lie beyond) and skip it.
+        (true, 1) => last.1.clone(),
+        // The last actor may be cut off: read it again, whole, next time.
+        (true, _) => last.3.clone(),
+    };
+    let take = if full && groups.len() > 1 { groups.len() - 1 } else { groups.len() };
+    let n = groups.len();
+    let mut actors = Vec::with_capacity(take);
+    for (i, (raw, _, sqlite, _)) in groups.into_iter().take(take).enumerate() {
+        let complete = i + 1 < n || last_complete;
+        let id = ActorId::from_bytes(&raw);
+        // Without all its keys, a missing 0x08 key in the batch proves nothing.
+        let has_sqlite = if complete || sqlite { Some(sqlite) } else { None };
+        actors.push(ScannedActor { raw, id, has_sqlite });
+    }
+    let next = (next < range.end).then_some(next);
+    Ok(ActorBatch { actors, next })
 }

@@ -20,11 +20,13 @@
 pub mod limits;
 pub mod postgres;
 pub mod sqlite;
-mod url;
+pub(crate) mod url;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+
+use crate::layout::Layout;
 use xxhash_rust::xxh3::Xxh3;
 
 pub use self::url::{StoreUrl, redact as redact_url};
@@ -192,6 +194,15 @@ pub enum StoreError {
     TransactionTooLarge { size: usize, max: usize },
     #[error("invalid store URL: {0}")]
     InvalidUrl(String),
+    /// The rows behind logical key `key` do not make a value its layout can read (rivet: DATA
+    /// rows without their METADATA row, a chunked v2 value missing a chunk). Named by the
+    /// logical key; never a partial value. `detail` never quotes row contents.
+    #[error("rows of key {} are corrupt: {detail}", crate::keys::printable(key))]
+    Corrupt { key: Vec<u8>, detail: String },
+    /// The operation cannot be expressed in the store's layout (a range across key families,
+    /// a v1 write outside a fixture load, a key no family holds).
+    #[error("not possible in the {layout} layout: {detail}")]
+    Unsupported { layout: &'static str, detail: String },
     /// An [`OpenMode::Existing`] open found no store (no file, schema or `kv` table) at the
     /// URL; nothing was created.
     #[error("no ferry store at {url}: {what}")]
@@ -208,6 +219,8 @@ impl StoreError {
             | StoreError::KeyTooLarge { .. }
             | StoreError::TransactionTooLarge { .. }
             | StoreError::InvalidUrl(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Unsupported { .. }
             | StoreError::Missing { .. } => false,
         }
     }
@@ -236,6 +249,20 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `txn` atomically, or reports the first check that failed.
     async fn commit(&self, txn: Txn) -> Result<(), StoreError>;
 
+    /// The physical layout behind the logical keys (DESIGN.md section 7).
+    fn layout(&self) -> Layout {
+        Layout::Ferry
+    }
+
+    /// Up to about `limit` v1 actors whose keys lie in `range` (a range of `v1/` logical keys,
+    /// from its start), each with whether it has v1 SQLite data, and the logical key where the
+    /// next batch starts (`None`: the range is done). The default skip-scans logical keys,
+    /// which sort as the physical ones; a layout whose actors sort otherwise overrides it and
+    /// returns cursors only it needs to understand.
+    async fn v1_actors(&self, range: &KeyRange, limit: usize) -> Result<crate::scan::ActorBatch, StoreError> {
+        crate::scan::logical_actor_batch(self, range, limit).await
+    }
+
     /// The URL this store was opened with, password removed, for logs.
     fn describe(&self) -> String;
 }
@@ -261,11 +288,31 @@ pub struct OpenOptions {
     pub mode: OpenMode,
     /// Time bounds of every PostgreSQL session (ignored by SQLite).
     pub session: postgres::SessionLimits,
+    /// Which rows the store holds; `rivet` needs `postgres://...`.
+    pub layout: Layout,
+    /// rivet layout only: v1 rows may be written (`seed` and `import` loading fixtures; no
+    /// migration ever writes v1).
+    pub v1_writes: bool,
+    /// rivet layout only, with [`OpenMode::Create`]: create rivet's own objects in an empty
+    /// schema (`seed --create-rivet-schema`, a rehearsal); refused where `kv` exists.
+    pub create_rivet_schema: bool,
 }
 
 impl OpenOptions {
     pub fn new(pool_size: usize, mode: OpenMode) -> OpenOptions {
-        OpenOptions { pool_size, mode, session: postgres::SessionLimits::default() }
+        OpenOptions {
+            pool_size,
+            mode,
+            session: postgres::SessionLimits::default(),
+            layout: Layout::Ferry,
+            v1_writes: false,
+            create_rivet_schema: false,
+        }
+    }
+
+    pub fn layout(mut self, layout: Layout) -> OpenOptions {
+        self.layout = layout;
+        self
     }
 
     /// Session bounds derived from the lease TTL of the workers using the store.
@@ -287,11 +334,15 @@ pub async fn open_existing(url: &str, pool_size: usize) -> Result<DynStore, Stor
 
 /// Opens the backend a URL names with explicit options.
 pub async fn open_with(url: &str, opts: &OpenOptions) -> Result<DynStore, StoreError> {
-    match StoreUrl::parse(url)? {
-        StoreUrl::Sqlite { path } => {
+    match (opts.layout, StoreUrl::parse(url)?) {
+        (Layout::Ferry, StoreUrl::Sqlite { path }) => {
             Ok(Arc::new(sqlite::SqliteStore::open_with(&path, opts.pool_size, opts.mode).await?))
         }
-        StoreUrl::Postgres(cfg) => Ok(Arc::new(postgres::PostgresStore::connect_with(cfg, opts).await?)),
+        (Layout::Ferry, StoreUrl::Postgres(cfg)) => Ok(Arc::new(postgres::PostgresStore::connect_with(cfg, opts).await?)),
+        (Layout::Rivet, StoreUrl::Postgres(cfg)) => Ok(Arc::new(crate::layout::RivetStore::connect(cfg, opts).await?)),
+        (Layout::Rivet, StoreUrl::Sqlite { .. }) => Err(StoreError::InvalidUrl(
+            "--layout rivet reads rivet's PostgreSQL universaldb: give postgres://...?schema=X, not sqlite:".into(),
+        )),
     }
 }
 

@@ -49,7 +49,7 @@ use super::{Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDig
 
 const BACKEND: &str = "postgres";
 /// How often one commit is re-run after a serialization failure before giving up as transient.
-const SERIALIZATION_RETRIES: u32 = 12;
+pub(crate) const SERIALIZATION_RETRIES: u32 = 12;
 
 /// The time bounds of every ferry session (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +136,77 @@ pub struct PostgresStore {
     sql: Statements,
 }
 
+/// A pool of bounded sessions to one server, with the names its errors carry.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    pub(crate) pool: Pool,
+    /// The URL, password removed.
+    pub(crate) described: String,
+    /// `host:port` of every server the URL names.
+    pub(crate) endpoint: String,
+}
+
+impl Connection {
+    /// Builds the pool (no connection is made until the first use).
+    pub(crate) fn open(url: &PostgresUrl, opts: &OpenOptions) -> Result<Connection, StoreError> {
+        let described = redact(&url.conninfo);
+        let mut config: tokio_postgres::Config =
+            url.conninfo.parse().map_err(|e| StoreError::InvalidUrl(format!("{described}: {e}")))?;
+        opts.session.apply(&mut config, url);
+        let endpoint = endpoint(&config);
+        let mgr_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let create_timeout = config.get_connect_timeout().copied().unwrap_or(opts.session.connect);
+        let manager = if url.tls {
+            Manager::from_config(config, tls_connector(), mgr_config)
+        } else {
+            Manager::from_config(config, NoTls, mgr_config)
+        };
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            // The driver's own connect timeout fires first and says which server timed out;
+            // this one also covers the TLS handshake and authentication.
+            .create_timeout(Some(create_timeout + Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Failed { backend: BACKEND, message: format!("{described}: {e}") })?;
+        Ok(Connection { pool, described, endpoint })
+    }
+
+    pub(crate) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.pool_err(e))
+    }
+
+    /// A driver error as a store error: transient or not, with its root cause and the server.
+    pub(crate) fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        let message = format!("{} (server {}, {})", root_cause(&e), self.endpoint, self.described);
+        if is_transient(&e) {
+            StoreError::Unavailable { backend: BACKEND, message }
+        } else {
+            StoreError::Failed { backend: BACKEND, message }
+        }
+    }
+
+    /// A pool error: a failed connect keeps the driver's cause; every pool error is named.
+    pub(crate) fn pool_err(&self, e: PoolError) -> StoreError {
+        match e {
+            PoolError::Backend(e) => match self.err(e) {
+                StoreError::Unavailable { backend, message } => {
+                    StoreError::Unavailable { backend, message: format!("connecting: {message}") }
+                }
+                StoreError::Failed { backend, message } => {
+                    StoreError::Failed { backend, message: format!("connecting: {message}") }
+                }
+                other => other,
+            },
+            other => StoreError::Unavailable {
+                backend: BACKEND,
+                message: format!("{other} (server {}, {})", self.endpoint, self.described),
+            },
+        }
+    }
+}
+
 /// SQL text with the table name resolved once.
 struct Statements {
     get: String,
@@ -175,32 +246,11 @@ impl PostgresStore {
     /// Connects a pool; in [`OpenMode::Create`] creates the schema and table if missing, in
     /// [`OpenMode::Existing`] checks they exist and runs no DDL.
     pub async fn connect_with(url: PostgresUrl, opts: &OpenOptions) -> Result<PostgresStore, StoreError> {
-        let described = redact(&url.conninfo);
-        let mut config: tokio_postgres::Config =
-            url.conninfo.parse().map_err(|e| StoreError::InvalidUrl(format!("{described}: {e}")))?;
-        opts.session.apply(&mut config, &url);
-        let endpoint = endpoint(&config);
-        let mgr_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let create_timeout = config.get_connect_timeout().copied().unwrap_or(opts.session.connect);
-        let manager = if url.tls {
-            Manager::from_config(config, tls_connector(), mgr_config)
-        } else {
-            Manager::from_config(config, NoTls, mgr_config)
-        };
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_size.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            // The driver's own connect timeout fires first and says which server timed out;
-            // this one also covers the TLS handshake and authentication.
-            .create_timeout(Some(create_timeout + Duration::from_secs(5)))
-            .build()
-            .map_err(|e| StoreError::Failed { backend: BACKEND, message: format!("{described}: {e}") })?;
         let table = match &url.schema {
             Some(schema) => format!("{schema}.kv"),
             None => "kv".to_string(),
         };
-        let store = PostgresStore { pool, described, endpoint, sql: Statements::new(&table) };
+        let store = PostgresStore::on_table(Connection::open(&url, opts)?, &table);
         match opts.mode {
             OpenMode::Create => store.create_table(url.schema.as_deref(), &table).await?,
             OpenMode::Existing => store.check_table(url.schema.as_deref(), &table).await?,
@@ -208,7 +258,18 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn create_table(&self, schema: Option<&str>, table: &str) -> Result<(), StoreError> {
+    /// A store on `table` (schema-qualified) of a connection already made, running no DDL.
+    pub(crate) fn on_table(conn: Connection, table: &str) -> PostgresStore {
+        PostgresStore { pool: conn.pool, described: conn.described, endpoint: conn.endpoint, sql: Statements::new(table) }
+    }
+
+    /// The pool and names of this store, shared with a layout that writes other tables in the
+    /// same transactions (the rivet layout's `kv` beside its `ferry_kv`).
+    pub(crate) fn connection(&self) -> Connection {
+        Connection { pool: self.pool.clone(), described: self.described.clone(), endpoint: self.endpoint.clone() }
+    }
+
+    pub(crate) async fn create_table(&self, schema: Option<&str>, table: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
         let mut ddl = String::new();
         if let Some(schema) = schema {
@@ -248,33 +309,12 @@ impl PostgresStore {
         self.pool.get().await.map_err(|e| self.pool_err(e))
     }
 
-    /// A driver error as a store error: transient or not, with its root cause and the server.
     fn err(&self, e: tokio_postgres::Error) -> StoreError {
-        let message = format!("{} (server {}, {})", root_cause(&e), self.endpoint, self.described);
-        if is_transient(&e) {
-            StoreError::Unavailable { backend: BACKEND, message }
-        } else {
-            StoreError::Failed { backend: BACKEND, message }
-        }
+        self.connection().err(e)
     }
 
-    /// A pool error: a failed connect keeps the driver's cause; every pool error is named.
     fn pool_err(&self, e: PoolError) -> StoreError {
-        match e {
-            PoolError::Backend(e) => match self.err(e) {
-                StoreError::Unavailable { backend, message } => {
-                    StoreError::Unavailable { backend, message: format!("connecting: {message}") }
-                }
-                StoreError::Failed { backend, message } => {
-                    StoreError::Failed { backend, message: format!("connecting: {message}") }
-                }
-                other => other,
-            },
-            other => StoreError::Unavailable {
-                backend: BACKEND,
-                message: format!("{other} (server {}, {})", self.endpoint, self.described),
-            },
-        }
+        self.connection().pool_err(e)
     }
 
     /// One attempt at a commit; `Ok(Err(..))` is a failed check.
@@ -284,7 +324,22 @@ impl PostgresStore {
             Err(e) => return Ok(Err(self.pool_err(e))),
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
-        for (index, check) in txn.checks.iter().enumerate() {
+        if let Some(failed) = self.failed_check(&tx, &txn.checks).await? {
+            tx.rollback().await?;
+            return Ok(Err(failed));
+        }
+        self.apply(&tx, &txn.mutations).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// The first check of `checks` that does not hold inside `tx`, as a conflict.
+    pub(crate) async fn failed_check(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        checks: &[Check],
+    ) -> Result<Option<StoreError>, tokio_postgres::Error> {
+        for (index, check) in checks.iter().enumerate() {
             let (holds, key) = match check {
                 Check::Value { key, expected } => {
                     let stmt = tx.prepare_cached(&self.sql.get).await?;
@@ -296,13 +351,10 @@ impl PostgresStore {
                 }
             };
             if !holds {
-                tx.rollback().await?;
-                return Ok(Err(StoreError::Conflict { index, key: key.clone() }));
+                return Ok(Some(StoreError::Conflict { index, key: key.clone() }));
             }
         }
-        self.apply(&tx, &txn.mutations).await?;
-        tx.commit().await?;
-        Ok(Ok(()))
+        Ok(None)
     }
 
     async fn range_digest(
@@ -320,7 +372,7 @@ impl PostgresStore {
         Ok(digest.finish())
     }
 
-    async fn apply(
+    pub(crate) async fn apply(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         mutations: &[Mutation],
@@ -387,7 +439,7 @@ fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
 }
 
 /// Re-run inside [`Store::commit`]: the server gave up on this attempt, not on the commit.
-fn is_retryable(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn is_retryable(e: &tokio_postgres::Error) -> bool {
     matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
 }
 
