@@ -139,7 +139,8 @@ impl TestStore {
                 let url = format!("{base}{sep}schema={schema}");
                 let mut opts = OpenOptions::new(8, OpenMode::Existing).layout(Layout::Rivet);
                 opts.v1_writes = true;
-                let store = store::open_with(&url, &opts).await.unwrap_or_else(|e| panic!("open rivet test store: {e}"));
+                let store =
+                    store::open_with(&url, &opts).await.unwrap_or_else(|e| panic!("open rivet test store: {e}"));
                 TestStore { store, url, backend, _dir: None, schema: Some(schema) }
             }
         }

@@ -42,6 +42,10 @@ pub enum BadMessage {
     Version(u32),
     #[error("campaign name {0:?} is invalid: 1 to {MAX_CAMPAIGN_LEN} bytes of [A-Za-z0-9_.-]")]
     Campaign(String),
+    /// A well-formed job whose actor id cannot name an actor of the store's layout (rivet: a
+    /// 30-character base36 id).
+    #[error("actor {actor} is not an actor id of the {layout} layout: {detail}")]
+    ForeignActor { actor: String, layout: &'static str, detail: String },
 }
 
 impl BadMessage {
@@ -52,6 +56,7 @@ impl BadMessage {
             BadMessage::Malformed(_) => "malformed",
             BadMessage::Version(_) => "version",
             BadMessage::Campaign(_) => "campaign",
+            BadMessage::ForeignActor { .. } => "foreign_actor",
         }
     }
 

@@ -103,6 +103,15 @@ impl JobRunner {
             Ok(job) => job,
             Err(bad) => return self.bad_message(body, &bad, attempts).await,
         };
+        let layout = self.migrator.store().layout();
+        if let Err(e) = layout.check_actor(&job.actor_id) {
+            let bad = BadMessage::ForeignActor {
+                actor: job.actor_id.to_string(),
+                layout: layout.as_str(),
+                detail: e.to_string(),
+            };
+            return self.bad_message(body, &bad, attempts).await;
+        }
         if let Some(token) = token {
             match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
                 Ok(Claim::Current(raw)) => job.ticket = Some(raw),
@@ -136,6 +145,15 @@ impl JobRunner {
             Ok(job) => job,
             Err(bad) => return self.bad_message(body, &bad, attempts).await,
         };
+        let layout = self.migrator.store().layout();
+        if let Err(e) = layout.check_actor(&job.actor_id) {
+            let bad = BadMessage::ForeignActor {
+                actor: job.actor_id.to_string(),
+                layout: layout.as_str(),
+                detail: e.to_string(),
+            };
+            return self.bad_message(body, &bad, attempts).await;
+        }
         if let Some(token) = token {
             match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
                 Ok(Claim::Current(raw)) => job.ticket = Some(raw),

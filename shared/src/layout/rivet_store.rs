@@ -145,7 +145,9 @@ enum ActorKey {
 
 fn split_actor(rest: &[u8]) -> Option<(ActorKey, &[u8])> {
     if rest.len() >= ID_STRING_LEN {
-        if let Ok(id) = std::str::from_utf8(&rest[..ID_STRING_LEN]).map_err(|_| ()).and_then(|s| RivetId::parse(s).map_err(|_| ())) {
+        if let Ok(id) =
+            std::str::from_utf8(&rest[..ID_STRING_LEN]).map_err(|_| ()).and_then(|s| RivetId::parse(s).map_err(|_| ()))
+        {
             return Some((ActorKey::Id(id), &rest[ID_STRING_LEN..]));
         }
     }
@@ -350,7 +352,12 @@ impl Reader<'_, '_> {
 
     /// Logical v1 rows: physical rows read in batches and assembled into entries; an entry cut
     /// by a batch is read again, whole, by the next one.
-    async fn v1_scan(&self, range: &KeyRange, limit: usize, values: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    async fn v1_scan(
+        &self,
+        range: &KeyRange,
+        limit: usize,
+        values: bool,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let physical = v1_range(range)?;
         let mut out = Vec::new();
         let mut cursor = physical.start.clone();
@@ -699,11 +706,8 @@ impl RivetStore {
     async fn create_rivet_objects(&self) -> Result<(), StoreError> {
         let client = self.conn.client().await?;
         let kv = format!("{}.kv", self.schema);
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&kv])
-            .await
-            .map_err(|e| self.conn.err(e))?
-            .get(0);
+        let exists: bool =
+            client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&kv]).await.map_err(|e| self.conn.err(e))?.get(0);
         if exists {
             return Err(StoreError::Failed {
                 backend: "postgres",
@@ -779,9 +783,16 @@ impl RivetStore {
         drop(reader_client);
 
         let mut client = self.conn.client().await.map_err(Attempt::Store)?;
-        let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await.map_err(Attempt::Pg)?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::Serializable)
+            .start()
+            .await
+            .map_err(Attempt::Pg)?;
         let checks: Vec<Check> = plan.record_checks.iter().map(|(_, c)| c.clone()).collect();
-        if let Some(StoreError::Conflict { index, .. }) = self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)? {
+        if let Some(StoreError::Conflict { index, .. }) =
+            self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)?
+        {
             tx.rollback().await.map_err(Attempt::Pg)?;
             let (orig, check) = &plan.record_checks[index];
             return Ok(Err(conflict(*orig, check)));
@@ -860,7 +871,8 @@ impl Store for RivetStore {
 
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
         limits::check_txn(&txn)?;
-        let planner = Planner { v1_writes: self.v1_writes, now_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock) };
+        let planner =
+            Planner { v1_writes: self.v1_writes, now_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock) };
         let plan = planner.plan(txn)?;
         if !plan.touches_kv() {
             let checks = plan.record_checks.into_iter().map(|(_, c)| c).collect();

@@ -118,7 +118,12 @@ impl Snapshot<'_> {
         Ok(self.tx.query_opt(&stmt, &[&key]).await?.map(|r| r.get(0)))
     }
 
-    pub async fn scan(&self, sql: &UdbSql, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, tokio_postgres::Error> {
+    pub async fn scan(
+        &self,
+        sql: &UdbSql,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, tokio_postgres::Error> {
         if range.start >= range.end {
             return Ok(Vec::new());
         }
@@ -128,7 +133,12 @@ impl Snapshot<'_> {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
-    pub async fn scan_keys(&self, sql: &UdbSql, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, tokio_postgres::Error> {
+    pub async fn scan_keys(
+        &self,
+        sql: &UdbSql,
+        range: &KeyRange,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, tokio_postgres::Error> {
         if range.start >= range.end {
             return Ok(Vec::new());
         }
@@ -202,7 +212,8 @@ pub async fn missing_objects(client: &Object, schema: &str) -> Result<Vec<String
     let mut missing = Vec::new();
     for (kind, name) in RIVET_OBJECTS {
         let qualified = format!("{schema}.{name}");
-        let query = if kind == "type" { "SELECT to_regtype($1) IS NOT NULL" } else { "SELECT to_regclass($1) IS NOT NULL" };
+        let query =
+            if kind == "type" { "SELECT to_regtype($1) IS NOT NULL" } else { "SELECT to_regclass($1) IS NOT NULL" };
         let exists: bool = client.query_one(query, &[&qualified]).await?.get(0);
         if !exists {
             missing.push(format!("{kind} {qualified}"));

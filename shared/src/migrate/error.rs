@@ -70,7 +70,7 @@ pub enum Cause {
     #[error("lost the migration to another holder (generation or lease changed)")]
     Fenced,
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("internal: {0}")]
     Internal(String),
     #[error(
@@ -78,6 +78,24 @@ pub enum Cause {
          campaign's store? (handed back for later, no attempt used)"
     )]
     UnknownCampaign { campaign: String, store: String },
+}
+
+impl From<StoreError> for Cause {
+    /// Rows a layout found corrupt are a verdict on the actor, not a store outage: a v1
+    /// SQLite key's become its rejection, the head's `corrupt_v2_meta`.
+    fn from(e: StoreError) -> Cause {
+        if let Some(r) = crate::v1::read::corrupt_rejection(&e) {
+            return Cause::Rejected(r);
+        }
+        match e {
+            StoreError::Corrupt { key, detail }
+                if key.starts_with(crate::keys::V2_PREFIX) && key.ends_with(b"/META") =>
+            {
+                Cause::CorruptV2Meta(detail)
+            }
+            e => Cause::Store(e),
+        }
+    }
 }
 
 impl Cause {

@@ -281,6 +281,18 @@ impl Migrator {
                         expires_at_ms: lease.expires_at_ms,
                     });
                 }
+                if lease_raw.is_none()
+                    && let Some(window) = self.store.layout().foreign_migration_window()
+                {
+                    let until = head.creation_ts_ms.saturating_add(window.as_millis() as i64);
+                    if self.clock.now_ms() < until {
+                        // No ferry lease: rivet's own migration, whose only lease is its age.
+                        return Err(Cause::InProgressElsewhere {
+                            holder: format!("{} (a MigratingFromV1 head without a ferry lease)", self.store.layout()),
+                            expires_at_ms: until,
+                        });
+                    }
+                }
                 info!(generation = head.generation, "taking over a stale migration");
                 Ok(V2State::Stale { head, head_raw, lease_raw })
             }
@@ -342,7 +354,8 @@ impl Migrator {
         started: i64,
     ) -> Result<Staging, StoreError> {
         // Nothing of the actor's v2 is left but the head: the usage is META's own.
-        let (head, head_raw) = quota::with_usage(actor, &DBHead::staging(generation, txid, started), 0);
+        let (head, head_raw) =
+            quota::with_usage(self.store.layout(), actor, &DBHead::staging(generation, txid, started), 0);
         let lease = Lease {
             holder: format!("{}#{:016x}", self.cfg.worker_id, rand::random::<u64>()),
             generation,
@@ -418,8 +431,8 @@ impl Migrator {
             db_size_pages: image.pages,
             ..staging.head.clone()
         };
-        let usage = staging.delta_usage + quota::pidx_usage(&req.actor, image.pages);
-        txn.set(v2keys::meta(&req.actor), quota::with_usage(&req.actor, &head, usage).1);
+        let usage = staging.delta_usage + quota::pidx_usage(self.store.layout(), &req.actor, image.pages);
+        txn.set(v2keys::meta(&req.actor), quota::with_usage(self.store.layout(), &req.actor, &head, usage).1);
         txn.set(keys::audit(&req.actor), audit.encode());
         txn.clear(keys::lease(&req.actor));
         if let Some(key) = &req.clears {
@@ -496,7 +509,7 @@ impl Migrator {
             db_size_pages: pages,
             ..DBHead::staging(generation, txid, started)
         };
-        let mut usage = quota::pidx_usage(actor, pages);
+        let mut usage = quota::pidx_usage(self.store.layout(), actor, pages);
         let audit = self.migrated_audit(req, &image, image.main.len() as u64, checksum, generation, started);
         let mut txn = Txn::new();
         txn.check_value(v2keys::meta(actor), prev.head_raw.map(<[u8]>::to_vec));
@@ -510,14 +523,14 @@ impl Migrator {
         for (i, slice) in blob.chunks(stage::DELTA_CHUNK_SIZE).enumerate() {
             // A one-shot blob is a few MiB: a handful of slices.
             let key = v2keys::delta_chunk(actor, txid, i as u32);
-            usage += quota::entry_size(&key, slice);
+            usage += quota::entry_size(self.store.layout(), &key, slice);
             txn.set(key, slice.to_vec());
         }
         let txid_bytes = txid.to_be_bytes();
         for pgno in 1..=pages {
             txn.set(v2keys::pidx(actor, pgno), txid_bytes.to_vec());
         }
-        txn.set(v2keys::meta(actor), quota::with_usage(actor, &head, usage).1);
+        txn.set(v2keys::meta(actor), quota::with_usage(self.store.layout(), actor, &head, usage).1);
         txn.set(keys::audit(actor), audit.encode());
         if prev.lease_raw.is_some() {
             txn.clear(keys::lease(actor));

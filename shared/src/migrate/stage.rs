@@ -166,12 +166,12 @@ pub async fn stage(
         let mut usage = staging.delta_usage;
         for value in batch {
             let key = v2keys::delta_chunk(&staging.actor, staging.txid, next_chunk);
-            usage += quota::entry_size(&key, &value);
+            usage += quota::entry_size(store.layout(), &key, &value);
             delta_bytes += value.len() as u64;
             txn.set(key, value);
             next_chunk += 1;
         }
-        let (head, head_raw) = quota::with_usage(&staging.actor, &staging.head, usage);
+        let (head, head_raw) = quota::with_usage(store.layout(), &staging.actor, &staging.head, usage);
         txn.set(v2keys::meta(&staging.actor), head_raw.clone());
         let (lease, raw) = staging.renew(&mut txn, now(), lease_ttl_ms);
         let commit_started = std::time::Instant::now();

@@ -338,7 +338,9 @@ pub async fn open_with(url: &str, opts: &OpenOptions) -> Result<DynStore, StoreE
         (Layout::Ferry, StoreUrl::Sqlite { path }) => {
             Ok(Arc::new(sqlite::SqliteStore::open_with(&path, opts.pool_size, opts.mode).await?))
         }
-        (Layout::Ferry, StoreUrl::Postgres(cfg)) => Ok(Arc::new(postgres::PostgresStore::connect_with(cfg, opts).await?)),
+        (Layout::Ferry, StoreUrl::Postgres(cfg)) => {
+            Ok(Arc::new(postgres::PostgresStore::connect_with(cfg, opts).await?))
+        }
         (Layout::Rivet, StoreUrl::Postgres(cfg)) => Ok(Arc::new(crate::layout::RivetStore::connect(cfg, opts).await?)),
         (Layout::Rivet, StoreUrl::Sqlite { .. }) => Err(StoreError::InvalidUrl(
             "--layout rivet reads rivet's PostgreSQL universaldb: give postgres://...?schema=X, not sqlite:".into(),

@@ -260,7 +260,12 @@ impl PostgresStore {
 
     /// A store on `table` (schema-qualified) of a connection already made, running no DDL.
     pub(crate) fn on_table(conn: Connection, table: &str) -> PostgresStore {
-        PostgresStore { pool: conn.pool, described: conn.described, endpoint: conn.endpoint, sql: Statements::new(table) }
+        PostgresStore {
+            pool: conn.pool,
+            described: conn.described,
+            endpoint: conn.endpoint,
+            sql: Statements::new(table),
+        }
     }
 
     /// The pool and names of this store, shared with a layout that writes other tables in the

@@ -75,7 +75,39 @@ pub enum ReadError {
     #[error("v1 changed while it was read")]
     Changed,
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ReadError {
+    fn from(e: StoreError) -> ReadError {
+        match corrupt_rejection(&e) {
+            Some(r) => ReadError::Rejected(r),
+            None => ReadError::Store(e),
+        }
+    }
+}
+
+/// The rejection of a v1 SQLite key whose rows the layout found corrupt (rivet: DATA rows
+/// without their METADATA row, or the reverse; rivet's own reads fail on both): `bad_meta` for
+/// a meta key, `chunk_mismatch` for a chunk key (DESIGN.md section 7). `None` for any other
+/// store error, or a corrupt key outside the v1 SQLite keys.
+pub fn corrupt_rejection(e: &StoreError) -> Option<V1Rejection> {
+    let StoreError::Corrupt { key, detail } = e else {
+        return None;
+    };
+    let rest = key.strip_prefix(crate::keys::V1_PREFIX)?;
+    let user_key = &rest[rest.iter().position(|&b| b == b'/')? + 1..];
+    let detail = format!("the rows of {} are incomplete: {detail}", crate::keys::printable(user_key));
+    match keys::classify(user_key) {
+        SqliteKey::Meta(tag) => Some(V1Rejection::BadMeta { file: tag.name(), detail }),
+        SqliteKey::Chunk(tag, _) | SqliteKey::MalformedChunk(tag) => {
+            Some(V1Rejection::ChunkMismatch { file: tag.name(), detail })
+        }
+        SqliteKey::Unknown if user_key.first() == Some(&keys::SQLITE_PREFIX) => {
+            Some(V1Rejection::ChunkMismatch { file: FileTag::Main.name(), detail })
+        }
+        SqliteKey::Unknown => None,
+    }
 }
 
 /// Options of a read.
