@@ -562,6 +562,41 @@ fn read_ranges(check: &Check) -> Result<Vec<KeyRange>, StoreError> {
     }
 }
 
+/// The v2 space of one actor a physical key lies in: `S 02 {id}/` or `S 03 02 {id}/`.
+fn actor_space(key: &[u8]) -> Option<&[u8]> {
+    let subspace = codec::v2_subspace();
+    let rest = key.strip_prefix(subspace.as_slice())?;
+    let skip = match rest {
+        [codec::V2_KEY_PREFIX, ..] => 1,
+        [codec::V2_CHUNK_PREFIX, codec::V2_KEY_PREFIX, ..] => 2,
+        _ => return None,
+    };
+    let len = subspace.len() + skip + ID_STRING_LEN + 1;
+    (key.len() >= len && key[len - 1] == b'/').then(|| &key[..len])
+}
+
+/// Write ranges merged per actor's v2 space: a finalize writes one PIDX row per page, and one
+/// conflict row per page would cost the exclusion index as much as the writes. A merged range
+/// also covers keys between the written ones; inside an actor's v2 space under migration any
+/// concurrent writer is a conflict anyway, so the extra cover costs nothing real.
+fn coalesce(mut ranges: Vec<KeyRange>) -> Vec<KeyRange> {
+    ranges.sort_by(|a, b| a.start.cmp(&b.start));
+    let mut out: Vec<KeyRange> = Vec::with_capacity(ranges.len().min(16));
+    for r in ranges {
+        if let Some(last) = out.last_mut() {
+            let same_space = actor_space(&last.start).is_some() && actor_space(&last.start) == actor_space(&r.start);
+            if same_space || r.start <= last.end {
+                if r.end > last.end {
+                    last.end = r.end;
+                }
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    out
+}
+
 struct Planner {
     v1_writes: bool,
     now_ms: i64,
@@ -598,11 +633,11 @@ impl Planner {
                 Family::V1 => self.v1_write(m, &mut plan.kv_writes)?,
             }
         }
-        for m in &plan.kv_writes {
-            let range = match m {
-                Mutation::Set { key, .. } | Mutation::Clear { key } => key_range(key),
-                Mutation::ClearRange { range } => range.clone(),
-            };
+        let writes = plan.kv_writes.iter().map(|m| match m {
+            Mutation::Set { key, .. } | Mutation::Clear { key } => key_range(key),
+            Mutation::ClearRange { range } => range.clone(),
+        });
+        for range in coalesce(writes.collect()) {
             plan.conflicts.push(ConflictRange { range, kind: ConflictKind::Write });
         }
         Ok(plan)
@@ -950,6 +985,29 @@ mod tests {
         assert_eq!(range_family(&KeyRange::prefix(b"ferry/audit/")).unwrap(), Family::Records);
         assert_eq!(range_family(&KeyRange::prefix(b"v2/")).unwrap(), Family::V2);
         assert_eq!(family(b"ferry/lease/x"), Family::Records);
+    }
+
+    #[test]
+    fn a_finalize_of_many_pages_costs_one_write_conflict_row_per_actor_space() {
+        let actor = id().to_string();
+        let mut txn = Txn::new();
+        for pgno in 1..=1000u32 {
+            let mut k = format!("v2/{actor}/PIDX/delta/").into_bytes();
+            k.extend_from_slice(&pgno.to_be_bytes());
+            txn.set(k, 7u64.to_be_bytes().to_vec());
+        }
+        txn.set(format!("v2/{actor}/META").into_bytes(), b"head".to_vec());
+        txn.clear_range(KeyRange::prefix(format!("v2/{actor}/DELTA/").as_bytes()));
+        let plan = Planner { v1_writes: false, now_ms: 0 }.plan(txn).unwrap();
+        let writes: Vec<_> = plan.conflicts.iter().filter(|c| c.kind == ConflictKind::Write).collect();
+        assert_eq!(writes.len(), 2, "the key space and the chunk space: {writes:?}");
+        for m in &plan.kv_writes {
+            let key = match m {
+                Mutation::Set { key, .. } | Mutation::Clear { key } => key,
+                Mutation::ClearRange { range } => &range.start,
+            };
+            assert!(writes.iter().any(|w| w.range.contains(key)), "every write is covered");
+        }
     }
 
     #[test]
