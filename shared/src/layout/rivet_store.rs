@@ -458,6 +458,7 @@ impl Reader<'_, '_> {
         for _ in 0..limit.min(ENUMERATION_BATCH) {
             let window = KeyRange::new(cursor.clone(), end.clone());
             let Some(key) = self.snap.first_key(self.sql, &window).await.map_err(|e| self.pg(e))? else {
+                batch.next = None;
                 return Ok(batch);
             };
             let rest = &key[root.len()..];
@@ -816,6 +817,10 @@ impl RivetStore {
         let began = snap.began;
         snap.end().await.map_err(Attempt::Pg)?;
         drop(reader_client);
+        if plan.record_checks.is_empty() && plan.kv_writes.is_empty() && plan.record_writes.is_empty() {
+            // Checks only, all held in one snapshot: a read-only transaction commits nothing.
+            return Ok(Ok(()));
+        }
 
         let mut client = self.conn.client().await.map_err(Attempt::Store)?;
         let tx = client
