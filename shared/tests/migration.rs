@@ -1,5 +1,7 @@
-//! The migration of one actor (DESIGN.md sections 2 and 3), run against every backend: each
-//! test below is instantiated once for SQLite and once for PostgreSQL by `suite!`.
+//! The migration of one actor (DESIGN.md sections 2 and 3), run against every backend and
+//! layout: each test below is instantiated for SQLite, PostgreSQL and the rivet layout (rivet's
+//! own rows on PostgreSQL) by `suite!`. Actor ids come from the fixture (`env.actor(name)`:
+//! the name itself, or a fresh rivet id); every key the tests look at is a logical key.
 //!
 //! Every v1 database here is a real SQLite file made by SQLite (`ferry::synth::sqlite`); the
 //! only hand-made v1 data are *keys* (a missing or extra chunk, a bad meta), built with the
@@ -17,6 +19,7 @@ use async_trait::async_trait;
 use ferry::checksum::DatabaseChecksum;
 use ferry::clock::{Clock, ManualClock};
 use ferry::keys::{V1_PREFIX, V2_PREFIX};
+use ferry::layout::Layout;
 use ferry::migrate::lease::Lease;
 use ferry::migrate::stage::STAGE_TXN_BYTES;
 use ferry::migrate::{
@@ -37,7 +40,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 
 /// Instantiates every listed `async fn name(backend: Backend)` once per backend, in modules
-/// `sqlite` and `postgres`.
+/// `sqlite`, `postgres` and `rivet`.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -53,6 +56,14 @@ macro_rules! suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(ferry::testing::Backend::Postgres).await;
+                }
+            )*
+        }
+        mod rivet {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(ferry::testing::Backend::Rivet).await;
                 }
             )*
         }
@@ -131,6 +142,11 @@ impl Env {
         Env { _ts: ts, store, clock: ManualClock::new(START_MS) }
     }
 
+    /// An actor id valid in this env's layout (the name itself, or a fresh rivet id).
+    fn actor(&self, name: &str) -> ActorId {
+        self._ts.actor(name)
+    }
+
     /// The default migrator: this env's store and clock, default settings.
     fn migrator(&self) -> Migrator {
         migrator_on(self.store.clone(), self.clock.clone(), WORKER)
@@ -146,10 +162,6 @@ fn migrator_on(store: DynStore, clock: Arc<ManualClock>, worker: &str) -> Migrat
         clock,
         MigrateConfig { worker_id: worker.into(), one_shot_max_pages: 0, ..MigrateConfig::default() },
     )
-}
-
-fn actor(id: &str) -> ActorId {
-    ActorId::parse(id).unwrap()
 }
 
 fn req(actor: &ActorId) -> Request {
@@ -203,16 +215,9 @@ async fn snapshot(store: &dyn Store, prefix: &[u8]) -> Vec<KeyValue> {
     rows
 }
 
-/// Every row of the store.
+/// Every row of the store, on every layout (one scan per key family).
 async fn whole(store: &dyn Store) -> Vec<KeyValue> {
-    let mut rows = Vec::new();
-    for_each_row(store, &KeyRange::new(Vec::new(), vec![0xff; 8]), 1024, |k, v| {
-        rows.push((k.to_vec(), v));
-        Ok(())
-    })
-    .await
-    .unwrap();
-    rows
+    common::whole(store).await
 }
 
 /// Every row of the store except `actor`'s audit record: a failed migration may have its
@@ -401,12 +406,14 @@ async fn check_v2(env: &Env, actor: &ActorId, expected: &[u8]) -> DBHead {
 }
 
 /// `sqlite_storage_used` as rivet's quota counts it, from the rows themselves: key and value
-/// lengths of the actor's META, DELTA, PIDX and SHARD entries.
+/// lengths of the actor's META, DELTA, PIDX and SHARD entries, each key as long as the layout
+/// stores it (`Layout::quota_key_len`: rivet counts `02 {actor}/...`).
 async fn tracked_storage(store: &dyn Store, actor: &ActorId) -> u64 {
+    let key_len = |k: &[u8]| store.layout().quota_key_len(k);
     let meta = v2keys::meta(actor);
-    let mut used = (meta.len() + store.get(&meta).await.unwrap().expect("a head").len()) as u64;
+    let mut used = key_len(&meta) + store.get(&meta).await.unwrap().expect("a head").len() as u64;
     for prefix in [v2keys::delta_prefix(actor), v2keys::pidx_prefix(actor), v2keys::shard_prefix(actor)] {
-        used += snapshot(store, &prefix).await.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+        used += snapshot(store, &prefix).await.iter().map(|(k, v)| key_len(k) + v.len() as u64).sum::<u64>();
     }
     used
 }
@@ -556,7 +563,7 @@ fn other_holders_lease(generation: u64, expires_at_ms: i64) -> Lease {
 
 async fn hot_journal_is_dead_lettered_journal_sidecar(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("journal");
+    let a = env.actor("journal");
     let files = hot_journal(&DbSpec::small(1), 200).unwrap();
     assert!(files.journal.as_ref().is_some_and(|j| !j.is_empty()));
     put_v1(&env, &a, &files).await;
@@ -566,7 +573,7 @@ async fn hot_journal_is_dead_lettered_journal_sidecar(backend: Backend) {
 
 async fn wal_file_is_dead_lettered_wal_sidecar(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("wal");
+    let a = env.actor("wal");
     let files = wal(&DbSpec::small(2), 10).unwrap();
     assert!(files.wal.as_ref().is_some_and(|w| !w.is_empty()));
     put_v1(&env, &a, &files).await;
@@ -576,7 +583,7 @@ async fn wal_file_is_dead_lettered_wal_sidecar(backend: Backend) {
 
 async fn shm_without_wal_is_dead_lettered_shm_sidecar(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("shm");
+    let a = env.actor("shm");
     let files = DbFiles { wal: None, ..wal(&DbSpec::small(3), 10).unwrap() };
     assert!(files.shm.is_some());
     put_v1(&env, &a, &files).await;
@@ -585,7 +592,7 @@ async fn shm_without_wal_is_dead_lettered_shm_sidecar(backend: Backend) {
 
 async fn page_size_8192_is_dead_lettered_unsupported_page_size(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("big-pages");
+    let a = env.actor("big-pages");
     let main = database(&DbSpec { page_size: 8192, ..DbSpec::small(4) }).unwrap();
     assert_eq!(u16::from_be_bytes([main[16], main[17]]), 8192, "SQLite made an 8192-byte-page file");
     put_v1(&env, &a, &main_only(main)).await;
@@ -594,13 +601,13 @@ async fn page_size_8192_is_dead_lettered_unsupported_page_size(backend: Backend)
 
 async fn flipped_magic_byte_or_short_file_is_dead_lettered_bad_header(backend: Backend) {
     let env = Env::new(backend).await;
-    let flipped = actor("bad-magic");
+    let flipped = env.actor("bad-magic");
     let mut main = small_db(5);
     main[3] ^= 0x20; // "SQLite" -> "SQlite"
     put_v1(&env, &flipped, &main_only(main)).await;
     assert_rejected(&env, &flipped, DeadLetterReason::BadHeader).await;
 
-    let short = actor("short");
+    let short = env.actor("short");
     put_v1(&env, &short, &main_only(small_db(5)[..17].to_vec())).await;
     assert_rejected(&env, &short, DeadLetterReason::BadHeader).await;
 }
@@ -611,7 +618,7 @@ async fn missing_chunk_is_dead_lettered_chunk_mismatch(backend: Backend) {
     let chunks = (main.len() / CHUNK_SIZE) as u32;
     assert!(chunks >= 3);
     for (id, missing) in [("gap", 1), ("first", 0), ("last", chunks - 1)] {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(main.clone())).await;
         clear_raw(&*env.store, chunk_key(&a, FileTag::Main, missing)).await;
         assert_rejected(&env, &a, DeadLetterReason::ChunkMismatch).await;
@@ -623,7 +630,7 @@ async fn extra_out_of_range_chunk_is_dead_lettered_chunk_mismatch(backend: Backe
     let main = small_db(7);
     let chunks = (main.len() / CHUNK_SIZE) as u32;
     for (id, index) in [("next", chunks), ("far", u32::MAX)] {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(main.clone())).await;
         set_raw(&*env.store, chunk_key(&a, FileTag::Main, index), vec![0u8; CHUNK_SIZE]).await;
         assert_rejected(&env, &a, DeadLetterReason::ChunkMismatch).await;
@@ -632,7 +639,7 @@ async fn extra_out_of_range_chunk_is_dead_lettered_chunk_mismatch(backend: Backe
 
 async fn overlong_chunk_is_dead_lettered_chunk_mismatch(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("overlong");
+    let a = env.actor("overlong");
     let main = small_db(8);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let mut chunk = main[CHUNK_SIZE..2 * CHUNK_SIZE].to_vec();
@@ -643,7 +650,7 @@ async fn overlong_chunk_is_dead_lettered_chunk_mismatch(backend: Backend) {
 
 async fn chunk_reaching_past_the_declared_size_is_dead_lettered_chunk_mismatch(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("past-size");
+    let a = env.actor("past-size");
     let main = small_db(9);
     put_v1(&env, &a, &main_only(main.clone())).await;
     // Same chunk count, but the last full chunk now reaches past the declared size.
@@ -653,7 +660,7 @@ async fn chunk_reaching_past_the_declared_size_is_dead_lettered_chunk_mismatch(b
 
 async fn chunk_key_with_a_malformed_index_is_dead_lettered_chunk_mismatch(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("malformed");
+    let a = env.actor("malformed");
     put_v1(&env, &a, &main_only(small_db(10))).await;
     let mut key = chunk_key(&a, FileTag::Main, 0);
     key.push(0); // a 5-byte index
@@ -665,7 +672,7 @@ async fn oversize_meta_is_dead_lettered_oversize_without_allocating(backend: Bac
     let env = Env::new(backend).await;
     let main = small_db(11);
     for (id, size) in [("just-over", DEFAULT_MAX_SIZE + 1), ("absurd", u64::MAX / 2), ("max", u64::MAX)] {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(main.clone())).await;
         set_raw(&*env.store, meta_key(&a, FileTag::Main), encode_meta(size).to_vec()).await;
         // u64::MAX / 2 bytes cannot be allocated: reaching the rejection proves none was tried.
@@ -676,7 +683,7 @@ async fn oversize_meta_is_dead_lettered_oversize_without_allocating(backend: Bac
 
 async fn database_over_the_configured_max_size_is_dead_lettered_oversize(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("too-big");
+    let a = env.actor("too-big");
     let main = database(&DbSpec { rows: 40, payload: 3000, ..DbSpec::small(12) }).unwrap();
     let max_size = 64 * 1024;
     assert!(main.len() as u64 > max_size);
@@ -691,7 +698,7 @@ async fn database_over_the_configured_max_size_is_dead_lettered_oversize(backend
 
 async fn chunks_without_meta_are_dead_lettered_missing_main(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("no-meta");
+    let a = env.actor("no-meta");
     put_v1(&env, &a, &main_only(small_db(13))).await;
     clear_raw(&*env.store, meta_key(&a, FileTag::Main)).await;
     assert_rejected(&env, &a, DeadLetterReason::MissingMain).await;
@@ -699,7 +706,7 @@ async fn chunks_without_meta_are_dead_lettered_missing_main(backend: Backend) {
 
 async fn bad_meta_version_is_dead_lettered_bad_meta(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("meta-version");
+    let a = env.actor("meta-version");
     let main = small_db(14);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let mut meta = encode_meta(main.len() as u64);
@@ -717,7 +724,7 @@ async fn bad_meta_length_is_dead_lettered_bad_meta(backend: Backend) {
     for (id, value) in
         [("meta-short", meta[..meta.len() - 1].to_vec()), ("meta-long", long), ("meta-empty", Vec::new())]
     {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(main.clone())).await;
         set_raw(&*env.store, meta_key(&a, FileTag::Main), value).await;
         assert_rejected(&env, &a, DeadLetterReason::BadMeta).await;
@@ -726,7 +733,7 @@ async fn bad_meta_length_is_dead_lettered_bad_meta(backend: Backend) {
 
 async fn unaligned_size_is_dead_lettered_not_page_aligned(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("unaligned");
+    let a = env.actor("unaligned");
     let mut main = small_db(16);
     main.extend_from_slice(b"tail");
     // write_v1 writes the meta with the real (unaligned) size and a short last chunk.
@@ -740,7 +747,7 @@ async fn unaligned_size_is_dead_lettered_not_page_aligned(backend: Backend) {
 
 async fn scribbled_btree_page_is_dead_lettered_integrity_check_failed(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("scribbled");
+    let a = env.actor("scribbled");
     let main = scribbled(&DbSpec::small(17)).unwrap();
     // SQLite itself finds it broken (integrity_check reports it, or refuses the file outright).
     assert!(integrity_check(&main).is_ok_and(|r| r != "ok") || integrity_check(&main).is_err());
@@ -754,7 +761,7 @@ async fn scribbled_btree_page_is_dead_lettered_integrity_check_failed(backend: B
 
 async fn multi_page_database_with_index_and_overflow_migrates_byte_for_byte(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("multi-page");
+    let a = env.actor("multi-page");
     // 5000-byte rows do not fit a 4096-byte page: overflow pages, plus the name index.
     let spec = DbSpec { rows: 40, payload: 5000, ..DbSpec::small(18) };
     let main = database(&spec).unwrap();
@@ -776,7 +783,7 @@ async fn multi_page_database_with_index_and_overflow_migrates_byte_for_byte(back
 
 async fn zero_byte_main_file_migrates_to_zero_pages(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("empty");
+    let a = env.actor("empty");
     put_v1(&env, &a, &main_only(Vec::new())).await;
     assert_eq!(env.store.get(&meta_key(&a, FileTag::Main)).await.unwrap(), Some(encode_meta(0).to_vec()));
 
@@ -794,7 +801,7 @@ async fn zero_byte_main_file_migrates_to_zero_pages(backend: Backend) {
 
 async fn several_mib_database_is_staged_over_several_transactions_and_migrates_byte_for_byte(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("several-mib");
+    let a = env.actor("several-mib");
     // More pages than one stage transaction carries (rows take a page each, so the file is
     // well over the requested size, and LZ4 barely shrinks the random payloads).
     let spec = DbSpec::sized(STAGE_TXN_BYTES as u64 * 5 / 4, 19);
@@ -846,7 +853,7 @@ async fn several_mib_database_is_staged_over_several_transactions_and_migrates_b
 
 async fn wal_mode_header_without_sidecars_migrates_its_own_bytes(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("wal-header");
+    let a = env.actor("wal-header");
     // A cleanly checkpointed WAL-mode database: header bytes 18-19 say WAL, no sidecars left.
     let files = wal(&DbSpec::small(20), 0).unwrap();
     let main = files.main;
@@ -860,7 +867,7 @@ async fn wal_mode_header_without_sidecars_migrates_its_own_bytes(backend: Backen
 
 async fn nothing_marks_the_actor_migrated_before_finalize(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("phases");
+    let a = env.actor("phases");
     let main = small_db(21);
     put_v1(&env, &a, &main_only(main.clone())).await;
 
@@ -913,7 +920,7 @@ async fn nothing_marks_the_actor_migrated_before_finalize(backend: Backend) {
 
 async fn actor_without_v1_sqlite_data_is_skipped_no_v1(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("kv-only");
+    let a = env.actor("kv-only");
     let prefix = ferry::v1::keys::actor_prefix(&a);
     // Actor KV entries around the SQLite prefix (0x08), but none under it.
     set_raw(&*env.store, [prefix.as_slice(), &[0x01, b's']].concat(), b"state".to_vec()).await;
@@ -930,7 +937,7 @@ async fn actor_without_v1_sqlite_data_is_skipped_no_v1(backend: Backend) {
     assert_same_rows(&before, &snapshot(&*env.store, V1_PREFIX).await, "v1");
 
     // An actor with nothing at all is skipped the same way.
-    let none = actor("nothing");
+    let none = env.actor("nothing");
     assert_eq!(env.migrator().migrate(&req(&none)).await.unwrap().kind(), OutcomeKind::SkippedNoV1);
     assert!(snapshot(&*env.store, &v2_prefix(&none)).await.is_empty());
 }
@@ -954,7 +961,7 @@ async fn native_v2_head_wins_over_v1_and_is_left_unchanged(backend: Backend) {
     // A legacy head (the eleven fields rivet wrote before `origin` existed) is native too.
     let legacy = native.encode()[..LEGACY_HEAD_LEN].to_vec();
     for (id, meta) in [("native", native.encode()), ("legacy-native", legacy)] {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(small_db(22))).await;
         let mut txn = Txn::new();
         txn.set(v2keys::meta(&a), meta);
@@ -975,7 +982,7 @@ async fn native_v2_head_wins_over_v1_and_is_left_unchanged(backend: Backend) {
 
 async fn migrating_twice_skips_already_migrated_and_keeps_the_migration_audit(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("twice");
+    let a = env.actor("twice");
     let main = small_db(23);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let first = env.migrator().migrate(&req(&a)).await.unwrap();
@@ -1008,7 +1015,7 @@ async fn migrating_twice_skips_already_migrated_and_keeps_the_migration_audit(ba
 
 async fn skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("skip-race");
+    let a = env.actor("skip-race");
     let main = small_db(24);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let first = env.migrator().migrate(&req(&a)).await.unwrap();
@@ -1058,7 +1065,7 @@ async fn unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is(back
         ("empty-meta", Vec::new()),
     ];
     for (id, meta) in cases {
-        let a = actor(id);
+        let a = env.actor(id);
         put_v1(&env, &a, &main_only(small_db(24))).await;
         set_raw(&*env.store, v2keys::meta(&a), meta.clone()).await;
         let before = whole_but_audit(&*env.store, &a).await;
@@ -1078,7 +1085,7 @@ async fn unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is(back
 
 async fn expired_lease_migration_is_taken_over_junk_cleared_generation_bumped(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("stale");
+    let a = env.actor("stale");
     let main = small_db(25);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let stale = plant_stale_stage(&*env.store, &a, 3, 4).await;
@@ -1102,7 +1109,7 @@ async fn expired_lease_migration_is_taken_over_junk_cleared_generation_bumped(ba
 
 async fn migrating_head_without_lease_row_is_taken_over(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("no-lease");
+    let a = env.actor("no-lease");
     let main = small_db(26);
     put_v1(&env, &a, &main_only(main.clone())).await;
     let stale = plant_stale_stage(&*env.store, &a, 5, 2).await;
@@ -1116,7 +1123,7 @@ async fn migrating_head_without_lease_row_is_taken_over(backend: Backend) {
 
 async fn live_lease_of_another_holder_is_in_progress_elsewhere_and_retried(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("busy");
+    let a = env.actor("busy");
     put_v1(&env, &a, &main_only(small_db(27))).await;
     plant_stale_stage(&*env.store, &a, 2, 3).await;
     let lease = other_holders_lease(2, START_MS + DEFAULT_LEASE_TTL_MS);
@@ -1143,7 +1150,7 @@ async fn live_lease_of_another_holder_is_in_progress_elsewhere_and_retried(backe
 
 async fn stage_transactions_renew_the_lease_so_a_slow_migration_is_not_taken_over(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("slow");
+    let a = env.actor("slow");
     let main = small_db(28);
     put_v1(&env, &a, &main_only(main.clone())).await;
 
@@ -1198,7 +1205,7 @@ async fn stage_transactions_renew_the_lease_so_a_slow_migration_is_not_taken_ove
 async fn concurrent_migrations_of_one_actor_end_with_one_copy_equal_to_v1(backend: Backend) {
     let env = Env::new(backend).await;
     for round in 0..3u64 {
-        let a = actor(&format!("contended-{round}"));
+        let a = env.actor(&format!("contended-{round}"));
         let main = small_db(29 + round);
         put_v1(&env, &a, &main_only(main.clone())).await;
         let first = migrator_on(env.store.clone(), env.clock.clone(), "worker-a");
@@ -1228,7 +1235,7 @@ async fn concurrent_migrations_of_one_actor_end_with_one_copy_equal_to_v1(backen
 
 async fn migration_taken_over_during_stage_is_fenced_and_writes_nothing_more(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("fenced-stage");
+    let a = env.actor("fenced-stage");
     let main = small_db(32);
     put_v1(&env, &a, &main_only(main.clone())).await;
 
@@ -1271,7 +1278,7 @@ async fn migration_taken_over_during_stage_is_fenced_and_writes_nothing_more(bac
 
 async fn lease_replaced_before_finalize_is_fenced_and_writes_nothing_more(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("fenced-finalize");
+    let a = env.actor("fenced-finalize");
     let main = small_db(33);
     put_v1(&env, &a, &main_only(main.clone())).await;
 
@@ -1315,7 +1322,7 @@ async fn lease_replaced_before_finalize_is_fenced_and_writes_nothing_more(backen
 
 async fn v1_rewritten_before_finalize_is_v1_changed_and_a_retry_migrates_the_new_v1(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("rewritten");
+    let a = env.actor("rewritten");
     let old = small_db(34);
     let new = database(&DbSpec { rows: 60, ..DbSpec::small(35) }).unwrap();
     assert_ne!(old, new);
@@ -1379,10 +1386,32 @@ fn owned_by(actor: &ActorId, key: &[u8]) -> bool {
     key.starts_with(&v2_prefix(actor)) || key == ferry::keys::audit(actor) || key == ferry::keys::lease(actor)
 }
 
+/// Another rivet id whose string shares its first 29 characters with `actor`'s: the last
+/// digit is the most significant, and a multiple of 36^29 (divisible by 2^58) leaves the low
+/// bytes, the version byte among them, as they are.
+fn rivet_sibling(actor: &ActorId, skip: &[&ActorId]) -> ActorId {
+    let s = actor.as_str();
+    "0123456789abcdefghijklmnopqrstuvwxyz"
+        .chars()
+        .map(|c| format!("{}{c}", &s[..29]))
+        .filter_map(|c| ferry::layout::RivetId::parse(&c).ok().map(|id| id.to_actor()))
+        .find(|c| c != actor && !skip.contains(&c))
+        .expect("a sibling id")
+}
+
 async fn other_keys_and_actors_sharing_a_prefix_are_never_touched(backend: Backend) {
     let env = Env::new(backend).await;
     let store = &*env.store;
-    let (a, ab) = (actor("a"), actor("a-b"));
+    // Two actors whose ids share a prefix ("a" and "a-b"; in rivet's fixed-length ids, 29 of
+    // 30 characters).
+    let (a, ab) = match backend.layout() {
+        Layout::Ferry => (env.actor("a"), env.actor("a-b")),
+        Layout::Rivet => {
+            let a = env.actor("a");
+            let ab = rivet_sibling(&a, &[]);
+            (a, ab)
+        }
+    };
     let (main_a, main_ab) = (small_db(36), database(&DbSpec { rows: 35, ..DbSpec::small(37) }).unwrap());
     put_v1(&env, &a, &main_only(main_a.clone())).await;
     put_v1(&env, &ab, &main_only(main_ab.clone())).await;
@@ -1393,19 +1422,22 @@ async fn other_keys_and_actors_sharing_a_prefix_are_never_touched(backend: Backe
             set_raw(store, [p.as_slice(), user_key].concat(), format!("{who} user value").into_bytes()).await;
         }
     }
-    // Keys that share bytes with the actors' prefixes without being theirs.
-    for key in [
-        &b"v1/a"[..],
-        b"v1/a-",
-        b"v1/a.",
-        b"v1/a0",
-        b"v2/a",
-        b"v2/a-",
-        b"v2/a0/META",
-        b"ferry/audit/a-",
-        b"ferry/lease/ab",
-    ] {
-        set_raw(store, key.to_vec(), b"neighbour".to_vec()).await;
+    // Keys that share bytes with the actors' prefixes without being theirs. v1 keys are the
+    // layout's: in rivet's every v1 key is an actor's, so a third actor sharing the prefix.
+    let mut neighbours: Vec<Vec<u8>> = match backend.layout() {
+        Layout::Ferry => vec![b"v1/a".to_vec(), b"v1/a-".to_vec(), b"v1/a.".to_vec(), b"v1/a0".to_vec()],
+        Layout::Rivet => {
+            let c = rivet_sibling(&a, &[&ab]);
+            vec![[v1_prefix(&c), b"\x01k".to_vec()].concat(), [v1_prefix(&c), b"\x08\x01\x00\x00".to_vec()].concat()]
+        }
+    };
+    for tail in ["", "-", "0/META"] {
+        neighbours.push(format!("v2/{a}{tail}").into_bytes());
+    }
+    neighbours.push(format!("ferry/audit/{a}-").into_bytes());
+    neighbours.push(format!("ferry/lease/{a}b").into_bytes());
+    for key in neighbours {
+        set_raw(store, key, b"neighbour".to_vec()).await;
     }
 
     // Migrating "a" changes only v2/a/ and a's own records.
@@ -1448,7 +1480,7 @@ async fn other_keys_and_actors_sharing_a_prefix_are_never_touched(backend: Backe
 
 async fn hot_journal_with_rollback_journal_migrates_the_last_committed_state(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("rollback");
+    let a = env.actor("rollback");
     let spec = DbSpec::small(38);
     let files = hot_journal(&spec, 200).unwrap();
     put_v1(&env, &a, &files).await;
@@ -1471,7 +1503,7 @@ async fn hot_journal_with_rollback_journal_migrates_the_last_committed_state(bac
 
 async fn wal_with_checkpoint_wal_migrates_rows_only_in_the_wal(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("checkpoint");
+    let a = env.actor("checkpoint");
     let spec = DbSpec::small(39);
     let files = wal(&spec, 15).unwrap();
     // Before a checkpoint the main file alone has only the first rows.
@@ -1492,7 +1524,7 @@ async fn wal_with_checkpoint_wal_migrates_rows_only_in_the_wal(backend: Backend)
 
 async fn shm_only_with_discard_shm_migrates(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("discard-shm");
+    let a = env.actor("discard-shm");
     let spec = DbSpec::small(40);
     let files = DbFiles { wal: None, ..wal(&spec, 10).unwrap() };
     put_v1(&env, &a, &files).await;
@@ -1508,7 +1540,7 @@ async fn shm_only_with_discard_shm_migrates(backend: Backend) {
 
 async fn scribbled_database_with_force_migrates_as_is(backend: Backend) {
     let env = Env::new(backend).await;
-    let a = actor("forced");
+    let a = env.actor("forced");
     let main = scribbled(&DbSpec::small(41)).unwrap();
     put_v1(&env, &a, &main_only(main.clone())).await;
 

@@ -1,6 +1,6 @@
 //! The single-transaction path small databases take by default: begin, stage and finalize
 //! collapse into one checked transaction with the same checks and the same end state. Run on
-//! both store backends.
+//! every store backend and layout (ids from the fixture, valid for its layout).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,7 +65,7 @@ fn req(actor: &ActorId) -> Request {
 
 async fn seeded(backend: Backend, id: &str) -> (TestStore, ActorId, Vec<u8>) {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse(id).unwrap();
+    let actor = ts.actor(id);
     let main = database(&DbSpec::small(7)).unwrap();
     write_v1(&*ts.store, &actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await.unwrap();
     (ts, actor, main)
@@ -154,6 +154,7 @@ macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
         mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
+        mod rivet { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Rivet).await } )* }
     };
 }
 

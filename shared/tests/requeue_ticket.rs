@@ -1,5 +1,5 @@
-//! The job runner's side of a requeue (`triage::ticket`) and of the delivery limit, on both
-//! store backends: a ticketed job runs only while its ticket is current, its outcome clears
+//! The job runner's side of a requeue (`triage::ticket`) and of the delivery limit, on every
+//! store backend and layout: a ticketed job runs only while its ticket is current, its outcome clears
 //! the ticket, and a job handed back to its delivery limit is dead-lettered into the index.
 
 use std::sync::Arc;
@@ -67,7 +67,7 @@ fn plain() -> Result<DbFiles> {
 async fn stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
-    let actor = ActorId::parse("stale-1")?;
+    let actor = ts.actor("stale-1");
     let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
     let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some("another-token")).await;
     assert!(matches!(d, Disposition::Superseded), "{d:?}");
@@ -79,7 +79,7 @@ async fn stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing(ba
 async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
-    let actor = ActorId::parse("current-1")?;
+    let actor = ts.actor("current-1");
     let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
     let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
     let Disposition::Ack(outcome) = d else { anyhow::bail!("not acked: {d:?}") };
@@ -94,7 +94,7 @@ async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend
 async fn requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
-    let actor = ActorId::parse("journal-1")?;
+    let actor = ts.actor("journal-1");
     let files = hot_journal(&DbSpec::small(8), 20).map_err(anyhow::Error::msg)?;
     let t = requeued(&store, &actor, &files, DeadLetterReason::JournalSidecar).await?;
     let d = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
@@ -109,7 +109,7 @@ async fn requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together(b
 async fn delivery_limit_is_dead_lettered_into_the_index_without_running(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
-    let actor = ActorId::parse("limit-1")?;
+    let actor = ts.actor("limit-1");
     write_v1(&*store, &actor, &plain()?).await?;
     let d = runner(&store).delivery_limit_reached(&body(&actor), 11, 10, None).await;
     let Disposition::DeadLetter(dead) = d else { anyhow::bail!("not dead-lettered: {d:?}") };
@@ -133,14 +133,15 @@ async fn bad_message_is_indexed_once_however_often_it_is_delivered(backend: Back
     Ok(())
 }
 
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Sqlite).await } )* }
         mod postgres { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Postgres).await } )* }
+        mod rivet { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Rivet).await } )* }
     };
 }
 
-on_both_backends!(
+on_every_backend!(
     stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
     current_requeue_runs_and_its_outcome_clears_the_ticket,
     requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,

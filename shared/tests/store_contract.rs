@@ -1,33 +1,88 @@
 //! The `Store` contract (DESIGN.md section 1, `store/mod.rs`), one suite run against every
-//! backend: each test below is instantiated once for SQLite and once for PostgreSQL by
-//! `contract!`. PostgreSQL must be running (`ferry::testing::postgres_url()`); a test against
-//! it fails, never skips, when it is not.
+//! backend and layout: each test below is instantiated by `contract!` for SQLite, PostgreSQL,
+//! and the rivet layout in two of its key families (ferry's records under `ferry/contract/`,
+//! and one rivet actor's v2 keys under `v2/{id}/`, each through [`common::PrefixStore`]).
+//! PostgreSQL must be running (`ferry::testing::postgres_url()`); a test against it fails,
+//! never skips, when it is not.
+//!
+//! What the rivet layout does not hold by design is proved at the end, by tests of its own
+//! behaviour: a range across key families is refused (`StoreError::Unsupported`), and `v1/`
+//! across actors is in rivet's order.
+
+mod common;
 
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use ferry::store::limits::{MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES};
 use ferry::store::{DynStore, KeyRange, KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end};
+use ferry::testing::{Backend, TestStore};
 
-/// Instantiates every listed `async fn name(store: DynStore)` once per backend, in modules
-/// `sqlite` and `postgres`, each on a fresh isolated store.
+/// The store a contract test runs on.
+#[derive(Clone, Copy, Debug)]
+enum Subject {
+    Sqlite,
+    Postgres,
+    /// The rivet layout, keys under `ferry/contract/` (ferry's records, `X.ferry_kv`).
+    RivetRecords,
+    /// The rivet layout, keys under `v2/{a rivet id}/` (sqlite-storage rows in `X.kv`, through
+    /// universaldb's protocol, values with their markers and chunk rows).
+    RivetV2,
+}
+
+/// A fresh isolated store, and the bytes its keys carry before the test's own (the limits
+/// count whole keys).
+struct Fixture {
+    _ts: TestStore,
+    store: DynStore,
+    key_overhead: usize,
+}
+
+impl Fixture {
+    async fn open(subject: Subject) -> Fixture {
+        let backend = match subject {
+            Subject::Sqlite => Backend::Sqlite,
+            Subject::Postgres => Backend::Postgres,
+            Subject::RivetRecords | Subject::RivetV2 => Backend::Rivet,
+        };
+        let ts = TestStore::new(backend).await;
+        let prefix = match subject {
+            Subject::Sqlite | Subject::Postgres => None,
+            Subject::RivetRecords => Some(b"ferry/contract/".to_vec()),
+            Subject::RivetV2 => Some(format!("v2/{}/", ts.actor("contract")).into_bytes()),
+        };
+        let (store, key_overhead) = match prefix {
+            Some(p) => (common::PrefixStore::wrap(ts.store(), p.clone()), p.len()),
+            None => (ts.store(), 0),
+        };
+        Fixture { _ts: ts, store, key_overhead }
+    }
+}
+
+/// Instantiates every listed test once per [`Subject`], in modules `sqlite`, `postgres`,
+/// `rivet_records` and `rivet_v2`, each on a fresh isolated store: `plain` tests take the
+/// store, `sized` tests (the limits) also the key overhead of the subject.
 macro_rules! contract {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
+    (plain: [$($name:ident),* $(,)?], sized: [$($sized:ident),* $(,)?] $(,)?) => {
+        contract!(@module sqlite, Sqlite, [$($name),*], [$($sized),*]);
+        contract!(@module postgres, Postgres, [$($name),*], [$($sized),*]);
+        contract!(@module rivet_records, RivetRecords, [$($name),*], [$($sized),*]);
+        contract!(@module rivet_v2, RivetV2, [$($name),*], [$($sized),*]);
+    };
+    (@module $module:ident, $subject:ident, [$($name:ident),*], [$($sized:ident),*]) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Sqlite).await;
-                    super::$name(ts.store()).await;
+                    let f = super::Fixture::open(super::Subject::$subject).await;
+                    super::$name(f.store.clone()).await;
                 }
             )*
-        }
-        mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Postgres).await;
-                    super::$name(ts.store()).await;
+                async fn $sized() {
+                    let f = super::Fixture::open(super::Subject::$subject).await;
+                    super::$sized(f.store.clone(), f.key_overhead).await;
                 }
             )*
         }
@@ -35,26 +90,30 @@ macro_rules! contract {
 }
 
 contract!(
-    get_set_clear_round_trip_binary_values,
-    keys_sort_bytewise_shorter_prefix_first_with_zero_and_ff_bytes,
-    scan_is_half_open_ascending_and_honours_limit,
-    prefix_range_holds_exactly_the_keys_with_that_prefix,
-    after_continues_a_scan_just_past_a_key,
-    first_key_is_the_smallest_key_inside_the_range,
-    for_each_row_visits_every_row_in_order_one_batch_per_scan,
-    for_each_row_stops_at_the_first_visitor_error,
-    failing_second_value_check_writes_nothing_and_reports_index_1,
-    failing_second_range_digest_check_writes_nothing_and_reports_index_1,
-    value_check_on_an_absent_key,
-    range_digest_check_passes_unchanged_and_fails_after_any_change,
-    clear_range_removes_exactly_the_half_open_range,
-    mutations_apply_in_order_within_a_transaction,
-    value_over_the_limit_is_refused_and_nothing_is_written,
-    key_over_the_limit_is_refused_and_nothing_is_written,
-    transaction_over_the_write_limit_is_refused_and_nothing_is_written,
-    transaction_at_the_limits_commits,
-    racing_inserts_on_the_same_absent_key_exactly_one_wins,
-    optimistic_increments_from_concurrent_tasks_are_never_lost,
+    plain: [
+        get_set_clear_round_trip_binary_values,
+        keys_sort_bytewise_shorter_prefix_first_with_zero_and_ff_bytes,
+        scan_is_half_open_ascending_and_honours_limit,
+        prefix_range_holds_exactly_the_keys_with_that_prefix,
+        after_continues_a_scan_just_past_a_key,
+        first_key_is_the_smallest_key_inside_the_range,
+        for_each_row_visits_every_row_in_order_one_batch_per_scan,
+        for_each_row_stops_at_the_first_visitor_error,
+        failing_second_value_check_writes_nothing_and_reports_index_1,
+        failing_second_range_digest_check_writes_nothing_and_reports_index_1,
+        value_check_on_an_absent_key,
+        range_digest_check_passes_unchanged_and_fails_after_any_change,
+        clear_range_removes_exactly_the_half_open_range,
+        mutations_apply_in_order_within_a_transaction,
+        value_over_the_limit_is_refused_and_nothing_is_written,
+        racing_inserts_on_the_same_absent_key_exactly_one_wins,
+        optimistic_increments_from_concurrent_tasks_are_never_lost,
+    ],
+    sized: [
+        key_over_the_limit_is_refused_and_nothing_is_written,
+        transaction_over_the_write_limit_is_refused_and_nothing_is_written,
+        transaction_at_the_limits_commits,
+    ],
 );
 
 /// Every row of the store (the tests only use keys below `[0xff; 8]`).
@@ -596,15 +655,17 @@ async fn value_over_the_limit_is_refused_and_nothing_is_written(store: DynStore)
     assert_eq!(all_rows(&*store).await, before, "a refused transaction wrote something");
 }
 
-async fn key_over_the_limit_is_refused_and_nothing_is_written(store: DynStore) {
+async fn key_over_the_limit_is_refused_and_nothing_is_written(store: DynStore, key_overhead: usize) {
+    // The limit counts the whole key, the subject's own prefix included.
+    let max = MAX_KEY_BYTES - key_overhead;
     let mut txn = Txn::new();
-    txn.set(vec![b'k'; MAX_KEY_BYTES], b"max key".to_vec());
+    txn.set(vec![b'k'; max], b"max key".to_vec());
     store.commit(txn).await.unwrap();
     let before = all_rows(&*store).await;
 
     let mut txn = Txn::new();
     txn.set(b"small".to_vec(), b"fits".to_vec());
-    txn.set(vec![b'k'; MAX_KEY_BYTES + 1], b"v".to_vec());
+    txn.set(vec![b'k'; max + 1], b"v".to_vec());
     assert!(
         matches!(store.commit(txn).await, Err(StoreError::KeyTooLarge { size, .. }) if size == MAX_KEY_BYTES + 1),
         "key over the limit accepted"
@@ -621,7 +682,20 @@ fn big_txn(n: usize, value_len: usize) -> Txn {
     txn
 }
 
-async fn transaction_over_the_write_limit_is_refused_and_nothing_is_written(store: DynStore) {
+/// Bytes `txn` writes once the subject's prefix is on each of its keys.
+fn written(txn: &Txn, key_overhead: usize) -> usize {
+    let keys: usize = txn
+        .mutations
+        .iter()
+        .map(|m| match m {
+            ferry::store::Mutation::ClearRange { .. } => 2,
+            _ => 1,
+        })
+        .sum();
+    txn.write_bytes() + keys * key_overhead
+}
+
+async fn transaction_over_the_write_limit_is_refused_and_nothing_is_written(store: DynStore, key_overhead: usize) {
     set_all(&*store, &[(b"keep".to_vec(), b"me".to_vec())]).await;
     let before = all_rows(&*store).await;
 
@@ -629,7 +703,7 @@ async fn transaction_over_the_write_limit_is_refused_and_nothing_is_written(stor
     let n = MAX_TXN_WRITE_BYTES / MAX_VALUE_BYTES + 1;
     let mut txn = big_txn(n, MAX_VALUE_BYTES);
     txn.clear(b"keep".to_vec());
-    let size = txn.write_bytes();
+    let size = written(&txn, key_overhead);
     assert!(size > MAX_TXN_WRITE_BYTES);
     match store.commit(txn).await {
         Err(StoreError::TransactionTooLarge { size: reported, max }) => {
@@ -641,20 +715,20 @@ async fn transaction_over_the_write_limit_is_refused_and_nothing_is_written(stor
     assert_eq!(all_rows(&*store).await, before, "a refused transaction wrote something");
 }
 
-async fn transaction_at_the_limits_commits(store: DynStore) {
+async fn transaction_at_the_limits_commits(store: DynStore, key_overhead: usize) {
     // Values of exactly MAX_VALUE_BYTES, filled up to exactly MAX_TXN_WRITE_BYTES.
-    let key_len = 8;
+    let key_len = 8 + key_overhead;
     let n = MAX_TXN_WRITE_BYTES / (key_len + MAX_VALUE_BYTES);
     let mut txn = big_txn(n, MAX_VALUE_BYTES);
-    let rest = MAX_TXN_WRITE_BYTES - txn.write_bytes() - key_len;
+    let rest = MAX_TXN_WRITE_BYTES - written(&txn, key_overhead) - key_len;
     assert!(rest <= MAX_VALUE_BYTES);
     txn.set(b"t_rest__".to_vec(), vec![9u8; rest]);
-    assert_eq!(txn.write_bytes(), MAX_TXN_WRITE_BYTES);
+    assert_eq!(written(&txn, key_overhead), MAX_TXN_WRITE_BYTES);
     store.commit(txn).await.expect("a transaction exactly at the limits commits");
 
     let rows = store.scan(&KeyRange::prefix(b"t"), usize::MAX).await.unwrap();
     assert_eq!(rows.len(), n + 1);
-    let total: usize = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let total: usize = rows.iter().map(|(k, v)| key_overhead + k.len() + v.len()).sum();
     assert_eq!(total, MAX_TXN_WRITE_BYTES);
     assert_eq!(rows[3].1, vec![3u8; MAX_VALUE_BYTES]);
 }
@@ -728,4 +802,90 @@ async fn optimistic_increments_from_concurrent_tasks_are_never_lost(store: DynSt
     }
     let raw = store.get(b"counter").await.unwrap().unwrap();
     assert_eq!(u64::from_be_bytes(raw.as_slice().try_into().unwrap()), TASKS * EACH);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the rivet layout does instead, by design
+// ---------------------------------------------------------------------------------------------
+
+/// The contract items that cannot hold across the rivet layout's key families (`v1/` in
+/// pegboard's actor KV, `v2/` in sqlite-storage, ferry's records in `X.ferry_kv`), and what the
+/// layout does instead.
+mod rivet_by_design {
+    use ferry::keys::{V1_PREFIX, V2_PREFIX};
+    use ferry::layout::RivetId;
+    use ferry::store::{KeyRange, RangeDigest, StoreError, Txn, prefix_end};
+    use ferry::testing::{Backend, TestStore};
+
+    fn unsupported<T: std::fmt::Debug>(result: Result<T, StoreError>, what: &str) {
+        assert!(
+            matches!(result, Err(StoreError::Unsupported { layout: "rivet", .. })),
+            "{what}: expected Unsupported in the rivet layout, got {result:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_range_across_key_families_is_unsupported_and_writes_nothing() {
+        let ts = TestStore::new(Backend::Rivet).await;
+        let store = ts.store();
+        let a = ts.actor("a");
+        let mut txn = Txn::new();
+        txn.set(format!("v2/{a}/META").into_bytes(), b"head".to_vec());
+        txn.set(b"ferry/audit/x".to_vec(), b"{}".to_vec());
+        txn.set(format!("v1/{a}/\x08\x01\x00\x00").into_bytes(), b"meta".to_vec());
+        store.commit(txn).await.unwrap();
+        let before = super::common::whole(&*store).await;
+        assert_eq!(before.len(), 3);
+
+        let across = [
+            KeyRange::new(Vec::new(), vec![0xff; 8]),
+            KeyRange::new(V1_PREFIX.to_vec(), prefix_end(V2_PREFIX)),
+            KeyRange::new(b"ferry/".to_vec(), V2_PREFIX.to_vec()),
+            KeyRange::new(format!("v2/{a}/").into_bytes(), b"w".to_vec()),
+        ];
+        for range in &across {
+            let what = ferry::keys::printable(&range.start);
+            unsupported(store.scan(range, 10).await, &what);
+            unsupported(store.scan_keys(range, 10).await, &what);
+            unsupported(store.first_key(range).await, &what);
+            let mut txn = Txn::new();
+            txn.set(b"ferry/marker".to_vec(), b"1".to_vec());
+            txn.clear_range(range.clone());
+            unsupported(store.commit(txn).await, &what);
+            let mut txn = Txn::new();
+            txn.check_range_digest(range.clone(), RangeDigest::new().finish());
+            txn.set(b"ferry/marker".to_vec(), b"1".to_vec());
+            unsupported(store.commit(txn).await, &what);
+        }
+        // Each family on its own is a range like any other, and nothing above wrote.
+        assert_eq!(super::common::whole(&*store).await, before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn v1_across_actors_is_in_rivets_binary_id_order_and_each_actor_in_key_order() {
+        let ts = TestStore::new(Backend::Rivet).await;
+        let store = ts.store();
+        let actors: Vec<ferry::ActorId> = (0..6).map(|_| ts.actor("any")).collect();
+        let user_keys: [&[u8]; 4] = [b"\x00", b"\x00\x00", b"\x08\x01\x00\x00", b"\x08\x01\x01\x00\x00\x00\x00\x00"];
+        let mut txn = Txn::new();
+        for a in &actors {
+            for k in user_keys {
+                txn.set([V1_PREFIX, a.as_bytes(), b"/", k].concat(), k.to_vec());
+            }
+        }
+        store.commit(txn).await.unwrap();
+
+        let keys = store.scan_keys(&KeyRange::prefix(V1_PREFIX), usize::MAX).await.unwrap();
+        let mut by_id = actors.clone();
+        by_id.sort_by_key(|a| *RivetId::from_actor(a).unwrap().as_bytes());
+        let expected: Vec<Vec<u8>> = by_id
+            .iter()
+            .flat_map(|a| user_keys.iter().map(move |k| [V1_PREFIX, a.as_bytes(), b"/", k].concat()))
+            .collect();
+        assert_eq!(keys, expected, "actors by binary id, each actor's keys in logical order");
+        // One actor's range is a logical range like any other.
+        let a = &actors[0];
+        let one = store.scan_keys(&KeyRange::prefix(&[V1_PREFIX, a.as_bytes(), b"/"].concat()), 10).await.unwrap();
+        assert_eq!(one, user_keys.iter().map(|k| [V1_PREFIX, a.as_bytes(), b"/", k].concat()).collect::<Vec<_>>());
+    }
 }

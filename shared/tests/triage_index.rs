@@ -1,6 +1,8 @@
 //! The triage index contract (`triage::index`): the dead-letter records and their index entries
-//! by reason and by campaign, as every backend must keep them. Each test runs once on SQLite
-//! and once on PostgreSQL (`contract!`, as in `store_contract.rs`); PostgreSQL must be running
+//! by reason and by campaign, as every backend must keep them. Each test runs on SQLite, on
+//! PostgreSQL and on the rivet layout, where the index is in `X.ferry_kv` (`contract!`, as in
+//! `store_contract.rs`; the index holds only ferry's records, so the actor names here stay as
+//! they are on every layout); PostgreSQL must be running
 //! (`ferry::testing::postgres_url()`): a test against it fails, never skips, when it is not.
 //!
 //! The keys are spelled out here by hand, as `triage/index.rs` documents them, so a change of
@@ -33,6 +35,15 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Postgres).await;
+                    super::$name(ts.store()).await;
+                }
+            )*
+        }
+        mod rivet {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Rivet).await;
                     super::$name(ts.store()).await;
                 }
             )*

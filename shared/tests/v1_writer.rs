@@ -1,6 +1,6 @@
 //! v1 mutated during a migration: a writer rewrites an actor's v1 chunks while ferry migrates
 //! it, and ferry never commits a stale copy (DESIGN.md section 3, steps 4 and 7). Every test is
-//! run against both store backends by `suite!`.
+//! run against every store backend and layout by `suite!` (actor ids from the fixture).
 //!
 //! The writer is a real concurrent task that rewrites the actor's main file chunk by chunk, one
 //! transaction per chunk, in a random order, cycling between several real SQLite databases
@@ -47,7 +47,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
 /// Instantiates every listed `async fn name(backend: Backend) -> Result<()>` once per backend,
-/// in modules `sqlite` and `postgres`, each bounded by [`LIMIT`].
+/// in modules `sqlite`, `postgres` and `rivet`, each bounded by [`LIMIT`].
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -63,6 +63,14 @@ macro_rules! suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> anyhow::Result<()> {
                     super::bounded(super::$name(ferry::testing::Backend::Postgres)).await
+                }
+            )*
+        }
+        mod rivet {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::bounded(super::$name(ferry::testing::Backend::Rivet)).await
                 }
             )*
         }
@@ -523,7 +531,7 @@ struct Scenario {
 
 async fn migrate_while_the_writer_rewrites(backend: Backend, sc: Scenario) -> Result<()> {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse(sc.actor)?;
+    let actor = ts.actor(sc.actor);
     let clock = ManualClock::new(START_MS);
     let gated = Gated::new(ts.store(), &actor);
     let migrator = Migrator::new(gated.clone(), clock.clone(), sc.cfg.clone());
@@ -787,7 +795,7 @@ async fn chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_an
     backend: Backend,
 ) -> Result<()> {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse("rewritten-between-stages")?;
+    let actor = ts.actor("rewritten-between-stages");
     let clock = ManualClock::new(START_MS);
     // A blob over one stage transaction, so the migration stages in two; `appended` and
     // `appended_more` are the same database with a few more rows (the runtime's next writes).
@@ -1047,7 +1055,7 @@ async fn ensure_retry_migrates(
 
 async fn v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse("replaced-between-scans")?;
+    let actor = ts.actor("replaced-between-scans");
     let clock = ManualClock::new(START_MS);
     // Over SCAN_BATCH chunks, so one read of v1 takes several scans. The replacement is the
     // same database with rows appended (the runtime's next write): more chunks, a few differ.
@@ -1102,7 +1110,7 @@ async fn v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_lett
 
 async fn a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse("rejected-then-rewritten")?;
+    let actor = ts.actor("rejected-then-rewritten");
     let clock = ManualClock::new(START_MS);
     // A small database that fails quick_check (read in one scan), and a good one: the same
     // database with rows appended, as the runtime's next write leaves it.
@@ -1171,7 +1179,7 @@ async fn a_journal_that_appears_while_the_probe_reads_is_v1_changed_and_a_journa
     backend: Backend,
 ) -> Result<()> {
     let ts = TestStore::new(backend).await;
-    let actor = ActorId::parse("journal-appears")?;
+    let actor = ts.actor("journal-appears");
     let clock = ManualClock::new(START_MS);
     // Over SCAN_BATCH chunks, so the read probes the metas and files with separate reads; the
     // journal is a real hot journal of the same database.

@@ -1,8 +1,18 @@
-//! What the migration test suites share: the kind of a migration's commit, recognised from
-//! its shape, so store wrappers can hook and log chosen commits.
+//! What the test suites share: the kind of a migration's commit, recognised from its shape, so
+//! store wrappers can hook and log chosen commits; a listing of every logical row that works
+//! on every layout; a store that puts every key under one prefix (the store contract on one
+//! key family of the rivet layout); and rivet-style universaldb transactions (`rivet`).
+//!
+//! Each test binary uses part of this module.
+#![allow(dead_code)]
 
-use ferry::keys::V2_PREFIX;
-use ferry::store::{Check, Mutation, Txn};
+pub mod rivet;
+
+use async_trait::async_trait;
+use ferry::keys::{V1_PREFIX, V2_PREFIX};
+use ferry::layout::Layout;
+use ferry::scan::ActorBatch;
+use ferry::store::{Check, DynStore, KeyRange, KeyValue, Mutation, Store, StoreError, Txn, for_each_row, prefix_end};
 
 /// What a migration's commit is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,5 +46,130 @@ pub fn kind_of(txn: &Txn) -> Kind {
         Kind::Begin
     } else {
         Kind::Other
+    }
+}
+
+/// The ranges that together hold every logical key below `[0xff; 8]`, each inside one key
+/// family (the rivet layout refuses a range across families, by design): ferry's records
+/// around `v1/` and `v2/`, then `v1/` and `v2/` themselves.
+pub fn family_ranges() -> [KeyRange; 5] {
+    [
+        KeyRange::new(Vec::new(), V1_PREFIX.to_vec()),
+        KeyRange::prefix(V1_PREFIX),
+        KeyRange::new(prefix_end(V1_PREFIX), V2_PREFIX.to_vec()),
+        KeyRange::prefix(V2_PREFIX),
+        KeyRange::new(prefix_end(V2_PREFIX), vec![0xff; 8]),
+    ]
+}
+
+/// Every logical row of the store, sorted by key, on every layout (one scan per key family;
+/// rivet's `v1/` order is by binary id, so the rows are sorted here).
+pub async fn whole(store: &dyn Store) -> Vec<KeyValue> {
+    let mut rows = Vec::new();
+    for range in family_ranges() {
+        for_each_row(store, &range, 1024, |k, v| {
+            rows.push((k.to_vec(), v));
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    rows.sort();
+    rows
+}
+
+/// A store that keeps every key of its caller under `prefix` of `inner`: keys and ranges
+/// get the prefix on the way in, results (rows, keys, the keys errors name) lose it on the
+/// way out. It runs the store contract inside one key family of a layout (ferry's records,
+/// or one rivet actor's v2 keys).
+pub struct PrefixStore {
+    inner: DynStore,
+    prefix: Vec<u8>,
+}
+
+impl PrefixStore {
+    pub fn wrap(inner: DynStore, prefix: Vec<u8>) -> DynStore {
+        std::sync::Arc::new(PrefixStore { inner, prefix })
+    }
+
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        [self.prefix.as_slice(), key].concat()
+    }
+
+    fn range(&self, range: &KeyRange) -> KeyRange {
+        KeyRange::new(self.key(&range.start), self.key(&range.end))
+    }
+
+    fn strip(&self, key: Vec<u8>) -> Vec<u8> {
+        match key.strip_prefix(self.prefix.as_slice()) {
+            Some(rest) => rest.to_vec(),
+            None => panic!("the inner store returned {} outside the prefix", ferry::keys::printable(&key)),
+        }
+    }
+
+    fn error(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Conflict { index, key } => StoreError::Conflict { index, key: self.strip(key) },
+            StoreError::ValueTooLarge { key, size, max } => {
+                StoreError::ValueTooLarge { key: self.strip(key), size, max }
+            }
+            StoreError::Corrupt { key, detail } => StoreError::Corrupt { key: self.strip(key), detail },
+            other => other,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PrefixStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(&self.key(key)).await.map_err(|e| self.error(e))
+    }
+
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        let rows = self.inner.scan(&self.range(range), limit).await.map_err(|e| self.error(e))?;
+        Ok(rows.into_iter().map(|(k, v)| (self.strip(k), v)).collect())
+    }
+
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.inner.first_key(&self.range(range)).await.map_err(|e| self.error(e))?;
+        Ok(key.map(|k| self.strip(k)))
+    }
+
+    async fn scan_keys(&self, range: &KeyRange, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let keys = self.inner.scan_keys(&self.range(range), limit).await.map_err(|e| self.error(e))?;
+        Ok(keys.into_iter().map(|k| self.strip(k)).collect())
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        let checks = txn
+            .checks
+            .into_iter()
+            .map(|c| match c {
+                Check::Value { key, expected } => Check::Value { key: self.key(&key), expected },
+                Check::RangeDigest { range, expected } => Check::RangeDigest { range: self.range(&range), expected },
+            })
+            .collect();
+        let mutations = txn
+            .mutations
+            .into_iter()
+            .map(|m| match m {
+                Mutation::Set { key, value } => Mutation::Set { key: self.key(&key), value },
+                Mutation::Clear { key } => Mutation::Clear { key: self.key(&key) },
+                Mutation::ClearRange { range } => Mutation::ClearRange { range: self.range(&range) },
+            })
+            .collect();
+        self.inner.commit(Txn { checks, mutations }).await.map_err(|e| self.error(e))
+    }
+
+    fn layout(&self) -> Layout {
+        self.inner.layout()
+    }
+
+    async fn v1_actors(&self, _range: &KeyRange, _limit: usize) -> Result<ActorBatch, StoreError> {
+        Err(StoreError::Unsupported { layout: "prefixed test store", detail: "no v1 actors under a prefix".into() })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} under {}", self.inner.describe(), ferry::keys::printable(&self.prefix))
     }
 }
