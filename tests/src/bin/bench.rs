@@ -3,9 +3,12 @@
 //!
 //!   cargo run --release -p ferry-tests --bin bench -- [--quick] [--json-out bench.json]
 //!   cargo run --release -p ferry-tests --bin bench -- --triage-only --triage-letters 100000,1000000
+//!   cargo run --release -p ferry-tests --bin bench -- --rivet-only [--quick]
 //!
 //! Needs the local PostgreSQL and RabbitMQ (like the tests). Prints a table and JSON.
 
+#[path = "bench/rivet.rs"]
+mod rivet;
 #[path = "bench/triage.rs"]
 mod triage;
 
@@ -66,6 +69,10 @@ struct Args {
     /// most this many letters; the store side always has them all.
     #[arg(long, env = "FERRY_BENCH_TRIAGE_BROKER_MAX", default_value_t = 1_000_000)]
     triage_broker_max: u64,
+    /// Only the rivet-layout section (issue 14): tiny actors on the rivet layout against the
+    /// ferry layout on the same server, large actors against the raw store copy.
+    #[arg(long, env = "FERRY_BENCH_RIVET_ONLY")]
+    rivet_only: bool,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -545,6 +552,12 @@ async fn main() -> Result<()> {
     }
     let tiny = args.tiny.unwrap_or(if args.quick { 600 } else { 3000 });
     let sizes: Vec<u64> = if args.quick { vec![16] } else { vec![16, 64, 128] };
+    if args.rivet_only {
+        eprintln!("ferry bench on {}: the rivet layout", report.machine);
+        let dbs = large_databases(&sizes)?;
+        rivet::rivet(&mut report, tiny, args.concurrency.into(), &dbs).await?;
+        return finish(&report, args.json_out.as_deref());
+    }
     eprintln!("ferry bench on {}", report.machine);
     bin("ferry-worker");
 
@@ -586,18 +599,7 @@ async fn main() -> Result<()> {
     );
 
     eprintln!("2. large actors");
-    let mut dbs = Vec::new();
-    for mib in &sizes {
-        let started = Instant::now();
-        // DbSpec::sized overshoots by about a third (overflow pages): aim under the size.
-        let main = database(&DbSpec::sized((mib << 20) * 3 / 4, *mib)).map_err(anyhow::Error::msg)?;
-        eprintln!(
-            "  built a {:.0} MiB database in {:.1} s",
-            main.len() as f64 / 1048576.0,
-            started.elapsed().as_secs_f64()
-        );
-        dbs.push((*mib, main));
-    }
+    let dbs = large_databases(&sizes)?;
     large(&mut report, Backend::Sqlite, &sizes, &dbs).await?;
     large(&mut report, Backend::Postgres, &sizes, &dbs).await?;
 
@@ -629,11 +631,31 @@ async fn main() -> Result<()> {
         );
     }
 
+    eprintln!("6. the rivet layout");
+    rivet::rivet(&mut report, tiny, args.concurrency.into(), &dbs).await?;
+
     let sizes = args.triage_letters.clone().unwrap_or_else(|| vec![if args.quick { 10_000 } else { 100_000 }]);
-    eprintln!("6. triage ({sizes:?} dead letters)");
+    eprintln!("7. triage ({sizes:?} dead letters)");
     triage::triage(&mut report, &sizes, args.triage_broker_max).await?;
 
     finish(&report, args.json_out.as_deref())
+}
+
+/// One real SQLite database per size in MiB.
+fn large_databases(sizes: &[u64]) -> Result<Vec<(u64, Vec<u8>)>> {
+    let mut dbs = Vec::new();
+    for mib in sizes {
+        let started = Instant::now();
+        // DbSpec::sized overshoots by about a third (overflow pages): aim under the size.
+        let main = database(&DbSpec::sized((mib << 20) * 3 / 4, *mib)).map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "  built a {:.0} MiB database in {:.1} s",
+            main.len() as f64 / 1048576.0,
+            started.elapsed().as_secs_f64()
+        );
+        dbs.push((*mib, main));
+    }
+    Ok(dbs)
 }
 
 /// Prints the table and the JSON, and writes the JSON to `json_out`.
