@@ -243,6 +243,8 @@ impl Drop for Worker {
 fn spawn_worker(store: &str, prefix: &str, concurrency: u16, id: &str, http: &str, extra: &[&str]) -> Result<Worker> {
     let child = Command::new(bin("ferry-worker"))
         .args(["run", "--store", store, "--queue-prefix", prefix, "--http", http, "--worker-id", id])
+        // Required since the worker has no default broker (the harness did not pass it).
+        .args(["--amqp", &amqp_url()])
         .args(["--concurrency", &concurrency.to_string()])
         .args(extra)
         .env("RUST_LOG", "warn")

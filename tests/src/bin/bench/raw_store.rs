@@ -103,27 +103,15 @@ async fn postgres(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurren
                     digest.update(r.get::<_, &[u8]>(0), r.get::<_, &[u8]>(1));
                 }
                 let expected = digest.finish();
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::Serializable)
-                    .start()
-                    .await?;
-                // The checks, pipelined.
-                let range_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&range.start, &range.end];
-                let (h, l, range_now) = futures::try_join!(
-                    tx.query_opt(&get, &head_params),
-                    tx.query_opt(&get, &lease_params),
-                    tx.query(&range_rows, &range_params),
-                )?;
-                let mut now = RangeDigest::new();
-                for r in &range_now {
-                    now.update(r.get::<_, &[u8]>(0), r.get::<_, &[u8]>(1));
+                // Re-run on a serialization failure, as the store's own commit does.
+                let statements = Statements { get: &get, range_rows: &range_rows, upsert: &upsert, delete: &delete };
+                loop {
+                    match commit_once(&mut client, &actor, &statements, expected, rows.len()).await {
+                        Ok(()) => break,
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                ensure!(h.is_none() && l.is_none() && now.finish() == expected, "{actor} changed");
-                let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = writes(&actor, rows.len()).into_iter().unzip();
-                tx.execute(&upsert, &[&keys, &values]).await?;
-                tx.execute(&delete, &[&vec![lease_key]]).await?;
-                tx.commit().await?;
             }
             anyhow::Ok(())
         });
@@ -132,6 +120,45 @@ async fn postgres(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurren
         done??;
     }
     Ok(())
+}
+
+/// The prepared statements of a job's transaction.
+struct Statements<'a> {
+    get: &'a tokio_postgres::Statement,
+    range_rows: &'a tokio_postgres::Statement,
+    upsert: &'a tokio_postgres::Statement,
+    delete: &'a tokio_postgres::Statement,
+}
+
+/// The job's transaction: the checks (pipelined), the writes, the commit.
+async fn commit_once(
+    client: &mut tokio_postgres::Client,
+    actor: &ActorId,
+    sql: &Statements<'_>,
+    expected: u128,
+    pages: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let range = ferry::v1::keys::sqlite_range(actor);
+    let (head_key, lease_key) = (ferry::v2::keys::meta(actor), ferry::keys::lease(actor));
+    let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::Serializable).start().await?;
+    let range_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&range.start, &range.end];
+    let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&head_key];
+    let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&lease_key];
+    let (h, l, range_now) = futures::try_join!(
+        tx.query_opt(sql.get, &head_params),
+        tx.query_opt(sql.get, &lease_params),
+        tx.query(sql.range_rows, &range_params),
+    )?;
+    let mut now = RangeDigest::new();
+    for r in &range_now {
+        now.update(r.get::<_, &[u8]>(0), r.get::<_, &[u8]>(1));
+    }
+    // The actor is this client's alone: the checks hold (a failure is a bug of the harness).
+    assert!(h.is_none() && l.is_none() && now.finish() == expected, "{actor} changed");
+    let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = writes(actor, pages).into_iter().unzip();
+    tx.execute(sql.upsert, &[&keys, &values]).await?;
+    tx.execute(sql.delete, &[&vec![lease_key]]).await?;
+    tx.commit().await
 }
 
 async fn sqlite(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurrency: usize) -> Result<()> {
