@@ -55,6 +55,15 @@ impl MemoryBudget {
         files + STAGE_COPIES * batch + main_bytes / PIDX_SHARE + FIXED_BYTES
     }
 
+    /// What a job reserves before its first batched read (`Migrator::prefetch`), when it does
+    /// not know its size yet: the footprint of the largest main file that read can return
+    /// whole (one scan batch of full chunks). A job whose read shows more re-reserves its real
+    /// footprint and reads again.
+    pub fn first_read_footprint() -> u64 {
+        let batch = (crate::v1::read::SCAN_BATCH * crate::v1::keys::CHUNK_SIZE) as u64;
+        MemoryBudget::footprint(batch, 0, false)
+    }
+
     /// Waits until `bytes` fit. A job bigger than the whole budget waits for all of it and
     /// then runs alone.
     pub async fn reserve(&self, bytes: u64) -> Reservation {

@@ -27,6 +27,12 @@ pub fn install_metrics() -> PrometheusHandle {
                         Matcher::Full(crate::metrics::JOB_V1_BYTES.into()),
                         &crate::metrics::BYTES_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::metrics::GROUP_SIZE.into()),
+                        &crate::metrics::GROUP_BUCKETS,
+                    )
                 });
             let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(handle) => handle,

@@ -43,6 +43,11 @@ pub const RECONNECTS: &str = "ferry_broker_reconnects_total";
 /// Attempts to open a broker session after a lost one (each try, failed ones included).
 pub const RECONNECT_ATTEMPTS: &str = "ferry_broker_reconnect_attempts_total";
 
+/// Store write transactions committed (a group of actors committed together counts once).
+pub const STORE_COMMITS: &str = "ferry_store_commits_total";
+/// Transactions in each group commit (`store::group`).
+pub const GROUP_SIZE: &str = "ferry_group_commit_size";
+
 /// Messages the dead-letter inbox settled, by `kind` (`queue::dead_inbox::Settled`):
 /// `indexed_skip`, `admitted`, `duplicate`.
 pub const DEAD_INBOX: &str = "ferry_dead_inbox_total";
@@ -53,6 +58,9 @@ pub const SECONDS_BUCKETS: [f64; 17] =
 /// Buckets of [`JOB_V1_BYTES`]: one page to the largest database ferry migrates.
 pub const BYTES_BUCKETS: [f64; 9] =
     [4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 134217728.0];
+
+/// Buckets of [`GROUP_SIZE`]: one transaction to the largest groups.
+pub const GROUP_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
 /// Every metric name, for the dashboard test.
 pub const ALL: &[&str] = &[
@@ -74,6 +82,8 @@ pub const ALL: &[&str] = &[
     RECONNECTS,
     RECONNECT_ATTEMPTS,
     DEAD_INBOX,
+    STORE_COMMITS,
+    GROUP_SIZE,
 ];
 
 /// Describes every metric to the installed recorder and creates every series at zero.
@@ -96,6 +106,11 @@ pub fn register() {
     describe_gauge!(CONSUMING, "1 while connected to the broker and consuming, else 0.");
     describe_counter!(RECONNECTS, "Broker sessions opened again after a lost one (reconnects that succeeded).");
     describe_counter!(RECONNECT_ATTEMPTS, "Attempts to open a broker session after a lost one, failed ones included.");
+    describe_counter!(
+        STORE_COMMITS,
+        "Store write transactions committed (a group commit of several actors counts once)."
+    );
+    describe_histogram!(GROUP_SIZE, "Transactions committed together by each group commit.");
     describe_counter!(
         DEAD_INBOX,
         "Messages of the dead-letter queue settled by the inbox, by kind (indexed_skip: ferry's own, already indexed; \
@@ -126,6 +141,7 @@ pub fn register() {
         JOURNALS_ROLLED_BACK,
         RECONNECTS,
         RECONNECT_ATTEMPTS,
+        STORE_COMMITS,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -133,7 +149,7 @@ pub fn register() {
         // Registering only: a gauge another part already moved keeps its value.
         metrics::gauge!(gauge).increment(0.0);
     }
-    for histogram in [MIGRATION_SECONDS, JOB_V1_BYTES] {
+    for histogram in [MIGRATION_SECONDS, JOB_V1_BYTES, GROUP_SIZE] {
         // A registered histogram is exported with empty buckets until its first sample.
         let _ = metrics::histogram!(histogram);
     }

@@ -1,9 +1,11 @@
 //! The `Store` contract (DESIGN.md section 1, `store/mod.rs`), one suite run against every
 //! backend and layout: each test below is instantiated by `contract!` for SQLite, PostgreSQL,
 //! and the rivet layout in two of its key families (ferry's records under `ferry/contract/`,
-//! and one rivet actor's v2 keys under `v2/{id}/`, each through [`common::PrefixStore`]).
-//! PostgreSQL must be running (`ferry::testing::postgres_url()`); a test against it fails,
-//! never skips, when it is not.
+//! and one rivet actor's v2 keys under `v2/{id}/`, each through [`common::PrefixStore`]), plus
+//! once on the trait's own default methods (`defaults`: a SQLite store seen through
+//! [`BaseOnly`], which implements only the required methods, as a new backend would before it
+//! overrides the batched ones). PostgreSQL must be running (`ferry::testing::postgres_url()`);
+//! a test against it fails, never skips, when it is not.
 //!
 //! What the rivet layout does not hold by design is proved at the end, by tests of its own
 //! behaviour: a range across key families is refused (`StoreError::Unsupported`), and `v1/`
@@ -15,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use ferry::store::limits::{MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES};
-use ferry::store::{DynStore, KeyRange, KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end};
+use ferry::store::{
+    DynStore, KeyRange, KeyValue, RangeDigest, Read, ReadResult, Store, StoreError, Txn, for_each_row, prefix_end,
+};
 use ferry::testing::{Backend, TestStore};
 
 /// The store a contract test runs on.
@@ -68,6 +72,15 @@ macro_rules! contract {
         contract!(@module postgres, Postgres, [$($name),*], [$($sized),*]);
         contract!(@module rivet_records, RivetRecords, [$($name),*], [$($sized),*]);
         contract!(@module rivet_v2, RivetV2, [$($name),*], [$($sized),*]);
+        mod defaults {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let ts = ferry::testing::TestStore::new(ferry::testing::Backend::Sqlite).await;
+                    super::$name(std::sync::Arc::new(super::BaseOnly(ts.store()))).await;
+                }
+            )*
+        }
     };
     (@module $module:ident, $subject:ident, [$($name:ident),*], [$($sized:ident),*]) => {
         mod $module {
@@ -89,6 +102,29 @@ macro_rules! contract {
     };
 }
 
+/// A store that implements only the required methods of [`Store`], so `read_many`,
+/// `commit_many` and `scan_keys` run as the trait's defaults.
+struct BaseOnly(DynStore);
+
+#[async_trait]
+impl Store for BaseOnly {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.0.scan(range, limit).await
+    }
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.first_key(range).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.0.commit(txn).await
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
 contract!(
     plain: [
         get_set_clear_round_trip_binary_values,
@@ -108,6 +144,12 @@ contract!(
         value_over_the_limit_is_refused_and_nothing_is_written,
         racing_inserts_on_the_same_absent_key_exactly_one_wins,
         optimistic_increments_from_concurrent_tasks_are_never_lost,
+        read_many_answers_each_read_as_get_and_scan_would_in_order,
+        commit_many_a_failing_check_fails_only_its_own_transaction,
+        commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group,
+        commit_many_refuses_a_transaction_over_a_limit_alone,
+        commit_many_commits_a_group_bigger_than_one_transaction_may_write,
+        optimistic_increments_in_concurrent_groups_are_never_lost,
     ],
     sized: [
         key_over_the_limit_is_refused_and_nothing_is_written,
@@ -802,6 +844,180 @@ async fn optimistic_increments_from_concurrent_tasks_are_never_lost(store: DynSt
     }
     let raw = store.get(b"counter").await.unwrap().unwrap();
     assert_eq!(u64::from_be_bytes(raw.as_slice().try_into().unwrap()), TASKS * EACH);
+}
+
+async fn read_many_answers_each_read_as_get_and_scan_would_in_order(store: DynStore) {
+    let rows = numbered("m", 10);
+    set_all(&*store, &rows).await;
+    let reads = vec![
+        Read::Get(b"m003".to_vec()),
+        Read::Scan { range: KeyRange::prefix(b"m"), limit: 4 },
+        Read::Get(b"absent".to_vec()),
+        Read::Scan { range: KeyRange::new(b"m005".to_vec(), b"m007".to_vec()), limit: 100 },
+        // The same key twice, and an empty range: each answered on its own.
+        Read::Get(b"m003".to_vec()),
+        Read::Scan { range: KeyRange::prefix(b"nothing"), limit: 10 },
+    ];
+    let answers = store.read_many(&reads).await.expect("read_many");
+    assert_eq!(answers.len(), reads.len());
+    for (read, answer) in reads.iter().zip(&answers) {
+        let expected = match read {
+            Read::Get(key) => ReadResult::Value(store.get(key).await.unwrap()),
+            Read::Scan { range, limit } => ReadResult::Rows(store.scan(range, *limit).await.unwrap()),
+        };
+        assert_eq!(*answer, expected, "{read:?}");
+    }
+    assert_eq!(answers[0], ReadResult::Value(Some(rows[3].1.clone())));
+    assert_eq!(answers[1].clone().into_rows(), rows[..4].to_vec());
+    assert_eq!(answers[2], ReadResult::Value(None));
+    assert_eq!(answers[3].clone().into_rows(), rows[5..7].to_vec());
+    assert!(store.read_many(&[]).await.unwrap().is_empty());
+}
+
+async fn commit_many_a_failing_check_fails_only_its_own_transaction(store: DynStore) {
+    set_all(&*store, &[(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"1".to_vec())]).await;
+    let mut first = Txn::new();
+    first.check_value(b"a".to_vec(), Some(b"1".to_vec())).set(b"a".to_vec(), b"2".to_vec());
+    // The conflict injected into one transaction of the group: its second check fails.
+    let mut second = Txn::new();
+    second
+        .check_value(b"b".to_vec(), Some(b"1".to_vec()))
+        .check_value(b"b".to_vec(), Some(b"stale".to_vec()))
+        .set(b"b".to_vec(), b"2".to_vec())
+        .set(b"b2".to_vec(), b"written".to_vec());
+    let mut third = Txn::new();
+    third.check_value(b"c".to_vec(), None).set(b"c".to_vec(), b"new".to_vec());
+    let results = store.commit_many(vec![first, second, third]).await;
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    match &results[1] {
+        Err(StoreError::Conflict { index: 1, key }) => assert_eq!(key, b"b"),
+        other => panic!("expected the second transaction's check 1 to fail, got {other:?}"),
+    }
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(store.get(b"a").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(store.get(b"b").await.unwrap(), Some(b"1".to_vec()), "the failed transaction wrote");
+    assert_eq!(store.get(b"b2").await.unwrap(), None, "the failed transaction wrote");
+    assert_eq!(store.get(b"c").await.unwrap(), Some(b"new".to_vec()));
+    assert!(store.commit_many(Vec::new()).await.is_empty());
+}
+
+async fn commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group(store: DynStore) {
+    // Three increments of one counter in one group, each checking what the one before wrote;
+    // a fourth checking the value from before the group fails.
+    set_all(&*store, &[(b"n".to_vec(), vec![0])]).await;
+    let step = |from: u8| {
+        let mut txn = Txn::new();
+        txn.check_value(b"n".to_vec(), Some(vec![from])).set(b"n".to_vec(), vec![from + 1]);
+        txn
+    };
+    let mut range = Txn::new();
+    range.check_range_digest(KeyRange::prefix(b"n"), digest_of(&[(b"n".to_vec(), vec![3])]));
+    range.set(b"seen".to_vec(), b"3".to_vec());
+    let results = store.commit_many(vec![step(0), step(1), step(2), step(0), range]).await;
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert!(matches!(results[3], Err(StoreError::Conflict { index: 0, .. })), "{results:?}");
+    assert!(results[4].is_ok(), "a range digest sees the group's earlier writes: {results:?}");
+    assert_eq!(store.get(b"n").await.unwrap(), Some(vec![3]));
+    assert_eq!(store.get(b"seen").await.unwrap(), Some(b"3".to_vec()));
+}
+
+async fn commit_many_refuses_a_transaction_over_a_limit_alone(store: DynStore) {
+    let mut ok = Txn::new();
+    ok.set(b"ok1".to_vec(), b"v".to_vec());
+    let mut too_big = Txn::new();
+    too_big.set(b"big".to_vec(), vec![0u8; MAX_VALUE_BYTES + 1]);
+    let mut long_key = Txn::new();
+    long_key.set(vec![b'k'; MAX_KEY_BYTES + 1], b"v".to_vec());
+    let mut ok2 = Txn::new();
+    ok2.set(b"ok2".to_vec(), b"v".to_vec());
+    let results = store.commit_many(vec![ok, too_big, long_key, ok2]).await;
+    assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+    assert!(matches!(results[1], Err(StoreError::ValueTooLarge { .. })), "{results:?}");
+    assert!(matches!(results[2], Err(StoreError::KeyTooLarge { .. })), "{results:?}");
+    assert_eq!(keys_of(&all_rows(&*store).await), vec![b"ok1".to_vec(), b"ok2".to_vec()]);
+}
+
+async fn commit_many_commits_a_group_bigger_than_one_transaction_may_write(store: DynStore) {
+    // Three transactions of ~4 MB: together over the 10 MB limit of one transaction, each under
+    // it; the backend splits the group, and every one commits.
+    let n = 4_000_000 / (8 + MAX_VALUE_BYTES);
+    let txns: Vec<Txn> = (0..3u8)
+        .map(|g| {
+            let mut txn = Txn::new();
+            for i in 0..n {
+                txn.set(format!("g{g}/{i:04}").into_bytes(), vec![g; MAX_VALUE_BYTES]);
+            }
+            txn
+        })
+        .collect();
+    assert!(txns.iter().map(Txn::write_bytes).sum::<usize>() > MAX_TXN_WRITE_BYTES);
+    let results = store.commit_many(txns).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for g in 0..3u8 {
+        let rows = store.scan(&KeyRange::prefix(format!("g{g}/").as_bytes()), usize::MAX).await.unwrap();
+        assert_eq!(rows.len(), n, "group member {g}");
+        assert!(rows.iter().all(|(_, v)| v.len() == MAX_VALUE_BYTES && v[0] == g));
+    }
+}
+
+async fn optimistic_increments_in_concurrent_groups_are_never_lost(store: DynStore) {
+    // Tasks commit groups that each increment two counters (one shared, one their own);
+    // conflicts are retried. Every increment of every group lands once.
+    const TASKS: u64 = 4;
+    const ROUNDS: u64 = 5;
+    set_all(&*store, &[(b"shared".to_vec(), 0u64.to_be_bytes().to_vec())]).await;
+    let handles: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let own = format!("own/{task}").into_bytes();
+                let read = |key: Vec<u8>| {
+                    let store = store.clone();
+                    async move {
+                        let raw = store.get(&key).await.unwrap();
+                        let n = raw.as_deref().map_or(0, |r| u64::from_be_bytes(r.try_into().unwrap()));
+                        let mut txn = Txn::new();
+                        txn.check_value(key.clone(), raw).set(key, (n + 1).to_be_bytes().to_vec());
+                        txn
+                    }
+                };
+                for _ in 0..ROUNDS {
+                    let (mut shared_done, mut own_done) = (false, false);
+                    for tries in 0.. {
+                        assert!(tries < 10_000, "livelock");
+                        let mut txns = Vec::new();
+                        if !shared_done {
+                            txns.push((true, read(b"shared".to_vec()).await));
+                        }
+                        if !own_done {
+                            txns.push((false, read(own.clone()).await));
+                        }
+                        if txns.is_empty() {
+                            break;
+                        }
+                        let (which, txns): (Vec<bool>, Vec<Txn>) = txns.into_iter().unzip();
+                        for (shared, result) in which.into_iter().zip(store.commit_many(txns).await) {
+                            match result {
+                                Ok(()) if shared => shared_done = true,
+                                Ok(()) => own_done = true,
+                                Err(StoreError::Conflict { .. }) => {}
+                                Err(e) => panic!("group increment failed: {e:?}"),
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let value = |raw: Option<Vec<u8>>| u64::from_be_bytes(raw.unwrap().as_slice().try_into().unwrap());
+    assert_eq!(value(store.get(b"shared").await.unwrap()), TASKS * ROUNDS);
+    for task in 0..TASKS {
+        assert_eq!(value(store.get(format!("own/{task}").as_bytes()).await.unwrap()), ROUNDS);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use ferry::jobs::RetryPolicy;
 use ferry::migrate::MigrateConfig;
 use ferry::queue::Topology;
 use ferry::queue::worker::{FleetConfig, WorkerConfig};
+use ferry::store::group::GroupConfig;
 use ferry::telemetry::{LogFormat, default_worker_id, init_tracing, shutdown_signal};
 
 /// The exit codes, for `--help` and the README.
@@ -152,6 +153,15 @@ struct MigrateArgs {
     /// Lease time to live, in seconds (1 to 86400).
     #[arg(long, env = "FERRY_LEASE_TTL_SECS", default_value_t = 60, value_parser = clap::value_parser!(i64).range(1..=86_400))]
     lease_ttl_secs: i64,
+    /// Longest wait, in milliseconds, for small actors ready at about the same time to commit
+    /// together in one store transaction (0 to 1000; a group that holds every job that could
+    /// join it commits at once).
+    #[arg(long, env = "FERRY_GROUP_WAIT_MS", default_value_t = ferry::store::group::DEFAULT_GROUP_WAIT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    group_wait_ms: u64,
+    /// Most small actors committed in one store transaction (1 turns grouping off; 1 to 1024).
+    /// A group also stays under the store's 10 MB transaction limit.
+    #[arg(long, env = "FERRY_GROUP_MAX", default_value_t = ferry::store::group::DEFAULT_GROUP_MAX as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    group_max: u64,
 }
 
 impl MigrateArgs {
@@ -161,6 +171,11 @@ impl MigrateArgs {
             max_size: self.max_size_mib << 20,
             lease_ttl_ms: self.lease_ttl_secs * 1000,
             quick_check: !self.no_quick_check,
+            group: GroupConfig {
+                max_wait: Duration::from_millis(self.group_wait_ms),
+                // At most 1024 (the parser's range).
+                max_txns: usize::try_from(self.group_max).unwrap_or(1),
+            },
             ..MigrateConfig::default()
         }
     }

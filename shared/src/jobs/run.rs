@@ -232,7 +232,6 @@ impl JobRunner {
         }
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
-        let _reservation = self.budget.reserve(self.footprint(job).await).await;
         let req = Request {
             actor: job.actor_id.clone(),
             campaign: job.campaign.clone(),
@@ -240,7 +239,7 @@ impl JobRunner {
             attempts,
             clears: job.ticket.as_ref().map(|_| ticket::key(&job.actor_id)),
         };
-        let result = self.migrator.migrate(&req).await;
+        let result = self.migrate(job, &req).await;
         metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
         match result {
             Ok(outcome) => {
@@ -257,6 +256,27 @@ impl JobRunner {
             }
             Err(e) => self.failed(job, e, attempts).await,
         }
+    }
+
+    /// Reserves the job's memory and migrates. A job without a recovery first reserves what one
+    /// batched read can hold and reads its range, head and lease in one call
+    /// ([`Migrator::prefetch`]): a small actor then needs no other read. One the read shows to be
+    /// larger lets it go, reserves its real footprint and reads again.
+    async fn migrate(&self, job: &Job, req: &Request) -> Result<Outcome, MigrateError> {
+        if job.recovery.is_none() {
+            let first = self.budget.reserve(MemoryBudget::first_read_footprint()).await;
+            let entered = self.migrator.enter();
+            let prefetched = self.migrator.prefetch(&job.actor_id).await?;
+            let max = self.migrator.config().max_size;
+            let main = prefetched.main_size(&job.actor_id).unwrap_or(0).min(max);
+            if prefetched.is_whole() && MemoryBudget::footprint(main, 0, false) <= first.bytes {
+                let outcome = self.migrator.migrate_from(req, Some(prefetched), entered).await;
+                drop(first);
+                return outcome;
+            }
+        }
+        let _reservation = self.budget.reserve(self.footprint(job).await).await;
+        self.migrator.migrate(req).await
     }
 
     /// Passes the campaign gate, if there is one.

@@ -830,9 +830,7 @@ impl RivetStore {
             .await
             .map_err(Attempt::Pg)?;
         let checks: Vec<Check> = plan.record_checks.iter().map(|(_, c)| c.clone()).collect();
-        if let Some(StoreError::Conflict { index, .. }) =
-            self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)?
-        {
+        if let Some((index, _)) = self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)? {
             tx.rollback().await.map_err(Attempt::Pg)?;
             let (orig, check) = &plan.record_checks[index];
             return Ok(Err(conflict(*orig, check)));

@@ -132,6 +132,17 @@ impl AuditRecord {
     }
 }
 
+/// The transaction of a skip that keeps nothing of an earlier record (every skip but
+/// `skipped_already_migrated`): the audit, and the key the job's outcome clears.
+pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
+    let mut txn = Txn::new();
+    txn.set(keys::audit(&skip.actor_id), skip.encode());
+    if let Some(k) = clears {
+        txn.clear(k.to_vec());
+    }
+    txn
+}
+
 /// Writes the audit of a skip and returns what was written. A skip of an already-migrated
 /// actor keeps the fields of the migration it found (DESIGN.md section 2), checked to be
 /// still the record it read, so a concurrent write (another skip, a purge note) is never
@@ -149,10 +160,7 @@ pub async fn record_skip(
         }
     };
     if skip.outcome != OutcomeKind::SkippedAlreadyMigrated {
-        let mut txn = Txn::new();
-        txn.set(key, skip.encode());
-        clear(&mut txn);
-        store.commit(txn).await?;
+        store.commit(skip_txn(&skip, clears)).await?;
         return Ok(skip);
     }
     let mut attempts = 0;

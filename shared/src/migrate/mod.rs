@@ -16,6 +16,11 @@
 //! - until finalize commits, nothing marks the actor migrated, and finalize writes the PIDX
 //!   rows, the head, the audit record and drops the lease in that one transaction;
 //! - nothing under `v1/` is ever in a mutation built here.
+//!
+//! A small actor costs one batched read ([`Migrator::prefetch`]: its SQLite range, head and
+//! lease in one [`Store::read_many`](crate::store::Store::read_many)) and one transaction, which
+//! commits in a group with other actors' ([`crate::store::group`]), its checks its own. An actor
+//! whose transaction raced another writer is inspected again and commits alone.
 
 pub mod audit;
 pub mod error;
@@ -31,7 +36,8 @@ use crate::clock::Clock;
 use crate::keys;
 use crate::metrics as m;
 use crate::recovery::Recovery;
-use crate::store::{DynStore, StoreError, Txn};
+use crate::store::group::{Entered, GroupCommitter, GroupConfig};
+use crate::store::{DynStore, Read, StoreError, Txn};
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
 use crate::v2::keys as v2keys;
@@ -61,6 +67,8 @@ pub struct MigrateConfig {
     /// Databases of at most this many pages migrate in one transaction (begin, stage and
     /// finalize at once); 0 stages every database. At most [`ONE_SHOT_MAX_PAGES`].
     pub one_shot_max_pages: u32,
+    /// How one-shot transactions of different actors are committed together.
+    pub group: GroupConfig,
 }
 
 impl Default for MigrateConfig {
@@ -71,6 +79,7 @@ impl Default for MigrateConfig {
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             quick_check: true,
             one_shot_max_pages: ONE_SHOT_MAX_PAGES,
+            group: GroupConfig::default(),
         }
     }
 }
@@ -150,17 +159,54 @@ struct Validated {
     timings: Timings,
 }
 
+/// What one batched read found for an actor ([`Migrator::prefetch`]): the first batch of its
+/// SQLite range (all of it for a small actor), its v2 head and its lease.
+pub struct Prefetched {
+    first: v1::read::FirstBatch,
+    head: Option<Vec<u8>>,
+    lease: Option<Vec<u8>>,
+}
+
+impl Prefetched {
+    /// Whether the read holds the actor's whole SQLite range (nothing more to read).
+    pub fn is_whole(&self) -> bool {
+        self.first.is_whole()
+    }
+
+    /// The main file's size as its meta declares it (a whole read holds every meta).
+    pub fn main_size(&self, actor: &ActorId) -> Option<u64> {
+        self.first.declared_size(actor, FileTag::Main)
+    }
+}
+
 /// Migrates actors from v1 to v2 in one store.
 #[derive(Clone)]
 pub struct Migrator {
     store: DynStore,
     clock: Arc<dyn Clock>,
     cfg: Arc<MigrateConfig>,
+    group: GroupCommitter,
 }
 
 impl Migrator {
     pub fn new(store: DynStore, clock: Arc<dyn Clock>, cfg: MigrateConfig) -> Migrator {
-        Migrator { store, clock, cfg: Arc::new(cfg) }
+        let group = GroupCommitter::new(store.clone(), cfg.group);
+        Migrator { store, clock, cfg: Arc::new(cfg), group }
+    }
+
+    /// The actor's first SQLite batch, head and lease, in one call to the store.
+    pub async fn prefetch(&self, actor: &ActorId) -> Result<Prefetched, MigrateError> {
+        let reads = [v1::read::first_batch_read(actor), Read::Get(v2keys::meta(actor)), Read::Get(keys::lease(actor))];
+        let read = self.store.read_many(&reads).await.map_err(|e| MigrateError {
+            actor: actor.clone(),
+            phase: Phase::Inspect,
+            cause: e.into(),
+            files: None,
+        })?;
+        let mut read = read.into_iter();
+        let mut next = || read.next().unwrap_or(crate::store::ReadResult::Value(None));
+        let first = v1::read::FirstBatch::from_rows(next().into_rows());
+        Ok(Prefetched { first, head: next().into_value(), lease: next().into_value() })
     }
 
     pub fn store(&self) -> &DynStore {
@@ -178,6 +224,25 @@ impl Migrator {
     /// Migrates one actor (or records why it was skipped). Its lines are logged in the caller's
     /// job span (`telemetry::job_span`: actor, campaign, worker).
     pub async fn migrate(&self, req: &Request) -> Result<Outcome, MigrateError> {
+        self.migrate_from(req, None, self.enter()).await
+    }
+
+    /// Counts a migration that may join a group commit, until the guard is dropped (a group
+    /// holding a transaction of every entered migration does not wait for more). Taken before
+    /// [`Migrator::prefetch`], so a group waits (a few ms at most) for a job still reading.
+    pub fn enter(&self) -> Entered {
+        self.group.enter()
+    }
+
+    /// [`Migrator::migrate`] from what [`Migrator::prefetch`] read (`None`: read it here), with
+    /// the guard of [`Migrator::enter`], dropped as soon as the migration cannot join a group.
+    pub async fn migrate_from(
+        &self,
+        req: &Request,
+        prefetched: Option<Prefetched>,
+        entered: Entered,
+    ) -> Result<Outcome, MigrateError> {
+        let mut entered = Some(entered);
         let started = self.clock.now_ms();
         let fail = |phase: Phase, cause: Cause, files: Option<V1Files>| MigrateError {
             actor: req.actor.clone(),
@@ -185,20 +250,34 @@ impl Migrator {
             cause,
             files,
         };
-        let first =
-            v1::read::first_batch(&*self.store, &req.actor).await.map_err(|e| fail(Phase::Inspect, e.into(), None))?;
+        let (first, mut read_at_start) = match prefetched {
+            Some(p) => (p.first, Some((p.head, p.lease))),
+            None => (
+                v1::read::first_batch(&*self.store, &req.actor)
+                    .await
+                    .map_err(|e| fail(Phase::Inspect, e.into(), None))?,
+                None,
+            ),
+        };
         if first.is_empty() {
+            entered.take();
             return self.skip(req, OutcomeKind::SkippedNoV1, None, started).await;
         }
         let mut first = Some(first);
         let mut validated: Option<Validated> = None;
-        for _ in 0..BEGIN_ATTEMPTS {
-            let state = self.inspect(&req.actor).await.map_err(|c| fail(Phase::Inspect, c, None))?;
+        for attempt in 0..BEGIN_ATTEMPTS {
+            let state = match read_at_start.take() {
+                Some((head, lease)) => self.inspect_read(head, || async move { Ok(lease) }).await,
+                None => self.inspect(&req.actor).await,
+            };
+            let state = state.map_err(|c| fail(Phase::Inspect, c, None))?;
             let (previous_raw, lease_raw, generation, txid) = match state {
                 V2State::Native => {
+                    entered.take();
                     return self.skip(req, OutcomeKind::SkippedNativeV2, None, started).await;
                 }
                 V2State::Migrated { head } => {
+                    entered.take();
                     return self.skip(req, OutcomeKind::SkippedAlreadyMigrated, Some(head), started).await;
                 }
                 V2State::Fresh => (None, None, 1, 1),
@@ -223,7 +302,12 @@ impl Migrator {
             let files = Some(image.files.clone());
             if image.pages <= self.cfg.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES) {
                 let prev = Previous { head_raw: previous_raw.as_deref(), lease_raw: lease_raw.as_deref() };
-                match self.one_shot(req, prev, generation, txid, image, started).await {
+                // The first try commits in a group; after a race the actor commits alone.
+                let grouped = attempt == 0;
+                if !grouped {
+                    entered.take();
+                }
+                match self.one_shot(req, prev, generation, txid, image, started, grouped).await {
                     Ok(outcome) => return Ok(outcome),
                     Err(OneShotError::Raced(image)) => {
                         debug!("migration raced another one; inspecting again");
@@ -233,6 +317,7 @@ impl Migrator {
                     Err(OneShotError::Failed(phase, cause)) => return Err(fail(phase, cause, files)),
                 }
             }
+            entered.take();
             let begun = self
                 .begin(
                     &req.actor,
@@ -264,7 +349,17 @@ impl Migrator {
     }
 
     async fn inspect(&self, actor: &ActorId) -> Result<V2State, Cause> {
-        let Some(head_raw) = self.store.get(&v2keys::meta(actor)).await? else {
+        let head = self.store.get(&v2keys::meta(actor)).await?;
+        self.inspect_read(head, || async { self.store.get(&keys::lease(actor)).await }).await
+    }
+
+    /// Inspect from the head read, reading the lease with `lease` only if the head needs it.
+    async fn inspect_read<F, Fut>(&self, head: Option<Vec<u8>>, lease: F) -> Result<V2State, Cause>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Vec<u8>>, StoreError>>,
+    {
+        let Some(head_raw) = head else {
             return Ok(V2State::Fresh);
         };
         let head = DBHead::decode(&head_raw).map_err(|e| Cause::CorruptV2Meta(e.0))?;
@@ -272,7 +367,7 @@ impl Migrator {
             Origin::Native => Ok(V2State::Native),
             Origin::MigratedFromV1 => Ok(V2State::Migrated { head }),
             Origin::MigratingFromV1 => {
-                let lease_raw = self.store.get(&keys::lease(actor)).await?;
+                let lease_raw = lease().await?;
                 if let Some(lease) = lease_raw.as_deref().and_then(Lease::decode)
                     && lease.is_live(self.clock.now_ms())
                 {
@@ -484,7 +579,9 @@ impl Migrator {
 
     /// Begin, stage and finalize as one transaction, for a database whose whole blob fits in
     /// one: the same checks (the head and lease read at inspect, the v1 digest), the same end
-    /// state, and no MigratingFromV1 head ever visible.
+    /// state, and no MigratingFromV1 head ever visible. `grouped`: committed in a group with
+    /// other actors' transactions (its checks still its own), else alone.
+    #[allow(clippy::too_many_arguments)]
     async fn one_shot(
         &self,
         req: &Request,
@@ -493,6 +590,7 @@ impl Migrator {
         txid: u64,
         image: Validated,
         started: i64,
+        grouped: bool,
     ) -> Result<Outcome, OneShotError> {
         let encode_started = std::time::Instant::now();
         let Validated { main, pages, files, digest, applied, mut timings } = image;
@@ -539,7 +637,8 @@ impl Migrator {
             txn.clear(key.clone());
         }
         let finalize_started = std::time::Instant::now();
-        match self.store.commit(txn).await {
+        let committed = if grouped { self.group.commit(txn).await } else { self.store.commit(txn).await };
+        match committed {
             Ok(()) => {}
             // Checks 0 and 1 are the head and lease read at inspect; 2 is the v1 digest.
             Err(StoreError::Conflict { index: 2, .. }) => {

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use lapin::PublisherConfirm;
 use lapin::types::FieldTable;
 use tokio::sync::mpsc;
@@ -41,8 +41,7 @@ use crate::migrate::audit::{self, AuditRecord, OutcomeKind};
 use crate::progress::Progress;
 use crate::recovery::Recovery;
 use crate::scan::ActorScan;
-use crate::store::{self, DynStore, StoreError};
-use crate::v1::read::has_sqlite_data;
+use crate::store::{self, DynStore, Read, ReadResult, StoreError};
 use crate::v2::{DBHead, Origin};
 
 use super::amqp::{self, AmqpError};
@@ -179,64 +178,49 @@ pub fn producer_connection_name(campaign: &str) -> String {
     format!("ferry-producer {campaign}")
 }
 
-/// Whether an actor gets a job: it has v1 SQLite data and, unless asked, no finished v2.
-/// A skip comes with the v2 head that caused it.
-async fn wanted(
-    store: &DynStore,
-    actor: &ActorId,
-    has_sqlite: Option<bool>,
-    include_migrated: bool,
-) -> Result<Option<(SkipKind, Option<DBHead>)>, StoreError> {
-    let has_sqlite = match has_sqlite {
-        Some(known) => known,
-        None => has_sqlite_data(&**store, actor).await?,
-    };
+/// Whether an actor gets a job: it has v1 SQLite data and, unless asked, no finished v2 (its
+/// head as read). A skip comes with the v2 head that caused it.
+fn wanted(has_sqlite: bool, head_raw: Option<&[u8]>, include_migrated: bool) -> Option<(SkipKind, Option<DBHead>)> {
     if !has_sqlite {
-        return Ok(Some((SkipKind::NoV1, None)));
+        return Some((SkipKind::NoV1, None));
     }
     if include_migrated {
-        return Ok(None);
+        return None;
     }
-    let head = match store.get(&crate::v2::keys::meta(actor)).await? {
-        Some(raw) => DBHead::decode(&raw).ok(),
-        None => None,
-    };
-    Ok(match head.as_ref().map(|h| h.origin) {
+    let head = head_raw.and_then(|raw| DBHead::decode(raw).ok());
+    match head.as_ref().map(|h| h.origin) {
         // As a worker records it: a native head is not ferry's, its fields are not copied.
         Some(Origin::Native) => Some((SkipKind::Native, None)),
         Some(Origin::MigratedFromV1) => Some((SkipKind::Migrated, head)),
         Some(Origin::MigratingFromV1) | None => None,
-    })
+    }
 }
 
-/// Records the audit of an actor skipped at enqueue, as a worker would have had it been sent
-/// a job, so every scanned actor ends with an outcome. It is durable before the checkpoint can
-/// pass the actor.
-async fn record_skip(
-    store: &DynStore,
-    campaign: &str,
-    actor: &ActorId,
-    kind: SkipKind,
-    head: Option<&DBHead>,
-) -> Result<(), StoreError> {
+/// The audit of an actor skipped at enqueue, as a worker would have written it had it been sent
+/// a job, so every scanned actor ends with an outcome (`None`: an invalid id has no audit key).
+fn skip_audit(campaign: &str, actor: &ActorId, kind: SkipKind, head: Option<&DBHead>) -> Option<AuditRecord> {
     let outcome = match kind {
         SkipKind::NoV1 => OutcomeKind::SkippedNoV1,
         SkipKind::Native => OutcomeKind::SkippedNativeV2,
         SkipKind::Migrated => OutcomeKind::SkippedAlreadyMigrated,
-        // An invalid id has no audit key.
-        SkipKind::InvalidId => return Ok(()),
+        SkipKind::InvalidId => return None,
     };
     let now = SystemClock.now_ms();
-    let skip = AuditRecord::skipped(actor, campaign, outcome, head, PRODUCER_WORKER, (now, now));
-    audit::record_skip(&**store, skip, None).await.map(drop)
+    Some(AuditRecord::skipped(actor, campaign, outcome, head, PRODUCER_WORKER, (now, now)))
 }
 
 /// An actor the scan found: its id (or not a valid one), whether it has v1 SQLite data when
 /// the scan knows, and where to resume after it.
 type Found = (Result<ActorId, ()>, Option<bool>, Resume);
 
-/// Actors whose store checks run at once while scanning (order is kept).
-const CLASSIFY_AHEAD: usize = 32;
+/// Actors classified together: their heads (and, where the scan did not see it, whether they
+/// have v1 SQLite data) are read in one call to the store ([`store::Store::read_many`]), and
+/// their skip audits committed in one group ([`store::Store::commit_many`]).
+const CLASSIFY_BATCH: usize = 256;
+/// Batches whose classification runs at once while scanning (order is kept).
+const BATCHES_AHEAD: usize = 4;
+/// Skips of already-migrated actors recorded at once (each reads the audit it keeps fields of).
+const MIGRATED_SKIPS_AT_ONCE: usize = 16;
 /// Classified actors waiting for the publisher.
 const SCAN_AHEAD: usize = 4096;
 
@@ -258,27 +242,78 @@ impl Source<'_> {
     }
 }
 
-/// Classifies one actor: its store checks and, for a skip, its audit record.
+/// Classifies a batch of actors, in order: one read for all of their store checks, then the
+/// skips' audit records, durable before any item is handed over.
 async fn classify(
     store: DynStore,
     campaign: Arc<str>,
     include_migrated: bool,
-    found: Found,
-) -> Result<Item, StoreError> {
-    let (id, has_sqlite, resume) = found;
-    let Ok(actor) = id else { return Ok(Item::Skipped { kind: SkipKind::InvalidId, resume }) };
-    Ok(match wanted(&store, &actor, has_sqlite, include_migrated).await? {
-        None => Item::Publish { actor, resume },
-        Some((kind, head)) => {
-            record_skip(&store, &campaign, &actor, kind, head.as_ref()).await?;
-            Item::Skipped { kind, resume }
+    batch: Vec<Found>,
+) -> Result<Vec<Item>, StoreError> {
+    // For each actor: where its "has SQLite data" probe and its head are in `reads`.
+    let mut reads = Vec::new();
+    let mut slots = Vec::with_capacity(batch.len());
+    for (id, has_sqlite, _) in &batch {
+        let Ok(actor) = id else {
+            slots.push((None, None));
+            continue;
+        };
+        let probe = has_sqlite.is_none().then(|| {
+            reads.push(Read::Scan { range: crate::v1::keys::sqlite_range(actor), limit: 1 });
+            reads.len() - 1
+        });
+        let head = (!include_migrated && *has_sqlite != Some(false)).then(|| {
+            reads.push(Read::Get(crate::v2::keys::meta(actor)));
+            reads.len() - 1
+        });
+        slots.push((probe, head));
+    }
+    let answers = if reads.is_empty() { Vec::new() } else { store.read_many(&reads).await? };
+    let mut answers: Vec<Option<ReadResult>> = answers.into_iter().map(Some).collect();
+    let mut take = |slot: Option<usize>| slot.and_then(|i| answers.get_mut(i).and_then(Option::take));
+    let mut items = Vec::with_capacity(batch.len());
+    let mut plain_skips = Vec::new();
+    let mut migrated_skips = Vec::new();
+    for ((id, has_sqlite, resume), (probe, head)) in batch.into_iter().zip(slots) {
+        let Ok(actor) = id else {
+            items.push(Item::Skipped { kind: SkipKind::InvalidId, resume });
+            continue;
+        };
+        let has_sqlite = has_sqlite.unwrap_or_else(|| take(probe).is_some_and(|r| !r.into_rows().is_empty()));
+        let head_raw = take(head).and_then(ReadResult::into_value);
+        match wanted(has_sqlite, head_raw.as_deref(), include_migrated) {
+            None => items.push(Item::Publish { actor, resume }),
+            Some((kind, head)) => {
+                if let Some(skip) = skip_audit(&campaign, &actor, kind, head.as_ref()) {
+                    if matches!(kind, SkipKind::Migrated) {
+                        migrated_skips.push(skip);
+                    } else {
+                        plain_skips.push(audit::skip_txn(&skip, None));
+                    }
+                }
+                items.push(Item::Skipped { kind, resume });
+            }
         }
-    })
+    }
+    if !plain_skips.is_empty() {
+        for result in store.commit_many(plain_skips).await {
+            result?;
+        }
+    }
+    futures::stream::iter(migrated_skips)
+        .map(|skip| {
+            let store = Arc::clone(&store);
+            async move { audit::record_skip(&*store, skip, None).await.map(drop) }
+        })
+        .buffer_unordered(MIGRATED_SKIPS_AT_ONCE)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(items)
 }
 
 /// Classifications in flight, oldest first, each in a task of its own. Dropping it (the
 /// scanner ends or is aborted) aborts them, so none outlives its attempt.
-struct Classifying(VecDeque<JoinHandle<Result<Item, StoreError>>>);
+struct Classifying(VecDeque<JoinHandle<Result<Vec<Item>, StoreError>>>);
 
 impl Drop for Classifying {
     fn drop(&mut self) {
@@ -291,7 +326,7 @@ impl Drop for Classifying {
 impl Classifying {
     /// The oldest classification's result, once it is done; `None` if there is none (or the
     /// scanner is being torn down). A panic in a classification is the scanner's panic.
-    async fn oldest(&mut self) -> Option<Result<Item, StoreError>> {
+    async fn oldest(&mut self) -> Option<Result<Vec<Item>, StoreError>> {
         match self.0.pop_front()?.await {
             Ok(item) => Some(item),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -300,8 +335,8 @@ impl Classifying {
     }
 }
 
-/// Scans (or walks the id list) and classifies each actor, [`CLASSIFY_AHEAD`] actors at a
-/// time, in order, so the checkpoint advances exactly as before.
+/// Scans (or walks the id list) and classifies the actors [`CLASSIFY_BATCH`] at a time,
+/// [`BATCHES_AHEAD`] batches at once, in order, so the checkpoint advances exactly as before.
 ///
 /// The scanner never waits on the channel while a store call of its own is unfinished: the
 /// scan call is awaited to its end before anything is sent, and classifications run in
@@ -320,31 +355,54 @@ async fn scan_actors(store: DynStore, record: CampaignRecord, ids: Option<Vec<Ac
             })
         }
     };
-    let mut ahead = Classifying(VecDeque::with_capacity(CLASSIFY_AHEAD));
+    let mut ahead = Classifying(VecDeque::with_capacity(BATCHES_AHEAD));
+    let mut batch = Vec::with_capacity(CLASSIFY_BATCH);
     let failed = loop {
-        match source.next().await {
+        let (ended, failed) = match source.next().await {
             Ok(Some(found)) => {
-                let task = classify(Arc::clone(&store), Arc::clone(&campaign), include, found);
-                ahead.0.push_back(tokio::spawn(task));
+                batch.push(found);
+                (false, None)
             }
-            Ok(None) => break None,
-            Err(e) => break Some(e),
+            Ok(None) => (true, None),
+            Err(e) => (true, Some(e)),
+        };
+        if batch.len() >= CLASSIFY_BATCH || (ended && !batch.is_empty()) {
+            let found = std::mem::replace(&mut batch, Vec::with_capacity(CLASSIFY_BATCH));
+            ahead.0.push_back(tokio::spawn(classify(Arc::clone(&store), Arc::clone(&campaign), include, found)));
         }
-        if ahead.0.len() >= CLASSIFY_AHEAD {
-            let Some(item) = ahead.oldest().await else { return };
-            if tx.send(item).await.is_err() {
+        if ended {
+            break failed;
+        }
+        if ahead.0.len() >= BATCHES_AHEAD {
+            let Some(items) = ahead.oldest().await else { return };
+            if !send_all(&tx, items).await {
                 return;
             }
         }
     };
-    while let Some(item) = ahead.oldest().await {
-        if tx.send(item).await.is_err() {
+    while let Some(items) = ahead.oldest().await {
+        if !send_all(&tx, items).await {
             return;
         }
     }
     // A scan error comes after every actor found before it, then the scan ends.
     if let Some(e) = failed {
         let _ = tx.send(Err(e)).await;
+    }
+}
+
+/// Hands a batch's items (or its error) to the publisher in order; false once it is gone.
+async fn send_all(tx: &mpsc::Sender<Scanned>, items: Result<Vec<Item>, StoreError>) -> bool {
+    match items {
+        Ok(items) => {
+            for item in items {
+                if tx.send(Ok(item)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        Err(e) => tx.send(Err(e)).await.is_ok(),
     }
 }
 

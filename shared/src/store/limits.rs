@@ -37,3 +37,72 @@ pub fn check_txn(txn: &Txn) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// How a backend commits a group of transactions ([`super::Store::commit_many`]): each
+/// transaction that breaks a limit gets its error and is left out; the others, in order, are
+/// packed into runs whose writes together stay within [`MAX_TXN_WRITE_BYTES`], one store
+/// transaction per run.
+pub struct GroupPlan {
+    /// The limit error of each transaction that breaks one, by index.
+    pub refused: Vec<(usize, StoreError)>,
+    /// Indexes of the transactions of each store transaction, ascending.
+    pub runs: Vec<Vec<usize>>,
+}
+
+/// Plans the store transactions of a group (see [`GroupPlan`]).
+pub fn plan_group(txns: &[Txn]) -> GroupPlan {
+    let mut plan = GroupPlan { refused: Vec::new(), runs: Vec::new() };
+    let mut run: Vec<usize> = Vec::new();
+    let mut run_bytes = 0usize;
+    for (i, txn) in txns.iter().enumerate() {
+        if let Err(e) = check_txn(txn) {
+            plan.refused.push((i, e));
+            continue;
+        }
+        let bytes = txn.write_bytes();
+        if !run.is_empty() && run_bytes + bytes > MAX_TXN_WRITE_BYTES {
+            plan.runs.push(std::mem::take(&mut run));
+            run_bytes = 0;
+        }
+        run.push(i);
+        run_bytes += bytes;
+    }
+    if !run.is_empty() {
+        plan.runs.push(run);
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(bytes: usize) -> Txn {
+        let mut txn = Txn::new();
+        let mut left = bytes;
+        let mut i = 0u32;
+        while left > 0 {
+            let value = (left - 4).min(MAX_VALUE_BYTES);
+            txn.set(i.to_be_bytes().to_vec(), vec![0u8; value]);
+            left -= value + 4;
+            i += 1;
+        }
+        txn
+    }
+
+    #[test]
+    fn a_group_is_cut_into_runs_within_the_write_limit_and_refused_transactions_are_left_out() {
+        let mut too_big_value = Txn::new();
+        too_big_value.set(b"k".to_vec(), vec![0u8; MAX_VALUE_BYTES + 1]);
+        let txns = vec![sized(4_000_000), sized(4_000_000), too_big_value, sized(4_000_000), sized(1_000)];
+        let plan = plan_group(&txns);
+        assert_eq!(plan.refused.len(), 1);
+        assert_eq!(plan.refused[0].0, 2);
+        assert!(matches!(plan.refused[0].1, StoreError::ValueTooLarge { .. }));
+        assert_eq!(plan.runs, vec![vec![0, 1], vec![3, 4]]);
+        for run in &plan.runs {
+            let total: usize = run.iter().map(|&i| txns[i].write_bytes()).sum();
+            assert!(total <= MAX_TXN_WRITE_BYTES, "{total}");
+        }
+    }
+}

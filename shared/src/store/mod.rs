@@ -9,6 +9,12 @@
 //! - [`Store::commit`] is atomic: either every [`Check`] holds and every [`Mutation`] is
 //!   applied, or nothing is written and the first failing check is reported as
 //!   [`StoreError::Conflict`];
+//! - [`Store::read_many`] returns, for each [`Read`] in order, what [`Store::get`] or
+//!   [`Store::scan`] would return for it;
+//! - [`Store::commit_many`] gives each [`Txn`] of a group the outcome [`Store::commit`] would
+//!   give it, committed in order: a transaction whose check fails (or that breaks a limit)
+//!   writes nothing and does not affect the others; a later transaction's checks see the
+//!   writes of the earlier ones;
 //! - the FoundationDB-shaped [`limits`] are enforced before anything is sent, in every backend,
 //!   so a write that would not fit a third backend fails in tests and not in production.
 //!
@@ -17,6 +23,7 @@
 //! lease ownership and v1 change detection are made atomic without holding a transaction open
 //! across async work.
 
+pub mod group;
 pub mod limits;
 pub mod postgres;
 pub mod sqlite;
@@ -98,6 +105,42 @@ pub enum Mutation {
     ClearRange { range: KeyRange },
 }
 
+/// One read of a [`Store::read_many`] batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// What [`Store::get`] returns for the key.
+    Get(Vec<u8>),
+    /// What [`Store::scan`] returns for the range and limit.
+    Scan { range: KeyRange, limit: usize },
+}
+
+/// What one [`Read`] of a batch returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadResult {
+    /// The answer to a [`Read::Get`].
+    Value(Option<Vec<u8>>),
+    /// The answer to a [`Read::Scan`].
+    Rows(Vec<KeyValue>),
+}
+
+impl ReadResult {
+    /// The value a [`Read::Get`] found (a scan's answer has no one value: `None`).
+    pub fn into_value(self) -> Option<Vec<u8>> {
+        match self {
+            ReadResult::Value(v) => v,
+            ReadResult::Rows(_) => None,
+        }
+    }
+
+    /// The rows a [`Read::Scan`] found (a get's answer has no rows: empty).
+    pub fn into_rows(self) -> Vec<KeyValue> {
+        match self {
+            ReadResult::Rows(rows) => rows,
+            ReadResult::Value(_) => Vec::new(),
+        }
+    }
+}
+
 /// Checks and writes committed atomically by [`Store::commit`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Txn {
@@ -172,8 +215,9 @@ impl RangeDigest {
     }
 }
 
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a store operation failed. `Clone`: every transaction of a group committed as one
+/// store transaction gets that transaction's error ([`Store::commit_many`]).
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// A check of the transaction did not hold; nothing was written.
     #[error("transaction check {index} failed on key {}", crate::keys::printable(key))]
@@ -248,6 +292,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies `txn` atomically, or reports the first check that failed.
     async fn commit(&self, txn: Txn) -> Result<(), StoreError>;
+
+    /// Every read of `reads`, answers in the same order: each what [`Store::get`] or
+    /// [`Store::scan`] would return for it. A failure of any read fails the batch. Backends
+    /// override this default (one read after the other) to answer the batch in one call (one
+    /// blocking call on SQLite, one pipelined round trip on PostgreSQL); callers never rely on
+    /// the reads sharing a snapshot: what they decide from them is checked at commit.
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        let mut out = Vec::with_capacity(reads.len());
+        for read in reads {
+            out.push(match read {
+                Read::Get(key) => ReadResult::Value(self.get(key).await?),
+                Read::Scan { range, limit } => ReadResult::Rows(self.scan(range, *limit).await?),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Commits each transaction of `txns` as [`Store::commit`] would, in order, as if one after
+    /// the other: result `i` is transaction `i`'s own. A transaction whose check fails
+    /// ([`StoreError::Conflict`], its own index) or that breaks a limit writes nothing and
+    /// does not affect the others; a transaction's checks see the writes of those before it.
+    ///
+    /// Backends override this default (one [`Store::commit`] after the other) to commit several
+    /// transactions in one store transaction (one WAL flush), never over the [`limits`] of one
+    /// transaction in total. A failure of that store transaction itself (unavailable, a
+    /// serialization failure past its retries) is the result of every transaction in it, none
+    /// of which was applied (or, as for [`Store::commit`], it is unknown whether it was).
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(txns.len());
+        for txn in txns {
+            out.push(self.commit(txn).await);
+        }
+        out
+    }
 
     /// The physical layout behind the logical keys (DESIGN.md section 7).
     fn layout(&self) -> Layout {

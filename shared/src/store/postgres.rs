@@ -7,6 +7,13 @@
 //! number of times before it is reported as transient. Writes are batched: runs of sets and
 //! clears go out as one `UNNEST` statement each, never one round trip per key.
 //!
+//! A transaction's checks are sent pipelined (one round trip for all of them). A batch of reads
+//! ([`Store::read_many`]) is one pipelined round trip on one connection: every point read in
+//! one `key = ANY(...)` query, each scan its own. A group of transactions
+//! ([`Store::commit_many`]) is one SERIALIZABLE transaction (one WAL flush) per run of the group
+//! plan, each transaction's checks evaluated after the writes of those before it; a failed
+//! check leaves its transaction's writes out and the others in.
+//!
 //! Every session is bounded in time ([`SessionLimits`]), so a process that stops in the middle
 //! of a transaction (SIGSTOP, a stalled VM, a partitioned host) cannot hold row or predicate
 //! locks for longer than a lease: FoundationDB, which the store is modelled on, aborts a
@@ -45,7 +52,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
 use super::url::{PostgresUrl, redact};
-use super::{Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Store, StoreError, Txn, limits};
+use super::{
+    Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Read, ReadResult, Store, StoreError, Txn,
+    limits,
+};
 
 const BACKEND: &str = "postgres";
 /// How often one commit is re-run after a serialization failure before giving up as transient.
@@ -210,6 +220,7 @@ impl Connection {
 /// SQL text with the table name resolved once.
 struct Statements {
     get: String,
+    get_many: String,
     scan: String,
     first_key: String,
     scan_keys: String,
@@ -223,6 +234,7 @@ impl Statements {
     fn new(table: &str) -> Statements {
         Statements {
             get: format!("SELECT value FROM {table} WHERE key = $1"),
+            get_many: format!("SELECT key, value FROM {table} WHERE key = ANY($1::bytea[])"),
             scan: format!("SELECT key, value FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
             first_key: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT 1"),
             scan_keys: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
@@ -329,52 +341,112 @@ impl PostgresStore {
             Err(e) => return Ok(Err(self.pool_err(e))),
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
-        if let Some(failed) = self.failed_check(&tx, &txn.checks).await? {
+        if let Some((index, key)) = self.failed_check(&tx, &txn.checks).await? {
             tx.rollback().await?;
-            return Ok(Err(failed));
+            return Ok(Err(StoreError::Conflict { index, key }));
         }
         self.apply(&tx, &txn.mutations).await?;
         tx.commit().await?;
+        metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
         Ok(Ok(()))
     }
 
-    /// The first check of `checks` that does not hold inside `tx`, as a conflict.
+    /// One attempt at one store transaction of a group: the result of each transaction of
+    /// `run`, in order (`Err` of the attempt: none was applied, or it is unknown).
+    async fn try_commit_run(
+        &self,
+        txns: &[Txn],
+        run: &[usize],
+    ) -> Result<Result<Vec<Result<(), StoreError>>, StoreError>, tokio_postgres::Error> {
+        let mut client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(self.pool_err(e))),
+        };
+        let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
+        let mut results = Vec::with_capacity(run.len());
+        let mut applied = false;
+        for &i in run {
+            let txn = &txns[i];
+            // Checked after the writes of the transactions before it, as if committed after them.
+            match self.failed_check(&tx, &txn.checks).await? {
+                Some((index, key)) => results.push(Err(StoreError::Conflict { index, key })),
+                None => {
+                    self.apply(&tx, &txn.mutations).await?;
+                    applied = true;
+                    results.push(Ok(()));
+                }
+            }
+        }
+        tx.commit().await?;
+        if applied {
+            metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
+        }
+        Ok(Ok(results))
+    }
+
+    /// The first check that fails, all of them sent at once (one round trip, pipelined).
     pub(crate) async fn failed_check(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         checks: &[Check],
-    ) -> Result<Option<StoreError>, tokio_postgres::Error> {
-        for (index, check) in checks.iter().enumerate() {
-            let (holds, key) = match check {
-                Check::Value { key, expected } => {
-                    let stmt = tx.prepare_cached(&self.sql.get).await?;
-                    let actual: Option<Vec<u8>> = tx.query_opt(&stmt, &[key]).await?.map(|r| r.get(0));
-                    (actual == *expected, key)
-                }
-                Check::RangeDigest { range, expected } => {
-                    (self.range_digest(&tx, range).await? == *expected, &range.start)
-                }
-            };
-            if !holds {
-                return Ok(Some(StoreError::Conflict { index, key: key.clone() }));
-            }
+    ) -> Result<Option<(usize, Vec<u8>)>, tokio_postgres::Error> {
+        if checks.is_empty() {
+            return Ok(None);
         }
-        Ok(None)
+        let get = tx.prepare_cached(&self.sql.get).await?;
+        let range_rows = tx.prepare_cached(&self.sql.range_rows).await?;
+        let holds = futures::future::try_join_all(checks.iter().map(|check| {
+            let (get, range_rows) = (&get, &range_rows);
+            async move {
+                Ok::<bool, tokio_postgres::Error>(match check {
+                    Check::Value { key, expected } => {
+                        let actual: Option<Vec<u8>> = tx.query_opt(get, &[key]).await?.map(|r| r.get(0));
+                        actual == *expected
+                    }
+                    Check::RangeDigest { range, expected } => {
+                        Self::digest_rows(tx, range_rows, range).await? == *expected
+                    }
+                })
+            }
+        }))
+        .await?;
+        Ok(holds.iter().position(|h| !h).map(|index| {
+            let key = match &checks[index] {
+                Check::Value { key, .. } => key.clone(),
+                Check::RangeDigest { range, .. } => range.start.clone(),
+            };
+            (index, key)
+        }))
     }
 
-    async fn range_digest(
-        &self,
+    async fn digest_rows(
         tx: &deadpool_postgres::Transaction<'_>,
+        stmt: &tokio_postgres::Statement,
         range: &KeyRange,
     ) -> Result<u128, tokio_postgres::Error> {
-        let stmt = tx.prepare_cached(&self.sql.range_rows).await?;
-        let rows = tx.query_raw(&stmt, [&range.start, &range.end]).await?;
+        let rows = tx.query_raw(stmt, [&range.start, &range.end]).await?;
         futures::pin_mut!(rows);
         let mut digest = RangeDigest::new();
         while let Some(row) = rows.try_next().await? {
             digest.update(row.get::<_, &[u8]>(0), row.get::<_, &[u8]>(1));
         }
         Ok(digest.finish())
+    }
+
+    /// A store transaction's error, retried as [`Store::commit`] retries.
+    async fn commit_run(&self, txns: &[Txn], run: &[usize]) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_commit_run(txns, run).await {
+                Ok(result) => return result,
+                Err(e) if is_retryable(&e) && attempt < SERIALIZATION_RETRIES => {
+                    attempt += 1;
+                    let jitter = rand::random_range(0..=(5u64 << attempt.min(6)));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return Err(self.err(e)),
+            }
+        }
     }
 
     pub(crate) async fn apply(
@@ -560,6 +632,81 @@ impl Store for PostgresStore {
                 Err(e) => return Err(self.err(e)),
             }
         }
+    }
+
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        let client = self.client().await?;
+        let get_many = client.prepare_cached(&self.sql.get_many).await.map_err(|e| self.err(e))?;
+        let scan = client.prepare_cached(&self.sql.scan).await.map_err(|e| self.err(e))?;
+        let keys: Vec<&[u8]> = reads
+            .iter()
+            .filter_map(|r| match r {
+                Read::Get(key) => Some(key.as_slice()),
+                Read::Scan { .. } => None,
+            })
+            .collect();
+        let points = async {
+            if keys.is_empty() {
+                return Ok(std::collections::HashMap::new());
+            }
+            let rows = client.query(&get_many, &[&keys]).await?;
+            Ok::<_, tokio_postgres::Error>(
+                rows.into_iter().map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))).collect(),
+            )
+        };
+        // Sent together on one connection: one round trip for the batch.
+        let scans = futures::future::try_join_all(reads.iter().filter_map(|r| match r {
+            Read::Scan { range, limit } => Some(async {
+                let limit = i64::try_from(*limit).unwrap_or(i64::MAX);
+                let rows = client.query(&scan, &[&range.start, &range.end, &limit]).await?;
+                Ok::<Vec<KeyValue>, tokio_postgres::Error>(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            }),
+            Read::Get(_) => None,
+        }));
+        let (points, scans) = futures::try_join!(points, scans).map_err(|e| self.err(e))?;
+        let mut scans = scans.into_iter();
+        Ok(reads
+            .iter()
+            .map(|r| match r {
+                Read::Get(key) => ReadResult::Value(points.get(key.as_slice()).cloned()),
+                // One scan result per scan read, in order.
+                Read::Scan { .. } => ReadResult::Rows(scans.next().unwrap_or_default()),
+            })
+            .collect())
+    }
+
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        let plan = limits::plan_group(&txns);
+        let mut results: Vec<Option<Result<(), StoreError>>> = (0..txns.len()).map(|_| None).collect();
+        for (i, e) in plan.refused {
+            results[i] = Some(Err(e));
+        }
+        for run in &plan.runs {
+            match self.commit_run(&txns, run).await {
+                Ok(each) => {
+                    for (&i, r) in run.iter().zip(each) {
+                        results[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    for &i in run {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // Every index was refused or in a run, and each run answers for all of its own.
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(StoreError::Failed {
+                        backend: BACKEND,
+                        message: "a transaction of the group got no result".into(),
+                    })
+                })
+            })
+            .collect()
     }
 
     fn describe(&self) -> String {

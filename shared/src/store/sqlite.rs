@@ -6,6 +6,11 @@
 //! (SQLite has one writer at a time anyway; `BEGIN IMMEDIATE` makes other processes on the
 //! same file wait for the busy timeout instead of failing a commit half-way).
 //!
+//! A batch of reads ([`Store::read_many`]) is one blocking call, in one read transaction on
+//! one reader connection; a group of transactions ([`Store::commit_many`]) is one blocking call
+//! and one `BEGIN IMMEDIATE ... COMMIT` per run of the group plan, each transaction's writes
+//! inside a savepoint so a failure of one leaves the others' standing.
+//!
 //! Opening in [`OpenMode::Existing`] creates nothing: the file is opened read-write without
 //! `SQLITE_OPEN_CREATE`, no directory is made, and a file without the `kv` table is
 //! [`StoreError::Missing`] before any pragma writes to it.
@@ -16,9 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use super::{Check, KeyRange, KeyValue, Mutation, OpenMode, RangeDigest, Store, StoreError, Txn, limits};
+use super::{
+    Check, KeyRange, KeyValue, Mutation, OpenMode, RangeDigest, Read, ReadResult, Store, StoreError, Txn, limits,
+};
 
 const BACKEND: &str = "sqlite";
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -133,6 +140,10 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+fn join_err_msg(message: &str) -> StoreError {
+    StoreError::Failed { backend: BACKEND, message: message.to_string() }
+}
+
 fn join_err(e: tokio::task::JoinError) -> StoreError {
     StoreError::Failed { backend: BACKEND, message: format!("blocking task failed: {e}") }
 }
@@ -158,7 +169,7 @@ fn range_digest(conn: &Connection, range: &KeyRange) -> rusqlite::Result<u128> {
 }
 
 /// Runs the checks; `Some(index)` names the first that failed.
-fn failed_check(tx: &Transaction<'_>, checks: &[Check]) -> rusqlite::Result<Option<(usize, Vec<u8>)>> {
+fn failed_check(tx: &Connection, checks: &[Check]) -> rusqlite::Result<Option<(usize, Vec<u8>)>> {
     for (index, check) in checks.iter().enumerate() {
         let (holds, key) = match check {
             Check::Value { key, expected } => {
@@ -177,7 +188,47 @@ fn failed_check(tx: &Transaction<'_>, checks: &[Check]) -> rusqlite::Result<Opti
     Ok(None)
 }
 
-fn apply(tx: &Transaction<'_>, mutations: &[Mutation]) -> rusqlite::Result<()> {
+fn get_value(conn: &Connection, key: &[u8]) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.prepare_cached("SELECT value FROM kv WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()
+}
+
+/// One store transaction of a group: each transaction's checks, then its writes in a
+/// savepoint; `results[i]` is set for every index of `run`.
+fn commit_run(
+    conn: &mut Connection,
+    txns: &[Txn],
+    run: &[usize],
+    results: &mut [Option<Result<(), StoreError>>],
+) -> Result<(), StoreError> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+    let mut applied = Vec::with_capacity(run.len());
+    for &i in run {
+        let txn = &txns[i];
+        if let Some((index, key)) = failed_check(&tx, &txn.checks).map_err(map_err)? {
+            results[i] = Some(Err(StoreError::Conflict { index, key }));
+            continue;
+        }
+        let sp = tx.savepoint().map_err(map_err)?;
+        match apply(&sp, &txn.mutations) {
+            Ok(()) => {
+                sp.commit().map_err(map_err)?;
+                applied.push(i);
+            }
+            // Dropping the savepoint rolls this transaction's writes back; the others stand.
+            Err(e) => results[i] = Some(Err(map_err(e))),
+        }
+    }
+    tx.commit().map_err(map_err)?;
+    if !applied.is_empty() {
+        metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
+    }
+    for i in applied {
+        results[i] = Some(Ok(()));
+    }
+    Ok(())
+}
+
+fn apply(tx: &Connection, mutations: &[Mutation]) -> rusqlite::Result<()> {
     for m in mutations {
         match m {
             Mutation::Set { key, value } => {
@@ -202,10 +253,7 @@ fn apply(tx: &Transaction<'_>, mutations: &[Mutation]) -> rusqlite::Result<()> {
 impl Store for SqliteStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_vec();
-        self.with_reader(move |c| {
-            c.prepare_cached("SELECT value FROM kv WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()
-        })
-        .await
+        self.with_reader(move |c| get_value(c, &key)).await
     }
 
     async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
@@ -244,10 +292,65 @@ impl Store for SqliteStore {
                 return Err(StoreError::Conflict { index, key });
             }
             apply(&tx, &txn.mutations).map_err(map_err)?;
-            tx.commit().map_err(map_err)
+            tx.commit().map_err(map_err)?;
+            metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
+            Ok(())
         })
         .await
         .map_err(join_err)?
+    }
+
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        let reads = reads.to_vec();
+        self.with_reader(move |c| {
+            // One read transaction: the batch sees one snapshot (not promised by the contract).
+            let tx = c.unchecked_transaction()?;
+            let mut out = Vec::with_capacity(reads.len());
+            for read in &reads {
+                out.push(match read {
+                    Read::Get(key) => ReadResult::Value(get_value(&tx, key)?),
+                    Read::Scan { range, limit } => ReadResult::Rows(scan_rows(&tx, range, *limit)?),
+                });
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        let n = txns.len();
+        let plan = limits::plan_group(&txns);
+        let mut results: Vec<Option<Result<(), StoreError>>> = (0..n).map(|_| None).collect();
+        for (i, e) in plan.refused {
+            results[i] = Some(Err(e));
+        }
+        let inner = self.inner.clone();
+        let runs = plan.runs;
+        let done = tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            for run in &runs {
+                if let Err(e) = commit_run(&mut conn, &txns, run, &mut results) {
+                    // Nothing of this run was committed: each of its transactions gets the error.
+                    for &i in run {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+            results
+        })
+        .await;
+        match done {
+            // Every index was either refused or in a run, and each run sets all of its own.
+            Ok(results) => results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(join_err_msg("a transaction of the group got no result"))))
+                .collect(),
+            Err(e) => {
+                let e = join_err(e);
+                (0..n).map(|_| Err(e.clone())).collect()
+            }
+        }
     }
 
     fn describe(&self) -> String {

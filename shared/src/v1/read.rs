@@ -10,7 +10,7 @@
 
 use crate::actor::ActorId;
 use crate::recovery::Recovery;
-use crate::store::{KeyValue, RangeDigest, Store, StoreError, Txn, for_each_row};
+use crate::store::{KeyValue, RangeDigest, Read, Store, StoreError, Txn, for_each_row};
 
 use super::keys::{self, CHUNK_SIZE, FileTag, SqliteKey};
 use super::reject::V1Rejection;
@@ -311,7 +311,12 @@ pub async fn read_v1(store: &dyn Store, actor: &ActorId, opts: ReadOptions) -> R
 /// they are read in one query (empty: the actor has no v1 SQLite data).
 pub async fn first_batch(store: &dyn Store, actor: &ActorId) -> Result<FirstBatch, StoreError> {
     let rows = store.scan(&keys::sqlite_range(actor), SCAN_BATCH).await?;
-    Ok(FirstBatch { whole: rows.len() < SCAN_BATCH, rows })
+    Ok(FirstBatch::from_rows(rows))
+}
+
+/// The read of [`first_batch`], to send in a batch with others ([`Store::read_many`]).
+pub fn first_batch_read(actor: &ActorId) -> Read {
+    Read::Scan { range: keys::sqlite_range(actor), limit: SCAN_BATCH }
 }
 
 /// The start of an actor's SQLite range, as [`first_batch`] read it.
@@ -323,8 +328,26 @@ pub struct FirstBatch {
 }
 
 impl FirstBatch {
+    /// The batch of rows [`first_batch_read`] returned.
+    pub fn from_rows(rows: Vec<KeyValue>) -> FirstBatch {
+        FirstBatch { whole: rows.len() < SCAN_BATCH, rows }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Whether the batch is the actor's whole SQLite range (it is then read with no other call).
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    /// The size the meta of `tag` declares, if the batch holds a readable one. Metas sort
+    /// before every chunk, so a batch holds all of the actor's metas.
+    pub fn declared_size(&self, actor: &ActorId, tag: FileTag) -> Option<u64> {
+        let key = keys::meta_key(actor, tag);
+        let row = self.rows.iter().find(|(k, _)| *k == key)?;
+        keys::decode_meta(&row.1).ok()
     }
 }
 

@@ -4,9 +4,19 @@
 //!   cargo run --release -p ferry-tests --bin bench -- [--quick] [--json-out bench.json]
 //!   cargo run --release -p ferry-tests --bin bench -- --triage-only --triage-letters 100000,1000000
 //!   cargo run --release -p ferry-tests --bin bench -- --rivet-only [--quick]
+//!   cargo run --release -p ferry-tests --bin bench -- --quick --small-only
+//!
+//! The small-actor section measures, per backend, end-to-end jobs/s of one worker against the
+//! raw broker (consume+ack) and the raw store limit (`bench/raw_store.rs`: a minimal client
+//! issuing one small job's exact store work at the same concurrency, each job committed
+//! alone), store commits per migrated actor (the worker's `ferry_store_commits_total`), and
+//! the worker's user+system CPU seconds per 1,000 jobs (`/proc/PID/stat`); with grouping on
+//! (the default) and, on PostgreSQL, off (`--group-max 1`) for comparison.
 //!
 //! Needs the local PostgreSQL and RabbitMQ (like the tests). Prints a table and JSON.
 
+#[path = "bench/raw_store.rs"]
+mod raw_store;
 #[path = "bench/rivet.rs"]
 mod rivet;
 #[path = "bench/triage.rs"]
@@ -46,6 +56,10 @@ struct Args {
     /// Write the JSON report here too.
     #[arg(long)]
     json_out: Option<String>,
+    /// Only the small-actor section (fleet runs of tiny actors, the raw broker and store limits,
+    /// enqueue): for iterating on the small-job path.
+    #[arg(long, env = "FERRY_BENCH_SMALL_ONLY")]
+    small_only: bool,
     /// Worker concurrency in the fleet runs.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
@@ -233,10 +247,13 @@ impl Drop for Worker {
     }
 }
 
-fn spawn_worker(store: &str, prefix: &str, concurrency: u16, id: &str) -> Result<Worker> {
+fn spawn_worker(store: &str, prefix: &str, concurrency: u16, id: &str, http: &str, extra: &[&str]) -> Result<Worker> {
     let child = Command::new(bin("ferry-worker"))
-        .args(["run", "--store", store, "--queue-prefix", prefix, "--http", "off", "--worker-id", id])
+        .args(["run", "--store", store, "--queue-prefix", prefix, "--http", http, "--worker-id", id])
+        // Required since the worker has no default broker (the harness did not pass it).
+        .args(["--amqp", &amqp_url()])
         .args(["--concurrency", &concurrency.to_string()])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -267,9 +284,48 @@ async fn seed_tiny(store: &DynStore, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// Enqueues every actor and runs `workers` worker processes until every job is audited.
-/// Returns (enqueue jobs/s, end-to-end jobs/s).
-async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) -> Result<(f64, f64)> {
+/// What a fleet run measured.
+struct FleetRun {
+    /// Enqueue jobs/s.
+    enqueue: f64,
+    /// End-to-end jobs/s (first job to last audit).
+    e2e: f64,
+    /// Store commits per migrated actor, summed over the workers.
+    commits_per_migrated: f64,
+    /// Worker user+system CPU seconds per 1,000 jobs, summed over the workers.
+    cpu_per_1000: f64,
+}
+
+/// A free loopback port for a worker's `/metrics`.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// User+system CPU seconds of a process so far (`/proc/PID/stat` fields 14 and 15).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        fields.get(11).context("utime")?.parse::<f64>()? + fields.get(12).context("stime")?.parse::<f64>()?;
+    Ok(ticks / clock_ticks())
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`; Linux's USER_HZ is 100).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Enqueues every actor and runs `workers` worker processes (with `extra` flags) until every
+/// job is audited.
+async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, extra: &[&str]) -> Result<FleetRun> {
     let prefix = unique_name("bench");
     let cfg = ferry::queue::enqueue::EnqueueConfig {
         store_url: store.url.clone(),
@@ -288,9 +344,12 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) 
     ensure!(summary.published == n, "enqueued {} of {n}", summary.published);
     let started = Instant::now();
     let started_ms = ferry::clock::Clock::now_ms(&SystemClock);
-    let procs: Vec<Worker> = (0..workers)
-        .map(|i| spawn_worker(&store.url, &prefix, concurrency, &format!("{prefix}-{i}")))
-        .collect::<Result<_>>()?;
+    let mut procs = Vec::new();
+    for i in 0..workers {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let w = spawn_worker(&store.url, &prefix, concurrency, &format!("{prefix}-{i}"), &addr, extra)?;
+        procs.push((w, addr.parse::<std::net::SocketAddr>()?));
+    }
     let deadline = started + Duration::from_secs(600);
     // Poll slowly (the poll reads the store the workers write), and take the end time from
     // the audit records themselves.
@@ -303,17 +362,119 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut finished_ms = started_ms;
+    let mut migrated = 0u64;
     ferry::store::for_each_row(&*store.store, &KeyRange::prefix(keys::AUDIT_PREFIX), 4096, |_, raw| {
         if let Some(a) = ferry::migrate::AuditRecord::decode(&raw) {
             finished_ms = finished_ms.max(a.finished_at_ms);
+            migrated += u64::from(a.outcome == ferry::migrate::OutcomeKind::Migrated);
         }
         Ok(())
     })
     .await?;
+    let (mut commits, mut cpu) = (0.0, 0.0);
+    for (w, addr) in &procs {
+        cpu += cpu_seconds(w.0.id())?;
+        let text = ferry_tests::scrape(*addr).await?;
+        commits += ferry_tests::sample(&text, ferry::metrics::STORE_COMMITS, "");
+    }
     let secs = ((finished_ms - started_ms) as f64 / 1000.0).max(1e-3);
     drop(procs);
     delete_topology(&prefix).await?;
-    Ok((summary.jobs_per_second, n as f64 / secs))
+    Ok(FleetRun {
+        enqueue: summary.jobs_per_second,
+        e2e: n as f64 / secs,
+        commits_per_migrated: commits / (migrated.max(1) as f64),
+        cpu_per_1000: cpu / n as f64 * 1000.0,
+    })
+}
+
+/// Every actor of a store's `v1/` keyspace.
+async fn actors_of(store: &DynStore) -> Result<Vec<ferry::ActorId>> {
+    let mut scan = ferry::scan::ActorScan::new(&**store, None);
+    let mut out = Vec::new();
+    while let Some(found) = scan.next().await? {
+        if let Ok(id) = found.id {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+/// The small-actor section: raw broker, then per backend the raw store limit and the fleet.
+async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
+    eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {concurrency})");
+    let (raw_publish, raw_consume) = raw_broker(tiny, concurrency).await?;
+    let mut enqueue_rate = 0.0;
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let name = format!("{backend:?}").to_lowercase();
+        let runs: &[(&str, &[&str])] = match backend {
+            Backend::Sqlite => &[("grouped", &[])],
+            Backend::Postgres => &[("grouped", &[]), ("grouping off", &["--group-max", "1"])],
+            Backend::Rivet => &[],
+        };
+        for (label, extra) in runs {
+            let store = TestStore::new(backend).await;
+            seed_tiny(&store.store, tiny).await?;
+            if backend == Backend::Sqlite {
+                let started = Instant::now();
+                let census = ferry::census::census(&*store.store, None, || {}).await?;
+                let rate = census.actors as f64 / started.elapsed().as_secs_f64();
+                report.add("producer", "census scan actors/s (sqlite)", rate, "actors/s", "-", 0.0, None);
+            }
+            let actors = actors_of(&store.store).await?;
+            let raw = raw_store::raw_store(&store, &actors, usize::from(concurrency)).await?;
+            let run = fleet_run(&store, tiny, 1, concurrency, extra).await?;
+            if backend == Backend::Sqlite {
+                enqueue_rate = run.enqueue;
+            }
+            let grouped = *label == "grouped";
+            let target = |t: f64| grouped.then_some(t);
+            let m = |what: &str| format!("{name} ({label}): {what}");
+            report.add("tiny", &m("jobs/s, 1 worker"), run.e2e, "jobs/s", "raw consume+ack", raw_consume, target(0.5));
+            let store_target = if backend == Backend::Postgres { target(1.0) } else { None };
+            report.add(
+                "tiny",
+                &m("jobs/s, 1 worker"),
+                run.e2e,
+                "jobs/s",
+                "raw store limit (same work)",
+                raw,
+                store_target,
+            );
+            if grouped {
+                report.add_at_most(
+                    "tiny",
+                    &m("store commits per migrated actor"),
+                    run.commits_per_migrated,
+                    "commits",
+                    "one commit per actor",
+                    1.0,
+                    0.2,
+                );
+            } else {
+                report.add(
+                    "tiny",
+                    &m("store commits per migrated actor"),
+                    run.commits_per_migrated,
+                    "commits",
+                    "-",
+                    0.0,
+                    None,
+                );
+            }
+            report.add("tiny", &m("worker CPU s per 1,000 jobs"), run.cpu_per_1000, "cpu s", "-", 0.0, None);
+        }
+    }
+    report.add(
+        "producer",
+        "enqueue jobs/s (sqlite)",
+        enqueue_rate,
+        "jobs/s",
+        "raw publish w/ confirms",
+        raw_publish,
+        Some(0.8),
+    );
+    Ok(())
 }
 
 /// The raw broker: `n` persistent messages published with confirms (pipelined), then
@@ -561,42 +722,10 @@ async fn main() -> Result<()> {
     eprintln!("ferry bench on {}", report.machine);
     bin("ferry-worker");
 
-    eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {})", args.concurrency);
-    let (raw_publish, raw_consume) = raw_broker(tiny, args.concurrency).await?;
-    let mut enqueue_rate = 0.0;
-    for backend in [Backend::Sqlite, Backend::Postgres] {
-        let store = TestStore::new(backend).await;
-        seed_tiny(&store.store, tiny).await?;
-        if backend == Backend::Sqlite {
-            let started = Instant::now();
-            let census = ferry::census::census(&*store.store, None, || {}).await?;
-            let rate = census.actors as f64 / started.elapsed().as_secs_f64();
-            report.add("producer", "census scan actors/s (sqlite)", rate, "actors/s", "-", 0.0, None);
-        }
-        let (enq, e2e) = fleet_run(&store, tiny, 1, args.concurrency).await?;
-        if backend == Backend::Sqlite {
-            enqueue_rate = enq;
-        }
-        let name = format!("{backend:?}").to_lowercase();
-        report.add(
-            "tiny",
-            &format!("{name}: end-to-end jobs/s, 1 worker"),
-            e2e,
-            "jobs/s",
-            "raw consume+ack",
-            raw_consume,
-            Some(0.5),
-        );
+    small(&mut report, tiny, args.concurrency).await?;
+    if args.small_only {
+        return finish(&report, args.json_out.as_deref());
     }
-    report.add(
-        "producer",
-        "enqueue jobs/s (sqlite)",
-        enqueue_rate,
-        "jobs/s",
-        "raw publish w/ confirms",
-        raw_publish,
-        Some(0.8),
-    );
 
     eprintln!("2. large actors");
     let dbs = large_databases(&sizes)?;
@@ -616,7 +745,7 @@ async fn main() -> Result<()> {
     for workers in [1usize, 2, 4] {
         let store = TestStore::new(Backend::Postgres).await;
         seed_tiny(&store.store, tiny).await?;
-        let (_, rate) = fleet_run(&store, tiny, workers, 4).await?;
+        let rate = fleet_run(&store, tiny, workers, 4, &[]).await?.e2e;
         if workers == 1 {
             one = rate;
         }
