@@ -41,6 +41,12 @@ impl Store for Injecting {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key).await
     }
+    fn layout(&self) -> ferry::layout::Layout {
+        self.inner.layout()
+    }
+    async fn v1_actors(&self, range: &KeyRange, limit: usize) -> Result<ferry::scan::ActorBatch, StoreError> {
+        self.inner.v1_actors(range, limit).await
+    }
     async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         self.inner.scan(range, limit).await
     }

@@ -504,6 +504,12 @@ impl Store for HookStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key).await
     }
+    fn layout(&self) -> ferry::layout::Layout {
+        self.inner.layout()
+    }
+    async fn v1_actors(&self, range: &KeyRange, limit: usize) -> Result<ferry::scan::ActorBatch, StoreError> {
+        self.inner.v1_actors(range, limit).await
+    }
 
     async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         self.inner.scan(range, limit).await
@@ -726,7 +732,18 @@ async fn bad_meta_length_is_dead_lettered_bad_meta(backend: Backend) {
     {
         let a = env.actor(id);
         put_v1(&env, &a, &main_only(main.clone())).await;
+        let empty = value.is_empty();
         set_raw(&*env.store, meta_key(&a, FileTag::Main), value).await;
+        if empty && env.store.layout() == ferry::layout::Layout::Rivet {
+            // rivet cannot hold an empty value: pegboard writes no DATA row for it, and its own
+            // read fails on the lone METADATA row. ferry names that entry bad_meta; v1 cannot be
+            // snapshotted logically around it (the entry is corrupt), so only the verdict and
+            // the absence of v2 are checked.
+            let err = env.migrator().migrate(&req(&a)).await.expect_err("an empty meta migrated");
+            assert_eq!(err.fate(), Fate::DeadLetter(DeadLetterReason::BadMeta), "{err}");
+            assert_eq!(env.store.get(&v2keys::meta(&a)).await.unwrap(), None);
+            continue;
+        }
         assert_rejected(&env, &a, DeadLetterReason::BadMeta).await;
     }
 }

@@ -804,31 +804,25 @@ impl RivetStore {
     /// One attempt: checks on `X.kv` in a snapshot, then one write transaction with the
     /// records' checks, the conflict rows and every write. `Ok(Err(_))`: a check failed.
     async fn try_commit(&self, plan: &Plan) -> Result<Result<(), StoreError>, Attempt> {
-        let mut reader_client = self.conn.client().await.map_err(Attempt::Store)?;
-        let snap = udb::snapshot(&mut reader_client, &self.sql).await.map_err(Attempt::Pg)?;
-        let start_version = snap.start_version;
-        let reader = self.reader(&snap);
-        for (index, check) in &plan.kv_checks {
-            if !reader.holds(check).await.map_err(Attempt::Store)? {
-                snap.end().await.map_err(Attempt::Pg)?;
-                return Ok(Err(conflict(*index, check)));
-            }
+        // The snapshot that reads the checks is the transaction that commits: ferry's commits
+        // then also serialize against each other (SERIALIZABLE; two that read and write one
+        // key cannot both commit), which rivet's two-connection form does not guarantee when
+        // a reader's snapshot starts between a writer's commit version and its COMMIT.
+        let mut client = self.conn.client().await.map_err(Attempt::Store)?;
+        let snap =
+            udb::snapshot_at(&mut client, &self.sql, IsolationLevel::Serializable).await.map_err(Attempt::Pg)?;
+        let (start_version, began) = (snap.start_version, snap.began);
+        let failed = self.failed_kv_check(&snap, plan).await.map_err(Attempt::Store)?;
+        if let Some(failed) = failed {
+            snap.end().await.map_err(Attempt::Pg)?;
+            return Ok(Err(failed));
         }
-        let began = snap.began;
-        snap.end().await.map_err(Attempt::Pg)?;
-        drop(reader_client);
         if plan.record_checks.is_empty() && plan.kv_writes.is_empty() && plan.record_writes.is_empty() {
             // Checks only, all held in one snapshot: a read-only transaction commits nothing.
+            snap.end().await.map_err(Attempt::Pg)?;
             return Ok(Ok(()));
         }
-
-        let mut client = self.conn.client().await.map_err(Attempt::Store)?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::Serializable)
-            .start()
-            .await
-            .map_err(Attempt::Pg)?;
+        let tx = snap.tx;
         let checks: Vec<Check> = plan.record_checks.iter().map(|(_, c)| c.clone()).collect();
         if let Some((index, _)) = self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)? {
             tx.rollback().await.map_err(Attempt::Pg)?;
@@ -847,6 +841,17 @@ impl RivetStore {
             );
         }
         Ok(Ok(()))
+    }
+
+    /// The first check on `X.kv` that does not hold in `snap`, as a conflict.
+    async fn failed_kv_check(&self, snap: &Snapshot<'_>, plan: &Plan) -> Result<Option<StoreError>, StoreError> {
+        let reader = self.reader(snap);
+        for (index, check) in &plan.kv_checks {
+            if !reader.holds(check).await? {
+                return Ok(Some(conflict(*index, check)));
+            }
+        }
+        Ok(None)
     }
 }
 

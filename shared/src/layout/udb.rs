@@ -103,10 +103,19 @@ pub struct Snapshot<'c> {
     pub began: Instant,
 }
 
-/// Begins a snapshot on `client`: `REPEATABLE READ`, first statement `nextval`.
+/// Begins a read snapshot on `client`: `REPEATABLE READ`, first statement `nextval`.
 pub async fn snapshot<'c>(client: &'c mut Object, sql: &UdbSql) -> Result<Snapshot<'c>, tokio_postgres::Error> {
+    snapshot_at(client, sql, IsolationLevel::RepeatableRead).await
+}
+
+/// Begins a snapshot at `isolation` whose first statement takes the start version.
+pub async fn snapshot_at<'c>(
+    client: &'c mut Object,
+    sql: &UdbSql,
+    isolation: IsolationLevel,
+) -> Result<Snapshot<'c>, tokio_postgres::Error> {
     let began = Instant::now();
-    let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await?;
+    let tx = client.build_transaction().isolation_level(isolation).start().await?;
     let stmt = tx.prepare_cached(&sql.nextval).await?;
     let start_version: i64 = tx.query_one(&stmt, &[]).await?.get(0);
     Ok(Snapshot { tx, start_version, began })
