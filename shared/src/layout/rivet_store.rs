@@ -268,10 +268,16 @@ struct Reader<'a, 'c> {
     snap: &'a Snapshot<'c>,
     sql: &'a UdbSql,
     conn: &'a Connection,
+    /// A read lost a race (a serialization failure inside a commit's snapshot): the commit is
+    /// re-run from its reads, not reported.
+    lost_race: std::sync::atomic::AtomicBool,
 }
 
 impl Reader<'_, '_> {
     fn pg(&self, e: tokio_postgres::Error) -> StoreError {
+        if udb::lost_race(&e) {
+            self.lost_race.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.conn.err(e)
     }
 
@@ -791,7 +797,7 @@ impl RivetStore {
     }
 
     fn reader<'a, 'c>(&'a self, snap: &'a Snapshot<'c>) -> Reader<'a, 'c> {
-        Reader { snap, sql: &self.sql, conn: &self.conn }
+        Reader { snap, sql: &self.sql, conn: &self.conn, lost_race: Default::default() }
     }
 
     /// Ends a read-only snapshot, keeping what was read (or the read's own error).
@@ -809,10 +815,9 @@ impl RivetStore {
         // key cannot both commit), which rivet's two-connection form does not guarantee when
         // a reader's snapshot starts between a writer's commit version and its COMMIT.
         let mut client = self.conn.client().await.map_err(Attempt::Store)?;
-        let snap =
-            udb::snapshot_at(&mut client, &self.sql, IsolationLevel::Serializable).await.map_err(Attempt::Pg)?;
+        let snap = udb::snapshot_at(&mut client, &self.sql, IsolationLevel::Serializable).await.map_err(Attempt::Pg)?;
         let (start_version, began) = (snap.start_version, snap.began);
-        let failed = self.failed_kv_check(&snap, plan).await.map_err(Attempt::Store)?;
+        let failed = self.failed_kv_check(&snap, plan).await?;
         if let Some(failed) = failed {
             snap.end().await.map_err(Attempt::Pg)?;
             return Ok(Err(failed));
@@ -844,11 +849,14 @@ impl RivetStore {
     }
 
     /// The first check on `X.kv` that does not hold in `snap`, as a conflict.
-    async fn failed_kv_check(&self, snap: &Snapshot<'_>, plan: &Plan) -> Result<Option<StoreError>, StoreError> {
+    async fn failed_kv_check(&self, snap: &Snapshot<'_>, plan: &Plan) -> Result<Option<StoreError>, Attempt> {
         let reader = self.reader(snap);
         for (index, check) in &plan.kv_checks {
-            if !reader.holds(check).await? {
-                return Ok(Some(conflict(*index, check)));
+            match reader.holds(check).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Some(conflict(*index, check))),
+                Err(_) if reader.lost_race.load(std::sync::atomic::Ordering::Relaxed) => return Err(Attempt::LostRace),
+                Err(e) => return Err(Attempt::Store(e)),
             }
         }
         Ok(None)
@@ -859,6 +867,8 @@ impl RivetStore {
 enum Attempt {
     Pg(tokio_postgres::Error),
     Store(StoreError),
+    /// A read of the commit's snapshot lost to a concurrent transaction.
+    LostRace,
 }
 
 fn conflict(index: usize, check: &Check) -> StoreError {
@@ -926,6 +936,17 @@ impl Store for RivetStore {
         loop {
             match self.try_commit(&plan).await {
                 Ok(result) => return result,
+                Err(Attempt::LostRace) if attempt < COMMIT_ATTEMPTS => {
+                    attempt += 1;
+                    metrics::counter!("ferry_udb_commit_retries_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=(2u64 << attempt.min(6))))).await;
+                }
+                Err(Attempt::LostRace) => {
+                    return Err(StoreError::Unavailable {
+                        backend: "postgres",
+                        message: format!("a commit lost to concurrent transactions {COMMIT_ATTEMPTS} times in a row"),
+                    });
+                }
                 Err(Attempt::Pg(e)) if udb::lost_race(&e) && attempt < COMMIT_ATTEMPTS => {
                     attempt += 1;
                     metrics::counter!("ferry_udb_commit_retries_total").increment(1);

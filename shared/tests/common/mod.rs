@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use ferry::keys::{V1_PREFIX, V2_PREFIX};
 use ferry::layout::Layout;
 use ferry::scan::ActorBatch;
-use ferry::store::{Check, DynStore, KeyRange, KeyValue, Mutation, Store, StoreError, Txn, for_each_row, prefix_end};
+use ferry::store::{
+    Check, DynStore, KeyRange, KeyValue, Mutation, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end,
+};
 
 /// What a migration's commit is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,14 +143,28 @@ impl Store for PrefixStore {
     }
 
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        let checks = txn
-            .checks
-            .into_iter()
-            .map(|c| match c {
+        let mut checks = Vec::with_capacity(txn.checks.len());
+        for (index, c) in txn.checks.into_iter().enumerate() {
+            checks.push(match c {
                 Check::Value { key, expected } => Check::Value { key: self.key(&key), expected },
-                Check::RangeDigest { range, expected } => Check::RangeDigest { range: self.range(&range), expected },
-            })
-            .collect();
+                // A digest covers keys as the store sees them, so a prefix changes it: read
+                // the range, and if its unprefixed digest is the expected one, check that the
+                // prefixed rows are still those (atomically, in the inner commit).
+                Check::RangeDigest { range, expected } => {
+                    let inner = self.range(&range);
+                    let rows = self.inner.scan(&inner, usize::MAX).await.map_err(|e| self.error(e))?;
+                    let (mut outer, mut seen) = (RangeDigest::new(), RangeDigest::new());
+                    for (k, v) in &rows {
+                        outer.update(&k[self.prefix.len()..], v);
+                        seen.update(k, v);
+                    }
+                    if outer.finish() != expected {
+                        return Err(StoreError::Conflict { index, key: range.start });
+                    }
+                    Check::RangeDigest { range: inner, expected: seen.finish() }
+                }
+            });
+        }
         let mutations = txn
             .mutations
             .into_iter()
