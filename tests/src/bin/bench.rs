@@ -265,6 +265,7 @@ async fn seed_tiny(store: &DynStore, n: u64) -> Result<()> {
 async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16) -> Result<(f64, f64)> {
     let prefix = unique_name("bench");
     let cfg = ferry::queue::enqueue::EnqueueConfig {
+        layout: ferry::layout::Layout::Ferry,
         store_url: store.url.clone(),
         amqp_url: amqp_url(),
         amqp_connect_timeout: ferry::queue::amqp::DEFAULT_CONNECT_TIMEOUT,
