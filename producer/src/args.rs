@@ -3,6 +3,9 @@
 //! their env variables, the same way. Neither the store nor the broker has a default: a
 //! command pointed at nothing fails instead of opening `./ferry.db` or a guest broker.
 //!
+//! The store flags carry the layout too (`--layout`, `FERRY_LAYOUT`): every command that opens a
+//! store opens it in the layout it was given, through [`StoreArg::options`].
+//!
 //! `dlq` has subcommands, and clap refuses required global flags, so its store and broker
 //! flags are optional globals checked when used ([`GlobalStoreArg`], [`GlobalBrokerArgs`]);
 //! leaf commands use the required forms.
@@ -13,8 +16,10 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::exit::Usage;
+use ferry::layout::Layout;
 use ferry::queue::Topology;
 use ferry::queue::topology;
+use ferry::store::{self, DynStore, OpenMode, OpenOptions};
 
 /// Value parser of `--queue-prefix`: the library's own check, at parse time.
 pub fn queue_prefix(s: &str) -> Result<String, String> {
@@ -99,11 +104,29 @@ impl GlobalBrokerArgs {
     }
 }
 
+/// The help of `--layout`, spelled once for every command that touches a store.
+const LAYOUT_HELP: &str = "Which rows the store holds: ferry (its own keyspace in one kv table) or rivet (a rivet \
+                           engine's own universaldb rows, on postgres://...?schema=X; ferry's records in X.ferry_kv)";
+
 #[derive(Args)]
 pub struct StoreArg {
     /// Store URL: sqlite:PATH or postgres://... (required: no default store).
     #[arg(long, env = "FERRY_STORE", hide_env_values = true)]
     pub store: String,
+    #[arg(long, env = "FERRY_LAYOUT", value_enum, default_value_t = Layout::Ferry, help = LAYOUT_HELP)]
+    pub layout: Layout,
+}
+
+impl StoreArg {
+    /// How to open the store: this command's pool size and mode, in the chosen layout.
+    pub fn options(&self, pool_size: usize, mode: OpenMode) -> OpenOptions {
+        OpenOptions::new(pool_size, mode).layout(self.layout)
+    }
+
+    /// Opens the store, which must exist.
+    pub async fn open_existing(&self, pool_size: usize) -> anyhow::Result<DynStore> {
+        store::open_with(&self.store, &self.options(pool_size, OpenMode::Existing)).await.context("opening the store")
+    }
 }
 
 /// [`StoreArg`] for a command with subcommands: accepted before or after them.
@@ -112,10 +135,18 @@ pub struct GlobalStoreArg {
     /// Store URL: sqlite:PATH or postgres://... (required: no default store).
     #[arg(long, env = "FERRY_STORE", hide_env_values = true, global = true)]
     pub store: Option<String>,
+    #[arg(long, env = "FERRY_LAYOUT", value_enum, default_value_t = Layout::Ferry, global = true, help = LAYOUT_HELP)]
+    pub layout: Layout,
 }
 
 impl GlobalStoreArg {
     pub fn url(&self) -> anyhow::Result<&str> {
         self.store.as_deref().ok_or_else(|| Usage("no store: give --store or FERRY_STORE".into()).into())
+    }
+
+    /// Opens the store, which must exist.
+    pub async fn open_existing(&self, pool_size: usize) -> anyhow::Result<DynStore> {
+        let opts = OpenOptions::new(pool_size, OpenMode::Existing).layout(self.layout);
+        store::open_with(self.url()?, &opts).await.context("opening the store")
     }
 }

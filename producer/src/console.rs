@@ -68,6 +68,7 @@ pub async fn console_cmd(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
     let config = ferry::console::ConsoleConfig {
         addr: args.http,
         store_url: args.store.store,
+        layout: args.store.layout,
         broker,
         token: args.token,
         read_only: args.read_only,

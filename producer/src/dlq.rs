@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use ferry::layout::{Layout, RivetId, Uuid};
 use ferry::store;
 use ferry::triage::{self, Filter, Source};
 
@@ -69,7 +70,7 @@ pub enum DlqCommand {
     /// Everything known about one actor's dead letter, and its state in the store now
     /// (exit 4 when the actor has no dead letter).
     Show {
-        /// The actor id.
+        /// The actor id (--layout rivet: its 30 base36 digits, or its UUID form UUID@LABEL).
         #[arg(env = "FERRY_ACTOR")]
         actor: String,
     },
@@ -117,13 +118,32 @@ pub fn dlq_filter(f: &DlqFilter, actors: Vec<String>) -> anyhow::Result<Filter> 
     Ok(Filter { reason, actors, campaign: f.campaign.clone(), actor_prefix: f.actor_prefix.clone() })
 }
 
+/// The actor `dlq show` names: an actor id; in the rivet layout a rivet id, given as its 30
+/// base36 digits or as `UUID@LABEL` (`RivetId::uuid_display`, how rivet's own tools print it).
+fn show_target(given: &str, layout: Layout) -> anyhow::Result<(ferry::ActorId, Option<RivetId>)> {
+    if layout == Layout::Ferry {
+        return Ok((ferry::ActorId::parse(given).context("actor id")?, None));
+    }
+    let id = match given.split_once('@') {
+        Some((uuid, label)) => {
+            let uuid = Uuid::parse_str(uuid).with_context(|| format!("actor {given:?}: not a UUID before '@'"))?;
+            let label = label.parse::<u16>().with_context(|| format!("actor {given:?}: the label after '@'"))?;
+            RivetId::new(uuid, label)
+        }
+        None => RivetId::parse(given).with_context(|| {
+            format!("actor {given:?} is not a rivet id (--layout rivet: 30 base36 digits or UUID@LABEL)")
+        })?,
+    };
+    Ok((id.to_actor(), Some(id)))
+}
+
 pub fn when(ms: i64) -> String {
     format!("{:.0}s ago", (ferry::clock::Clock::now_ms(&ferry::clock::SystemClock) - ms).max(0) as f64 / 1000.0)
 }
 
 pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
     // Every missing or bad setting is reported before anything is opened.
-    let url = args.store.url()?;
+    args.store.url()?;
     let source = match (&args.command, args.embedded) {
         (DlqCommand::Requeue { .. }, false) => Some(Source::Broker {
             amqp_url: args.broker.amqp()?.to_string(),
@@ -133,7 +153,7 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
         (DlqCommand::Requeue { .. }, true) => Some(Source::Embedded),
         _ => None,
     };
-    let store = store::open_existing(url, 4).await.context("opening the store")?;
+    let store = args.store.open_existing(4).await?;
     match args.command {
         DlqCommand::Summary { json } => print_summary(&triage::summary(&store).await?, json)?,
         DlqCommand::List { filter, limit, after, json } => {
@@ -155,9 +175,15 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
             }
         }
         DlqCommand::Show { actor } => {
-            let actor = ferry::ActorId::parse(&actor).context("actor id")?;
+            let (actor, rivet) = show_target(&actor, store.layout())?;
             let state = triage::show(&store, &actor).await?;
-            println!("{}", serde_json::to_string_pretty(&state)?);
+            let mut shown = serde_json::to_value(&state)?;
+            if let Some(id) = rivet {
+                // An operator may know the actor by either form: print both beside the state.
+                shown["rivet_id"] = id.to_string().into();
+                shown["rivet_uuid"] = id.uuid_display().into();
+            }
+            println!("{}", serde_json::to_string_pretty(&shown)?);
             if state.dead_letters.is_empty() {
                 let known = if state.requeue.is_some() {
                     "it was requeued and its job has not run yet"

@@ -60,6 +60,7 @@ pub async fn enqueue_cmd(args: EnqueueArgs) -> anyhow::Result<ExitCode> {
     };
     let cfg = EnqueueConfig {
         store_url: args.store.store,
+        layout: args.store.layout,
         amqp_url: args.broker.amqp.clone(),
         amqp_connect_timeout: args.broker.connect_timeout(),
         topology: args.broker.topology.topology()?,

@@ -3,10 +3,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
 use ferry::progress::Progress;
-use ferry::store;
 
 use crate::args::StoreArg;
 
@@ -23,7 +21,7 @@ pub struct ScanArgs {
 }
 
 pub async fn scan_cmd(args: ScanArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open_existing(&args.store.store, 2).await.context("opening the store")?;
+    let store = args.store.open_existing(2).await?;
     let progress = Progress::new("scanning", None);
     let census = ferry::census::census(&*store, args.prefix.as_deref(), || progress.inc(1)).await?;
     progress.finish();

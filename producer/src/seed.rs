@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use ferry::layout::Layout;
 use ferry::progress::Progress;
-use ferry::store;
+use ferry::store::{self, OpenMode};
 use ferry::synth::keyspace::{Mix, SeedConfig, plan, seed};
 
 use crate::args::StoreArg;
+use crate::exit::Usage;
 
 #[derive(Args)]
 pub struct SeedArgs {
@@ -34,9 +36,15 @@ pub struct SeedArgs {
     /// Share of actors of 64 KiB to 1 MiB (the rest are a few pages).
     #[arg(long, env = "FERRY_SEED_MEDIUM_SHARE", default_value_t = 0.09, value_parser = crate::args::share)]
     pub medium_share: f64,
-    /// Actor id prefix.
-    #[arg(long, env = "FERRY_SEED_PREFIX", default_value = "actor")]
-    pub prefix: String,
+    /// Actor id prefix (default `actor`; ids are PREFIX-0000000, ...). Not with --layout rivet,
+    /// whose ids are rivet ids of random UUIDs (the same ones again for the same --seed).
+    #[arg(long, env = "FERRY_SEED_PREFIX")]
+    pub prefix: Option<String>,
+    /// With --layout rivet, a rehearsal: first create rivet's own universaldb objects (kv,
+    /// global_version_seq, conflict_ranges and their types) in the URL's schema, which must not
+    /// hold a kv table yet. Never on a real rivet deployment, whose engine owns them.
+    #[arg(long, env = "FERRY_CREATE_RIVET_SCHEMA")]
+    pub create_rivet_schema: bool,
     /// Write each actor's planted case and expected outcome to this JSON file.
     #[arg(long, env = "FERRY_SEED_MANIFEST")]
     pub manifest: Option<PathBuf>,
@@ -50,7 +58,8 @@ pub struct SeedArgs {
 pub struct ImportArgs {
     #[command(flatten)]
     pub store: StoreArg,
-    /// Directory of SQLite files; actor id = file name without extension.
+    /// Directory of SQLite files; actor id = file name without extension (--layout rivet: a
+    /// name that is a rivet id keeps it, any other file gets a fresh one, printed with it).
     #[arg(env = "FERRY_IMPORT_DIR")]
     pub dir: PathBuf,
     /// Print what was imported as JSON.
@@ -60,8 +69,21 @@ pub struct ImportArgs {
 
 pub async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
     let mix = Mix::parse(&args.mix).map_err(anyhow::Error::msg).context("--mix")?;
-    if ferry::ActorId::parse(&format!("{}-0000000", args.prefix)).is_err() {
-        bail!("--prefix {:?}: actor ids are [A-Za-z0-9_-], at most 64 bytes", args.prefix);
+    let layout = args.store.layout;
+    let prefix = match (&args.prefix, layout) {
+        (Some(p), Layout::Rivet) => {
+            return Err(
+                Usage(format!("--prefix {p:?}: rivet ids carry no name; --layout rivet plants random ones")).into()
+            );
+        }
+        (Some(p), Layout::Ferry) => p.clone(),
+        (None, _) => "actor".to_string(),
+    };
+    if ferry::ActorId::parse(&format!("{prefix}-0000000")).is_err() {
+        bail!("--prefix {prefix:?}: actor ids are [A-Za-z0-9_-], at most 64 bytes");
+    }
+    if args.create_rivet_schema && layout != Layout::Rivet {
+        return Err(Usage("--create-rivet-schema creates rivet's objects: it needs --layout rivet".into()).into());
     }
     let cfg = SeedConfig {
         actors: args.actors,
@@ -70,10 +92,15 @@ pub async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
         max_mib: args.max_mib,
         large_share: args.large_share,
         medium_share: args.medium_share,
-        prefix: args.prefix,
+        prefix,
+        layout,
         ..SeedConfig::default()
     };
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let mut opts = args.store.options(2, OpenMode::Create);
+    // Loading fixtures is the one thing allowed to write v1 rows.
+    opts.v1_writes = true;
+    opts.create_rivet_schema = args.create_rivet_schema;
+    let store = store::open_with(&args.store.store, &opts).await.context("opening the store")?;
     if let Some(path) = &args.manifest {
         let manifest: Vec<_> = plan(&cfg)
             .iter()
@@ -110,7 +137,9 @@ pub async fn seed_cmd(args: SeedArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn import_cmd(args: ImportArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open(&args.store.store, 2).await.context("opening the store")?;
+    let mut opts = args.store.options(2, OpenMode::Create);
+    opts.v1_writes = true;
+    let store = store::open_with(&args.store.store, &opts).await.context("opening the store")?;
     let imported = ferry::import::import_dir(&*store, &args.dir).await.map_err(anyhow::Error::msg)?;
     let failed = imported.iter().filter(|i| i.error.is_some()).count();
     if args.json {
@@ -118,7 +147,16 @@ pub async fn import_cmd(args: ImportArgs) -> anyhow::Result<ExitCode> {
     } else {
         for i in &imported {
             match (&i.actor, &i.error) {
-                (Some(actor), None) => println!("imported {actor}: {} bytes {}", i.bytes, i.sidecars.join(" ")),
+                (Some(actor), None) => {
+                    // The rivet layout: the id and its UUID form, and whether it was assigned,
+                    // so the operator can map each file to its actor.
+                    let rivet = match (&i.rivet_uuid, i.assigned) {
+                        (Some(uuid), true) => format!(" (rivet {uuid}, id assigned to {})", i.path.display()),
+                        (Some(uuid), false) => format!(" (rivet {uuid})"),
+                        (None, _) => String::new(),
+                    };
+                    println!("imported {actor}{rivet}: {} bytes {}", i.bytes, i.sidecars.join(" "));
+                }
                 (_, Some(e)) => println!("skipped {}: {e}", i.path.display()),
                 (None, None) => {}
             }

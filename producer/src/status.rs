@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use ferry::queue::status::{StatusError, status};
-use ferry::store;
 
 use crate::args::{BrokerArgs, StoreArg};
 
@@ -25,7 +24,7 @@ pub struct StatusArgs {
 }
 
 pub async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open_existing(&args.store.store, 2).await.context("opening the store")?;
+    let store = args.store.open_existing(2).await?;
     let topology = args.broker.topology.topology()?;
     let got =
         status(&*store, &args.broker.amqp, args.broker.connect_timeout(), &topology, args.campaign.as_deref()).await;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use ferry::progress::Progress;
-use ferry::store;
 use ferry::verify::Selection;
 
 use crate::args::StoreArg;
@@ -28,7 +27,7 @@ pub struct VerifyArgs {
 }
 
 pub async fn verify_cmd(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let store = store::open_existing(&args.store.store, 4).await.context("opening the store")?;
+    let store = args.store.open_existing(4).await?;
     let selection = match (args.campaign, args.actor.is_empty()) {
         (Some(c), _) => Selection::Campaign(c),
         (None, false) => Selection::Actors(

@@ -34,6 +34,8 @@ pub const LOCAL_CAMPAIGN: &str = "local";
 #[derive(Clone, Debug)]
 pub struct LocalConfig {
     pub store_url: String,
+    /// The store's layout (`--layout`).
+    pub layout: crate::layout::Layout,
     pub concurrency: usize,
     /// Generate a demo keyspace of this many actors first, when the store has no v1 data.
     pub seed_demo: Option<u64>,
@@ -49,6 +51,7 @@ impl Default for LocalConfig {
     fn default() -> Self {
         LocalConfig {
             store_url: "sqlite:./ferry.db".into(),
+            layout: crate::layout::Layout::Ferry,
             concurrency: 4,
             seed_demo: None,
             migrate: MigrateConfig::default(),
@@ -200,7 +203,7 @@ async fn seed_if_empty(store: &DynStore, actors: u64) -> Result<Option<u64>, Loc
         info!("store already has v1 data; not seeding the demo keyspace");
         return Ok(None);
     }
-    let cfg = SeedConfig { actors, max_mib: 8, ..SeedConfig::default() };
+    let cfg = SeedConfig { actors, max_mib: 8, layout: store.layout(), ..SeedConfig::default() };
     let report = seed(&**store, &cfg, |_| {}).await.map_err(LocalError::Seed)?;
     info!(actors, v1_mib = report.v1_bytes >> 20, seconds = report.seconds, "seeded the demo keyspace");
     Ok(Some(actors))
@@ -211,7 +214,10 @@ pub async fn run_local(cfg: LocalConfig, shutdown: impl Future<Output = ()>) -> 
     let started = Instant::now();
     // Only a run that seeds its demo keyspace may create the store.
     let mode = if cfg.seed_demo.is_some() { store::OpenMode::Create } else { store::OpenMode::Existing };
-    let opts = store::OpenOptions::new(cfg.concurrency + 1, mode).lease_ttl(cfg.migrate.lease_ttl());
+    let mut opts =
+        store::OpenOptions::new(cfg.concurrency + 1, mode).layout(cfg.layout).lease_ttl(cfg.migrate.lease_ttl());
+    // Seeding the demo writes v1 rows, which the rivet layout allows only to fixture loaders.
+    opts.v1_writes = cfg.seed_demo.is_some();
     let store = store::open_with(&cfg.store_url, &opts).await?;
     let mut summary = LocalSummary { store: store.describe(), ..LocalSummary::default() };
     if let Some(n) = cfg.seed_demo {

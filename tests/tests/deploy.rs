@@ -80,6 +80,8 @@ fn manifests_parse_and_carry_probes_grace_resources_budget_and_autoscaling() -> 
     let data = &kind(&config, "ConfigMap")["data"];
     let grace: i64 = data["FERRY_SHUTDOWN_GRACE_SECS"].as_str().context("grace")?.parse()?;
     let budget_mib: i64 = data["FERRY_MEMORY_BUDGET_MIB"].as_str().context("budget")?.parse()?;
+    // One layout for every pod that reads the ConfigMap (workers, producer, console).
+    assert_eq!(data["FERRY_LAYOUT"].as_str(), Some("ferry"), "the layout is set where config is listed");
 
     let worker = yaml_docs("deploy/k8s/worker.yaml");
     let pod = &kind(&worker, "Deployment")["spec"]["template"]["spec"];

@@ -11,6 +11,7 @@ use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry::embedded::{LocalConfig, run_local};
 use ferry::jobs::RetryPolicy;
+use ferry::layout::Layout;
 use ferry::migrate::MigrateConfig;
 use ferry::queue::Topology;
 use ferry::queue::worker::{FleetConfig, WorkerConfig};
@@ -107,6 +108,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let migrate = args.common.migrate_config();
     let cfg = FleetConfig {
         store_url: args.common.store.clone(),
+        layout: args.common.layout,
         worker: WorkerConfig {
             amqp_url: args.amqp,
             connect_timeout: Duration::from_secs(args.amqp_connect_timeout_secs),
@@ -135,6 +137,11 @@ struct MigrateArgs {
     /// Store URL: sqlite:PATH or postgres://... (required: no default store).
     #[arg(long, env = "FERRY_STORE", hide_env_values = true)]
     store: String,
+    /// Which rows the store holds: ferry (its own keyspace in one kv table) or rivet (a rivet
+    /// engine's own universaldb rows, on postgres://...?schema=X; ferry's records in
+    /// X.ferry_kv).
+    #[arg(long, env = "FERRY_LAYOUT", value_enum, default_value_t = Layout::Ferry)]
+    layout: Layout,
     /// Jobs worked on at once (1 to 1024).
     #[arg(long, env = "FERRY_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     concurrency: u64,
@@ -199,6 +206,7 @@ struct LocalArgs {
 async fn local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let cfg = LocalConfig {
         store_url: args.common.store.clone(),
+        layout: args.common.layout,
         concurrency: usize::try_from(args.common.concurrency).context("--concurrency")?,
         seed_demo: args.seed_demo,
         migrate: args.common.migrate_config(),

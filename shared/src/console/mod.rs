@@ -42,8 +42,10 @@ pub use self::campaigns::BrokerView;
 pub struct ConsoleConfig {
     /// Where to listen (`127.0.0.1:8080` by default in the binary).
     pub addr: SocketAddr,
-    /// The store URL (opened with [`crate::store::open_existing`]; shown redacted).
+    /// The store URL (it must exist; shown redacted).
     pub store_url: String,
+    /// The store's layout (`--layout`).
+    pub layout: crate::layout::Layout,
     /// The broker: queue depths and requeues by publishing. `None`: embedded mode (requeues
     /// re-run in this process, as `dlq --embedded`).
     pub broker: Option<BrokerView>,
@@ -133,7 +135,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ConsoleError> {
     check(&config)?;
-    let store = crate::store::open_existing(&config.store_url, 4).await?;
+    let opts = crate::store::OpenOptions::new(4, crate::store::OpenMode::Existing).layout(config.layout);
+    let store = crate::store::open_with(&config.store_url, &opts).await?;
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .map_err(|source| ConsoleError::Bind { addr: config.addr, source })?;
@@ -178,6 +181,7 @@ mod tests {
         ConsoleConfig {
             addr: addr.parse().unwrap(),
             store_url: "postgres://u:hunter2@db/x".into(),
+            layout: crate::layout::Layout::Ferry,
             broker: None,
             token: token.map(String::from),
             read_only: false,

@@ -16,6 +16,9 @@ pub mod rivet_store;
 pub mod tuple;
 mod udb;
 
+/// The UUID type of [`RivetId::new`] and [`RivetId::uuid`] (the tuple crate's), for callers
+/// that build or parse ids without depending on that crate.
+pub use foundationdb_tuple::Uuid;
 pub use rivet_id::{RivetId, RivetIdError};
 pub use rivet_store::RivetStore;
 

@@ -57,6 +57,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct EnqueueConfig {
     pub store_url: String,
+    /// The store's layout (`--layout`).
+    pub layout: crate::layout::Layout,
     pub amqp_url: String,
     /// How long connecting to the broker (TCP and handshake) may take.
     pub amqp_connect_timeout: Duration,
@@ -614,7 +616,8 @@ struct Session {
 /// Opens the store, the campaign and the broker; the first campaign opened in a run says
 /// whether the run resumed it (a later attempt finds the record the first one created).
 async fn open_session(cfg: &EnqueueConfig, resumed: &mut Option<bool>) -> Result<Session, EnqueueError> {
-    let store = store::open_existing(&cfg.store_url, STORE_POOL).await?;
+    let opts = store::OpenOptions::new(STORE_POOL, store::OpenMode::Existing).layout(cfg.layout);
+    let store = store::open_with(&cfg.store_url, &opts).await?;
     let (record, existed) = open_campaign(&store, cfg).await?;
     if resumed.is_none() {
         *resumed = Some(existed);

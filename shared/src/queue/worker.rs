@@ -376,6 +376,8 @@ async fn dead_letter(
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
     pub store_url: String,
+    /// The store's layout (`--layout`).
+    pub layout: crate::layout::Layout,
     pub worker: WorkerConfig,
     pub migrate: crate::migrate::MigrateConfig,
     pub retry: crate::jobs::RetryPolicy,
@@ -403,8 +405,9 @@ pub async fn run(cfg: FleetConfig, shutdown: impl Future<Output = ()>) -> Result
     // call at a time), so admitting dead letters never waits behind the jobs.
     let pool = usize::from(cfg.worker.concurrency) + 3;
     // The worker never creates its store: a wrong URL must fail, not ack a campaign away.
-    let opts =
-        crate::store::OpenOptions::new(pool, crate::store::OpenMode::Existing).lease_ttl(cfg.migrate.lease_ttl());
+    let opts = crate::store::OpenOptions::new(pool, crate::store::OpenMode::Existing)
+        .layout(cfg.layout)
+        .lease_ttl(cfg.migrate.lease_ttl());
     let store = crate::store::open_with(&cfg.store_url, &opts).await?;
     info!(store = %store.describe(), broker = %amqp::redacted(&cfg.worker.amqp_url), "worker starting");
     let ready = Readiness::default();

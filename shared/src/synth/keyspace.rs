@@ -3,6 +3,10 @@
 //! ones, plus a configurable share of hard cases, written as real SQLite files in the v1
 //! layout with other KV entries beside them.
 //!
+//! Actor ids follow the store's layout: `{prefix}-{index:07}` in ferry's, rivet ids from
+//! random UUIDs in rivet's (drawn from their own stream of the seed, so a seed plants the same
+//! case and size at each index in both layouts, and the same ids again in the same layout).
+//!
 //! Each distinct database is built once by SQLite and its bytes reused for every actor that
 //! plays it, which keeps 100,000 actors fast without giving up real files.
 
@@ -13,6 +17,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::actor::ActorId;
+use crate::layout::{Layout, RivetId, Uuid};
 use crate::migrate::OutcomeKind;
 use crate::reason::DeadLetterReason;
 use crate::store::{Store, StoreError};
@@ -187,8 +192,10 @@ pub struct SeedConfig {
     pub large_share: f64,
     /// Share of normal actors of 64 KiB to 1 MiB (the rest are a few pages).
     pub medium_share: f64,
-    /// Actor ids are `{prefix}-{index:07}`.
+    /// Actor ids are `{prefix}-{index:07}` (ferry layout; rivet ids carry no name).
     pub prefix: String,
+    /// Which actor ids to plant: the layout of the store seeded.
+    pub layout: Layout,
     /// The size limit oversize actors are planted past.
     pub oversize_limit: u64,
 }
@@ -203,6 +210,7 @@ impl Default for SeedConfig {
             large_share: 0.01,
             medium_share: 0.09,
             prefix: "actor".into(),
+            layout: Layout::Ferry,
             oversize_limit: crate::v1::read::DEFAULT_MAX_SIZE,
         }
     }
@@ -237,6 +245,9 @@ pub fn plan(cfg: &SeedConfig) -> Vec<PlannedActor> {
     cases.truncate(cfg.actors as usize);
     cases.resize(cfg.actors as usize, Case::Normal);
     cases.shuffle(&mut rng);
+    // A stream of its own: the cases and sizes above do not depend on the layout.
+    let mut ids = ChaCha8Rng::seed_from_u64(cfg.seed);
+    ids.set_stream(RIVET_ID_STREAM);
     cases
         .into_iter()
         .enumerate()
@@ -249,11 +260,33 @@ pub fn plan(cfg: &SeedConfig) -> Vec<PlannedActor> {
             } else {
                 Size::Small(rng.random_range(0..8))
             };
-            // The prefix is checked by the caller; digits and '-' keep the id valid.
-            let id = ActorId::parse(&format!("{}-{i:07}", cfg.prefix)).expect("valid generated actor id");
+            let id = match cfg.layout {
+                // The prefix is checked by the caller; digits and '-' keep the id valid.
+                Layout::Ferry => ActorId::parse(&format!("{}-{i:07}", cfg.prefix)).expect("valid generated actor id"),
+                Layout::Rivet => rivet_id(&mut ids).to_actor(),
+            };
             PlannedActor { id, case, size }
         })
         .collect()
+}
+
+/// The ChaCha stream rivet ids are drawn from (any stream but the plan's 0).
+const RIVET_ID_STREAM: u64 = 0x0072_6976_6574;
+/// The datacenter label of planted rivet ids.
+pub const RIVET_SEED_LABEL: u16 = 1;
+
+/// A rivet id of a random (version 4) UUID.
+fn rivet_id(rng: &mut ChaCha8Rng) -> RivetId {
+    rivet_id_of_random(rng.random())
+}
+
+/// The rivet id of the version 4 UUID made of `random` bits (label [`RIVET_SEED_LABEL`]).
+pub(crate) fn rivet_id_of_random(random: u128) -> RivetId {
+    let mut bytes = random.to_be_bytes();
+    // RFC 9562 version 4 (random) and variant bits, as a UUID generator writes them.
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    RivetId::new(Uuid::from_bytes(bytes), RIVET_SEED_LABEL)
 }
 
 /// What `seed` wrote.

@@ -328,6 +328,7 @@ fn clock_ticks() -> f64 {
 async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, extra: &[&str]) -> Result<FleetRun> {
     let prefix = unique_name("bench");
     let cfg = ferry::queue::enqueue::EnqueueConfig {
+        layout: ferry::layout::Layout::Ferry,
         store_url: store.url.clone(),
         amqp_url: amqp_url(),
         amqp_connect_timeout: ferry::queue::amqp::DEFAULT_CONNECT_TIMEOUT,
