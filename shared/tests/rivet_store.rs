@@ -428,3 +428,15 @@ async fn logical_writes_land_as_rivets_rows_byte_for_byte() {
         .collect::<Vec<_>>();
     assert_eq!(records, vec![b"ferry/audit/x".to_vec()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ferry_layout_refuses_a_rivet_schema_and_writes_nothing_there() {
+    let env = Env::new().await;
+    let before = env.physical().await;
+    for mode in [OpenMode::Existing, OpenMode::Create] {
+        let opts = OpenOptions::new(2, mode).layout(Layout::Ferry);
+        let refused = store::open_with(&env.ts.url, &opts).await.err().expect("the ferry layout opened rivet's schema");
+        assert!(refused.to_string().contains("--layout rivet"), "{refused}");
+    }
+    assert_eq!(env.physical().await, before, "nothing written to rivet's kv");
+}

@@ -144,12 +144,9 @@ enum ActorKey {
 }
 
 fn split_actor(rest: &[u8]) -> Option<(ActorKey, &[u8])> {
-    if rest.len() >= ID_STRING_LEN {
-        if let Ok(id) =
-            std::str::from_utf8(&rest[..ID_STRING_LEN]).map_err(|_| ()).and_then(|s| RivetId::parse(s).map_err(|_| ()))
-        {
-            return Some((ActorKey::Id(id), &rest[ID_STRING_LEN..]));
-        }
+    let id = rest.get(..ID_STRING_LEN).and_then(|s| std::str::from_utf8(s).ok()).and_then(|s| RivetId::parse(s).ok());
+    if let Some(id) = id {
+        return Some((ActorKey::Id(id), &rest[ID_STRING_LEN..]));
     }
     let raw: [u8; ID_LEN] = rest.get(..ID_LEN)?.try_into().ok()?;
     Some((ActorKey::Raw(raw), &rest[ID_LEN..]))
@@ -193,8 +190,11 @@ fn v1_row_logical(key: &[u8]) -> Result<(RivetId, Vec<u8>, codec::V1RowKind), La
 }
 
 /// Groups physical v1 rows into entries (consecutive rows of one user key).
-fn group_v1_rows(rows: Vec<KeyValue>) -> Result<Vec<(Vec<u8>, Vec<KeyValue>)>, StoreError> {
-    let mut groups: Vec<(Vec<u8>, Vec<KeyValue>)> = Vec::new();
+/// One logical v1 key and its physical rows.
+type Entry = (Vec<u8>, Vec<KeyValue>);
+
+fn group_v1_rows(rows: Vec<KeyValue>) -> Result<Vec<Entry>, StoreError> {
+    let mut groups: Vec<Entry> = Vec::new();
     for (key, value) in rows {
         let logical = match v1_row_logical(&key) {
             Ok((id, user_key, _)) => codec::v1_logical_key(&id, &user_key),

@@ -209,10 +209,10 @@ pub async fn collect_garbage(conn: &Connection, sql: &UdbSql, last: &std::sync::
         }
         *last = Instant::now();
     }
-    if let Ok(client) = conn.client().await {
-        if let Err(e) = client.execute(&sql.gc, &[]).await {
-            tracing::debug!(error = %conn.err(e), "conflict_ranges cleanup failed; retried later");
-        }
+    if let Ok(client) = conn.client().await
+        && let Err(e) = client.execute(&sql.gc, &[]).await
+    {
+        tracing::debug!(error = %conn.err(e), "conflict_ranges cleanup failed; retried later");
     }
 }
 

@@ -263,6 +263,7 @@ impl PostgresStore {
             None => "kv".to_string(),
         };
         let store = PostgresStore::on_table(Connection::open(&url, opts)?, &table);
+        store.refuse_rivet_schema(url.schema.as_deref().unwrap_or("public")).await?;
         match opts.mode {
             OpenMode::Create => store.create_table(url.schema.as_deref(), &table).await?,
             OpenMode::Existing => store.check_table(url.schema.as_deref(), &table).await?,
@@ -303,6 +304,30 @@ impl PostgresStore {
     }
 
     /// [`OpenMode::Existing`]: the schema and table must be there; nothing is created.
+    /// The ferry layout on a schema of rivet's universaldb would write ferry's records into
+    /// rivet's own `kv` (and read rivet's rows as ferry's): refused, naming the flag to use.
+    async fn refuse_rivet_schema(&self, schema: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let (ranges, seq) = (format!("{schema}.conflict_ranges"), format!("{schema}.global_version_seq"));
+        let rivet: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL", &[&ranges, &seq])
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0);
+        if rivet {
+            return Err(StoreError::Failed {
+                backend: BACKEND,
+                message: format!(
+                    "schema {schema} holds rivet's universaldb (conflict_ranges, global_version_seq): open it \
+                     with --layout rivet (FERRY_LAYOUT=rivet), not the ferry layout, which would write into \
+                     rivet's kv ({})",
+                    self.described
+                ),
+            });
+        }
+        Ok(())
+    }
+
     async fn check_table(&self, schema: Option<&str>, table: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
         let missing = |what: String| StoreError::Missing { url: self.described.clone(), what };
