@@ -352,14 +352,23 @@ pub async fn show(store: &DynStore, actor: &ActorId) -> Result<ActorState, Store
     let dead_letters =
         index::get(&**store, &LetterId::Actor(actor.clone())).await?.map(|s| s.letter).into_iter().collect();
     let requeue = store.get(&ticket::key(actor)).await?.as_deref().and_then(Ticket::decode);
-    let probe = crate::v1::read::Probe::run(&**store, actor).await?;
-    let v2_head = store.get(&crate::v2::keys::meta(actor)).await?.map(|raw| match crate::v2::DBHead::decode(&raw) {
-        Ok(h) => format!("{h:?}"),
-        Err(e) => format!("corrupt: {e}"),
-    });
+    // A letter can name an actor the layout has no rows for (a bad message's id on rivet's
+    // layout): its records are shown, its v1 and v2 as absent.
+    let (v1_files, v2_head) = match store.layout().check_actor(actor) {
+        Ok(()) => {
+            let probe = crate::v1::read::Probe::run(&**store, actor).await?;
+            let head =
+                store.get(&crate::v2::keys::meta(actor)).await?.map(|raw| match crate::v2::DBHead::decode(&raw) {
+                    Ok(h) => format!("{h:?}"),
+                    Err(e) => format!("corrupt: {e}"),
+                });
+            (probe.files(), head)
+        }
+        Err(_) => (Default::default(), None),
+    };
     let lease = store.get(&keys::lease(actor)).await?.map(|raw| String::from_utf8_lossy(&raw).into_owned());
     let audit = store.get(&keys::audit(actor)).await?.as_deref().and_then(AuditRecord::decode);
-    Ok(ActorState { actor: actor.to_string(), dead_letters, requeue, v1_files: probe.files(), v2_head, lease, audit })
+    Ok(ActorState { actor: actor.to_string(), dead_letters, requeue, v1_files, v2_head, lease, audit })
 }
 
 #[cfg(test)]
