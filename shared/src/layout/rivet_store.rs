@@ -37,7 +37,8 @@ use crate::scan::{ActorBatch, ScannedActor};
 use crate::store::postgres::{Connection, PostgresStore};
 use crate::store::url::PostgresUrl;
 use crate::store::{
-    Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Store, StoreError, Txn, limits, prefix_end,
+    Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Read, ReadResult, Store, StoreError, Txn,
+    limits, prefix_end,
 };
 
 const LAYOUT: &str = "rivet";
@@ -281,6 +282,13 @@ impl Reader<'_, '_> {
         self.conn.err(e)
     }
 
+    async fn answer(&self, read: &Read) -> Result<ReadResult, StoreError> {
+        match read {
+            Read::Get(key) => self.get(key).await.map(ReadResult::Value),
+            Read::Scan { range, limit } => self.scan(range, *limit, true).await.map(ReadResult::Rows),
+        }
+    }
+
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match family(key) {
             Family::V1 => {
@@ -485,7 +493,7 @@ impl Reader<'_, '_> {
             cursor = prefix.clone();
             cursor.push(0xff);
             let (name, id) = match &actor {
-                ActorKey::Id(id) => (id.to_string().into_bytes(), ActorId::parse(&id.to_string())),
+                ActorKey::Id(id) => (id.to_string().into_bytes(), Ok(id.to_actor())),
                 ActorKey::Raw(raw) => (raw.to_vec(), ActorId::from_bytes(raw)),
             };
             let mut after = V1_PREFIX.to_vec();
@@ -957,6 +965,45 @@ impl Store for RivetStore {
                 Err(Attempt::Store(e)) => return Err(e),
             }
         }
+    }
+
+    /// The reads of `X.kv` in one snapshot (one `nextval`, not one per read); the reads of
+    /// ferry's records in one batched read of `X.ferry_kv`.
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        let is_record = |r: &Read| match r {
+            Read::Get(key) => Ok(family(key) == Family::Records),
+            Read::Scan { range, .. } => range_family(range).map(|f| f == Family::Records),
+        };
+        let mut records = Vec::new();
+        let mut kv = Vec::new();
+        for (i, read) in reads.iter().enumerate() {
+            if is_record(read)? { records.push(i) } else { kv.push(i) }
+        }
+        let mut out: Vec<Option<ReadResult>> = vec![None; reads.len()];
+        if !records.is_empty() {
+            let batch: Vec<Read> = records.iter().map(|&i| reads[i].clone()).collect();
+            for (i, answer) in records.iter().zip(self.records.read_many(&batch).await?) {
+                out[*i] = Some(answer);
+            }
+        }
+        if !kv.is_empty() {
+            let mut client = self.conn.client().await?;
+            let snap = udb::snapshot(&mut client, &self.sql).await.map_err(|e| self.conn.err(e))?;
+            let reader = self.reader(&snap);
+            let answers = async {
+                let mut answers = Vec::with_capacity(kv.len());
+                for &i in &kv {
+                    answers.push(reader.answer(&reads[i]).await?);
+                }
+                Ok(answers)
+            }
+            .await;
+            for (i, answer) in kv.iter().zip(self.end(snap, answers).await?) {
+                out[*i] = Some(answer);
+            }
+        }
+        // Every index is in exactly one of the two partitions, each answered in full.
+        Ok(out.into_iter().map(|a| a.expect("every read answered")).collect())
     }
 
     fn layout(&self) -> Layout {

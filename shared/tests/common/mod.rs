@@ -13,7 +13,8 @@ use ferry::keys::{V1_PREFIX, V2_PREFIX};
 use ferry::layout::Layout;
 use ferry::scan::ActorBatch;
 use ferry::store::{
-    Check, DynStore, KeyRange, KeyValue, Mutation, RangeDigest, Store, StoreError, Txn, for_each_row, prefix_end,
+    Check, DynStore, KeyRange, KeyValue, Mutation, RangeDigest, Read, ReadResult, Store, StoreError, Txn, for_each_row,
+    prefix_end,
 };
 
 /// What a migration's commit is.
@@ -175,6 +176,24 @@ impl Store for PrefixStore {
             })
             .collect();
         self.inner.commit(Txn { checks, mutations }).await.map_err(|e| self.error(e))
+    }
+
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        let inner: Vec<Read> = reads
+            .iter()
+            .map(|r| match r {
+                Read::Get(key) => Read::Get(self.key(key)),
+                Read::Scan { range, limit } => Read::Scan { range: self.range(range), limit: *limit },
+            })
+            .collect();
+        let answers = self.inner.read_many(&inner).await.map_err(|e| self.error(e))?;
+        Ok(answers
+            .into_iter()
+            .map(|a| match a {
+                ReadResult::Rows(rows) => ReadResult::Rows(rows.into_iter().map(|(k, v)| (self.strip(k), v)).collect()),
+                value => value,
+            })
+            .collect())
     }
 
     fn layout(&self) -> Layout {
