@@ -147,6 +147,7 @@ contract!(
         read_many_answers_each_read_as_get_and_scan_would_in_order,
         commit_many_a_failing_check_fails_only_its_own_transaction,
         commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group,
+        commit_many_applies_each_transactions_writes_in_their_order,
         commit_many_refuses_a_transaction_over_a_limit_alone,
         commit_many_commits_a_group_bigger_than_one_transaction_may_write,
         optimistic_increments_in_concurrent_groups_are_never_lost,
@@ -920,6 +921,33 @@ async fn commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group(
     assert!(results[4].is_ok(), "a range digest sees the group's earlier writes: {results:?}");
     assert_eq!(store.get(b"n").await.unwrap(), Some(vec![3]));
     assert_eq!(store.get(b"seen").await.unwrap(), Some(b"3".to_vec()));
+}
+
+async fn commit_many_applies_each_transactions_writes_in_their_order(store: DynStore) {
+    // Two actors' transactions as a one-shot migration over a stale head writes them: a range
+    // cleared, then rows set inside it; a row set, then cleared; a row cleared, then set again.
+    let old = |k: &[u8]| (k.to_vec(), b"old".to_vec());
+    set_all(&*store, &[old(b"x/p1"), old(b"x/p2"), old(b"x/q"), old(b"y/lease"), old(b"y/z")]).await;
+    let mut x = Txn::new();
+    x.check_value(b"x/q".to_vec(), Some(b"old".to_vec()))
+        .set(b"x/p3".to_vec(), b"dropped".to_vec())
+        .clear_range(KeyRange::prefix(b"x/p"))
+        .set(b"x/p1".to_vec(), b"new".to_vec())
+        .set(b"x/tmp".to_vec(), b"gone".to_vec())
+        .clear(b"x/tmp".to_vec());
+    let mut y = Txn::new();
+    y.check_value(b"y/lease".to_vec(), Some(b"old".to_vec()))
+        .clear(b"y/z".to_vec())
+        .set(b"y/z".to_vec(), b"again".to_vec())
+        .clear(b"y/lease".to_vec());
+    let results = store.commit_many(vec![x, y]).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let rows = store.scan(&KeyRange::prefix(b""), 100).await.unwrap();
+    let expected: Vec<KeyValue> = [(&b"x/p1"[..], &b"new"[..]), (b"x/q", b"old"), (b"y/z", b"again")]
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_eq!(rows, expected);
 }
 
 async fn commit_many_refuses_a_transaction_over_a_limit_alone(store: DynStore) {

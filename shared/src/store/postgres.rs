@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
@@ -54,7 +54,7 @@ use tokio_postgres::{IsolationLevel, NoTls};
 use super::url::{PostgresUrl, redact};
 use super::{
     Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Read, ReadResult, Store, StoreError, Txn,
-    limits,
+    fold, limits,
 };
 
 const BACKEND: &str = "postgres";
@@ -378,6 +378,11 @@ impl PostgresStore {
 
     /// One attempt at one store transaction of a group: the result of each transaction of
     /// `run`, in order (`Err` of the attempt: none was applied, or it is unknown).
+    ///
+    /// When no check of the run reads what an earlier transaction of it writes (transactions
+    /// of different actors), every check of the run is read in one round trip and the writes
+    /// of the transactions that pass go in one more ([`fold`]); otherwise each transaction is
+    /// checked after the writes of the ones before it, one by one.
     async fn try_commit_run(
         &self,
         txns: &[Txn],
@@ -388,22 +393,31 @@ impl PostgresStore {
             Err(e) => return Ok(Err(self.pool_err(e))),
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
-        let mut results = Vec::with_capacity(run.len());
-        let mut applied = false;
-        for &i in run {
-            let txn = &txns[i];
-            // Checked after the writes of the transactions before it, as if committed after them.
-            match self.failed_check(&tx, &txn.checks).await? {
-                Some((index, key)) => results.push(Err(StoreError::Conflict { index, key })),
-                None => {
-                    self.apply(&tx, &txn.mutations).await?;
-                    applied = true;
-                    results.push(Ok(()));
+        let picked: Vec<&Txn> = run.iter().map(|&i| &txns[i]).collect();
+        let results = if fold::checks_independent(picked.iter().copied()) {
+            let verdicts = self.failed_checks(&tx, picked.iter().map(|t| t.checks.as_slice())).await?;
+            let passed = picked.iter().zip(&verdicts).filter(|(_, v)| v.is_none());
+            self.apply(&tx, passed.flat_map(|(t, _)| &t.mutations)).await?;
+            verdicts
+                .into_iter()
+                .map(|v| v.map_or(Ok(()), |(index, key)| Err(StoreError::Conflict { index, key })))
+                .collect()
+        } else {
+            let mut results = Vec::with_capacity(picked.len());
+            for txn in picked {
+                // Checked after the writes of the transactions before it, as if committed after them.
+                match self.failed_check(&tx, &txn.checks).await? {
+                    Some((index, key)) => results.push(Err(StoreError::Conflict { index, key })),
+                    None => {
+                        self.apply(&tx, &txn.mutations).await?;
+                        results.push(Ok(()));
+                    }
                 }
             }
-        }
+            results
+        };
         tx.commit().await?;
-        if applied {
+        if results.iter().any(Result::is_ok) {
             metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
         }
         Ok(Ok(results))
@@ -415,33 +429,47 @@ impl PostgresStore {
         tx: &deadpool_postgres::Transaction<'_>,
         checks: &[Check],
     ) -> Result<Option<(usize, Vec<u8>)>, tokio_postgres::Error> {
-        if checks.is_empty() {
-            return Ok(None);
+        Ok(self.failed_checks(tx, std::iter::once(checks)).await?.pop().flatten())
+    }
+
+    /// For each list of checks, its first check that fails; every check of every list sent at
+    /// once (one round trip, pipelined), read in the same snapshot.
+    async fn failed_checks<'c>(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        lists: impl Iterator<Item = &'c [Check]>,
+    ) -> Result<Vec<Option<(usize, Vec<u8>)>>, tokio_postgres::Error> {
+        let lists: Vec<&[Check]> = lists.collect();
+        if lists.iter().all(|l| l.is_empty()) {
+            return Ok(vec![None; lists.len()]);
         }
         let get = tx.prepare_cached(&self.sql.get).await?;
         let range_rows = tx.prepare_cached(&self.sql.range_rows).await?;
-        let holds = futures::future::try_join_all(checks.iter().map(|check| {
-            let (get, range_rows) = (&get, &range_rows);
-            async move {
-                Ok::<bool, tokio_postgres::Error>(match check {
-                    Check::Value { key, expected } => {
-                        let actual: Option<Vec<u8>> = tx.query_opt(get, &[key]).await?.map(|r| r.get(0));
-                        actual == *expected
-                    }
-                    Check::RangeDigest { range, expected } => {
-                        Self::digest_rows(tx, range_rows, range).await? == *expected
-                    }
-                })
-            }
+        let (get, range_rows) = (&get, &range_rows);
+        let holds = futures::future::try_join_all(lists.iter().flat_map(|l| l.iter()).map(|check| async move {
+            Ok::<bool, tokio_postgres::Error>(match check {
+                Check::Value { key, expected } => {
+                    let actual: Option<Vec<u8>> = tx.query_opt(get, &[key]).await?.map(|r| r.get(0));
+                    actual == *expected
+                }
+                Check::RangeDigest { range, expected } => Self::digest_rows(tx, range_rows, range).await? == *expected,
+            })
         }))
         .await?;
-        Ok(holds.iter().position(|h| !h).map(|index| {
-            let key = match &checks[index] {
-                Check::Value { key, .. } => key.clone(),
-                Check::RangeDigest { range, .. } => range.start.clone(),
-            };
-            (index, key)
-        }))
+        let mut holds = holds.into_iter();
+        Ok(lists
+            .iter()
+            .map(|checks| {
+                let own: Vec<bool> = holds.by_ref().take(checks.len()).collect();
+                own.iter().position(|h| !h).map(|index| {
+                    let key = match &checks[index] {
+                        Check::Value { key, .. } => key.clone(),
+                        Check::RangeDigest { range, .. } => range.start.clone(),
+                    };
+                    (index, key)
+                })
+            })
+            .collect())
     }
 
     async fn digest_rows(
@@ -474,58 +502,29 @@ impl PostgresStore {
         }
     }
 
-    pub(crate) async fn apply(
+    /// Applies `mutations` in order, folded ([`fold`]) into one statement per batch (each
+    /// cleared range, the point clears, the sets), all sent at once: one round trip, executed
+    /// in the order sent, which is the order [`fold::Folded`] must be applied in.
+    pub(crate) async fn apply<'m>(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        mutations: &[Mutation],
+        mutations: impl IntoIterator<Item = &'m Mutation>,
     ) -> Result<(), tokio_postgres::Error> {
-        let mut i = 0;
-        while i < mutations.len() {
-            let run = mutations[i..].iter().take_while(|m| same_kind(m, &mutations[i])).count();
-            let batch = &mutations[i..i + run];
-            match &mutations[i] {
-                Mutation::Set { .. } => {
-                    let (keys, values) = dedup_sets(batch);
-                    let stmt = tx.prepare_cached(&self.sql.upsert).await?;
-                    tx.execute(&stmt, &[&keys, &values]).await?;
-                }
-                Mutation::Clear { .. } => {
-                    let keys: Vec<&[u8]> = batch
-                        .iter()
-                        .filter_map(|m| match m {
-                            Mutation::Clear { key } => Some(key.as_slice()),
-                            _ => None,
-                        })
-                        .collect();
-                    let stmt = tx.prepare_cached(&self.sql.delete_keys).await?;
-                    tx.execute(&stmt, &[&keys]).await?;
-                }
-                Mutation::ClearRange { range } => {
-                    let stmt = tx.prepare_cached(&self.sql.delete_range).await?;
-                    tx.execute(&stmt, &[&range.start, &range.end]).await?;
-                }
-            }
-            // A clear-range is its own statement: runs group only sets and point clears.
-            i += if matches!(mutations[i], Mutation::ClearRange { .. }) { 1 } else { run };
-        }
+        let folded = fold::fold(mutations);
+        let delete_range = tx.prepare_cached(&self.sql.delete_range).await?;
+        let delete_keys = tx.prepare_cached(&self.sql.delete_keys).await?;
+        let upsert = tx.prepare_cached(&self.sql.upsert).await?;
+        let (keys, values): (Vec<&[u8]>, Vec<&[u8]>) = folded.sets.iter().copied().unzip();
+        let (delete_range, delete_keys, upsert) = (&delete_range, &delete_keys, &upsert);
+        let (clears, keys, values) = (&folded.clears, &keys, &values);
+        let ranges =
+            folded.ranges.iter().map(|r| async move { tx.execute(delete_range, &[&r.start, &r.end]).await }.boxed());
+        let clears = (!clears.is_empty()).then(|| async move { tx.execute(delete_keys, &[clears]).await }.boxed());
+        let sets = (!keys.is_empty()).then(|| async move { tx.execute(upsert, &[keys, values]).await }.boxed());
+        // Polled first in this order, so sent (and executed) in it.
+        futures::future::try_join_all(ranges.chain(clears).chain(sets)).await?;
         Ok(())
     }
-}
-
-fn same_kind(a: &Mutation, b: &Mutation) -> bool {
-    std::mem::discriminant(a) == std::mem::discriminant(b)
-}
-
-/// Keys and values of a run of sets, the last write of a key winning (one `INSERT ... ON
-/// CONFLICT` may not touch a row twice).
-fn dedup_sets(batch: &[Mutation]) -> (Vec<&[u8]>, Vec<&[u8]>) {
-    let mut latest = std::collections::BTreeMap::new();
-    for m in batch {
-        if let Mutation::Set { key, value } = m {
-            latest.insert(key.as_slice(), value.as_slice());
-        }
-    }
-    latest.into_iter().unzip()
 }
 
 fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
