@@ -156,7 +156,16 @@ struct Validated {
     digest: u128,
     /// The recovery that changed something (recorded in the audit), if any.
     applied: Option<Recovery>,
+    /// The one-shot blob, when it was encoded with the validation.
+    encoded: Option<Encoded>,
     timings: Timings,
+}
+
+/// A whole database encoded as one LTX blob for `txid`.
+struct Encoded {
+    txid: u64,
+    blob: Vec<u8>,
+    checksum: crate::checksum::DatabaseChecksum,
 }
 
 /// What one batched read found for an actor ([`Migrator::prefetch`]): the first batch of its
@@ -289,7 +298,7 @@ impl Migrator {
                 (Some(v), _) => v,
                 // The image is kept across attempts, so the first batch is read exactly once.
                 (None, None) => unreachable!("no image and no first batch"),
-                (None, Some(first)) => match self.read_and_validate(req, first).await {
+                (None, Some(first)) => match self.read_and_validate(req, first, Some((txid, started))).await {
                     Ok(v) => v,
                     Err(e) => {
                         if let (Some(head_raw), Cause::Rejected(_)) = (&previous_raw, &e.cause) {
@@ -394,7 +403,14 @@ impl Migrator {
         }
     }
 
-    async fn read_and_validate(&self, req: &Request, first: v1::read::FirstBatch) -> Result<Validated, MigrateError> {
+    /// Reads and validates the image; `encode_as` (txid, timestamp): also encode it for a
+    /// one-shot commit if it is small enough, in the same blocking call.
+    async fn read_and_validate(
+        &self,
+        req: &Request,
+        first: v1::read::FirstBatch,
+        encode_as: Option<(u64, i64)>,
+    ) -> Result<Validated, MigrateError> {
         let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery, ignore_sidecars: false };
         let read_started = std::time::Instant::now();
         let fail = |phase, cause, files| MigrateError { actor: req.actor.clone(), phase, cause, files };
@@ -411,9 +427,23 @@ impl Migrator {
         let read = read_started.elapsed();
         let validate_started = std::time::Instant::now();
         let (quick_check, recovery) = (self.cfg.quick_check, req.recovery);
-        let checked = tokio::task::spawn_blocking(move || validate(image, quick_check, recovery))
-            .await
-            .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
+        let one_shot_max = self.cfg.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES);
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut validated = validate(image, quick_check, recovery)?;
+            // One thread hop for both: a database small enough for one shot is encoded for the
+            // txid the caller expects to commit it as (a race that changes the txid encodes again).
+            if let Some((txid, started)) = encode_as.filter(|_| validated.pages <= one_shot_max) {
+                let encode_started = std::time::Instant::now();
+                let main = std::mem::take(&mut validated.main);
+                let (main, blob, checksum) = stage::encode_whole(main, validated.pages, txid, started);
+                validated.main = main;
+                validated.encoded = Some(Encoded { txid, blob, checksum });
+                validated.timings.encode = encode_started.elapsed();
+            }
+            Ok(validated)
+        })
+        .await
+        .map_err(|e| fail(Phase::Validate, Cause::Internal(format!("validate task: {e}")), Some(files.clone())))?;
         let mut validated = match checked {
             Ok(v) => v,
             Err(r) => {
@@ -593,12 +623,19 @@ impl Migrator {
         grouped: bool,
     ) -> Result<Outcome, OneShotError> {
         let encode_started = std::time::Instant::now();
-        let Validated { main, pages, files, digest, applied, mut timings } = image;
-        let encoded = tokio::task::spawn_blocking(move || stage::encode_whole(main, pages, txid, started)).await;
-        let (main, blob, checksum) =
-            encoded.map_err(|e| OneShotError::Failed(Phase::Stage, Cause::Internal(format!("encoder task: {e}"))))?;
-        timings.encode = encode_started.elapsed();
-        let image = Validated { main, pages, files, digest, applied, timings };
+        let Validated { main, pages, files, digest, applied, encoded, mut timings } = image;
+        let (main, blob, checksum) = match encoded {
+            Some(e) if e.txid == txid => (main, e.blob, e.checksum),
+            _ => {
+                let encoded =
+                    tokio::task::spawn_blocking(move || stage::encode_whole(main, pages, txid, started)).await;
+                let encoded = encoded
+                    .map_err(|e| OneShotError::Failed(Phase::Stage, Cause::Internal(format!("encoder task: {e}"))))?;
+                timings.encode = encode_started.elapsed();
+                encoded
+            }
+        };
+        let image = Validated { main, pages, files, digest, applied, encoded: None, timings };
         let actor = &req.actor;
         let head = DBHead {
             origin: Origin::MigratedFromV1,
@@ -752,5 +789,5 @@ fn validate(image: V1Image, quick_check: bool, recovery: Option<Recovery>) -> Re
             Err(problem) => return Err(problem),
         }
     }
-    Ok(Validated { main, pages, files, digest, applied, timings: Timings::default() })
+    Ok(Validated { main, pages, files, digest, applied, encoded: None, timings: Timings::default() })
 }
