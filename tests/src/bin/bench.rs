@@ -294,6 +294,51 @@ struct FleetRun {
     commits_per_migrated: f64,
     /// Worker user+system CPU seconds per 1,000 jobs, summed over the workers.
     cpu_per_1000: f64,
+    /// PostgreSQL's and RabbitMQ's server processes' CPU seconds per 1,000 jobs over the run.
+    servers: ServerCpu,
+}
+
+/// CPU seconds per 1,000 jobs of the local PostgreSQL and RabbitMQ server processes.
+#[derive(Clone, Copy, Default)]
+struct ServerCpu {
+    postgres: f64,
+    rabbitmq: f64,
+}
+
+/// The server processes this machine runs the services as (`/proc/PID/comm`).
+const POSTGRES_COMM: &str = "postgres";
+const RABBITMQ_COMM: &str = "beam.smp";
+
+/// CPU ticks so far of every process named `comm`, by pid.
+fn ticks_of(comm: &str) -> std::collections::HashMap<u32, f64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let named = std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm);
+        if let (true, Ok(secs)) = (named, cpu_seconds(pid)) {
+            out.insert(pid, secs);
+        }
+    }
+    out
+}
+
+/// Measures the server processes' CPU from [`ServerClock::start`] to [`ServerClock::per_1000`].
+/// Backends that exit in between are not counted (the workers' own live to the end).
+struct ServerClock(std::collections::HashMap<u32, f64>, std::collections::HashMap<u32, f64>);
+
+impl ServerClock {
+    fn start() -> ServerClock {
+        ServerClock(ticks_of(POSTGRES_COMM), ticks_of(RABBITMQ_COMM))
+    }
+
+    fn per_1000(&self, jobs: u64) -> ServerCpu {
+        let since = |before: &std::collections::HashMap<u32, f64>, comm: &str| -> f64 {
+            ticks_of(comm).iter().map(|(pid, now)| now - before.get(pid).copied().unwrap_or(0.0)).sum()
+        };
+        let per = |secs: f64| secs / jobs.max(1) as f64 * 1000.0;
+        ServerCpu { postgres: per(since(&self.0, POSTGRES_COMM)), rabbitmq: per(since(&self.1, RABBITMQ_COMM)) }
+    }
 }
 
 /// A free loopback port for a worker's `/metrics`.
@@ -344,7 +389,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
     let summary = ferry::queue::enqueue::enqueue(cfg, std::future::pending()).await?;
     ensure!(summary.published == n, "enqueued {} of {n}", summary.published);
     let started = Instant::now();
-    let started_ms = ferry::clock::Clock::now_ms(&SystemClock);
+    let servers = ServerClock::start();
     let mut procs = Vec::new();
     for i in 0..workers {
         let addr = format!("127.0.0.1:{}", free_port()?);
@@ -362,16 +407,21 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
         ensure!(Instant::now() < deadline, "fleet run timed out at {done}/{n}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let mut finished_ms = started_ms;
+    // First job started to last job finished, from the audit records: the workers' start
+    // (process, broker and store connections) is not the job path's, as the raw consume+ack
+    // measure starts once connected.
+    let (mut started_ms, mut finished_ms) = (i64::MAX, i64::MIN);
     let mut migrated = 0u64;
     ferry::store::for_each_row(&*store.store, &KeyRange::prefix(keys::AUDIT_PREFIX), 4096, |_, raw| {
         if let Some(a) = ferry::migrate::AuditRecord::decode(&raw) {
+            started_ms = started_ms.min(a.started_at_ms);
             finished_ms = finished_ms.max(a.finished_at_ms);
             migrated += u64::from(a.outcome == ferry::migrate::OutcomeKind::Migrated);
         }
         Ok(())
     })
     .await?;
+    let servers = servers.per_1000(n);
     let (mut commits, mut cpu) = (0.0, 0.0);
     for (w, addr) in &procs {
         cpu += cpu_seconds(w.0.id())?;
@@ -386,6 +436,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
         e2e: n as f64 / secs,
         commits_per_migrated: commits / (migrated.max(1) as f64),
         cpu_per_1000: cpu / n as f64 * 1000.0,
+        servers,
     })
 }
 
@@ -405,15 +456,23 @@ async fn actors_of(store: &DynStore) -> Result<Vec<ferry::ActorId>> {
 async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
     eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {concurrency})");
     let (raw_publish, raw_consume) = raw_broker(tiny, concurrency).await?;
+    let (_, raw_consume_wide) = raw_broker(tiny, concurrency.saturating_mul(4)).await?;
     let mut enqueue_rate = 0.0;
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let name = format!("{backend:?}").to_lowercase();
-        let runs: &[(&str, &[&str])] = match backend {
-            Backend::Sqlite => &[("grouped", &[])],
-            Backend::Postgres => &[("grouped", &[]), ("grouping off", &["--group-max", "1"])],
-            Backend::Rivet => &[],
+        // (label, worker flags, concurrency): grouping pays more the more jobs are in flight.
+        let wide = concurrency.saturating_mul(4);
+        let wide_label = format!("grouped, concurrency {wide}");
+        let runs: Vec<(&str, &[&str], u16)> = match backend {
+            Backend::Sqlite => vec![("grouped", &[], concurrency)],
+            Backend::Postgres => vec![
+                ("grouped", &[], concurrency),
+                (wide_label.as_str(), &[], wide),
+                ("grouping off", &["--group-max", "1"], concurrency),
+            ],
+            Backend::Rivet => Vec::new(),
         };
-        for (label, extra) in runs {
+        for (label, extra, concurrency) in runs {
             let store = TestStore::new(backend).await;
             seed_tiny(&store.store, tiny).await?;
             if backend == Backend::Sqlite {
@@ -423,25 +482,21 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
                 report.add("producer", "census scan actors/s (sqlite)", rate, "actors/s", "-", 0.0, None);
             }
             let actors = actors_of(&store.store).await?;
+            let raw_servers = ServerClock::start();
             let raw = raw_store::raw_store(&store, &actors, usize::from(concurrency)).await?;
+            let raw_pg = raw_servers.per_1000(actors.len() as u64).postgres;
             let run = fleet_run(&store, tiny, 1, concurrency, extra).await?;
             if backend == Backend::Sqlite {
                 enqueue_rate = run.enqueue;
             }
-            let grouped = *label == "grouped";
+            let grouped = label == "grouped";
             let target = |t: f64| grouped.then_some(t);
             let m = |what: &str| format!("{name} ({label}): {what}");
-            report.add("tiny", &m("jobs/s, 1 worker"), run.e2e, "jobs/s", "raw consume+ack", raw_consume, target(0.5));
+            let consume_ack = if concurrency == wide { raw_consume_wide } else { raw_consume };
+            let jobs = m("jobs/s, 1 worker");
+            report.add("tiny", &jobs, run.e2e, "jobs/s", "raw consume+ack", consume_ack, target(0.5));
             let store_target = if backend == Backend::Postgres { target(1.0) } else { None };
-            report.add(
-                "tiny",
-                &m("jobs/s, 1 worker"),
-                run.e2e,
-                "jobs/s",
-                "raw store limit (same work)",
-                raw,
-                store_target,
-            );
+            report.add("tiny", &jobs, run.e2e, "jobs/s", "raw store limit (same work)", raw, store_target);
             if grouped {
                 report.add_at_most(
                     "tiny",
@@ -464,6 +519,18 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
                 );
             }
             report.add("tiny", &m("worker CPU s per 1,000 jobs"), run.cpu_per_1000, "cpu s", "-", 0.0, None);
+            report.add("tiny", &m("RabbitMQ CPU s per 1,000 jobs"), run.servers.rabbitmq, "cpu s", "-", 0.0, None);
+            if backend == Backend::Postgres {
+                report.add(
+                    "tiny",
+                    &m("PostgreSQL CPU s per 1,000 jobs"),
+                    run.servers.postgres,
+                    "cpu s",
+                    "raw store client's",
+                    raw_pg,
+                    None,
+                );
+            }
         }
     }
     report.add(
