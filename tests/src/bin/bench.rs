@@ -482,9 +482,8 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
                 report.add("producer", "census scan actors/s (sqlite)", rate, "actors/s", "-", 0.0, None);
             }
             let actors = actors_of(&store.store).await?;
-            let raw_servers = ServerClock::start();
-            let raw = raw_store::raw_store(&store, &actors, usize::from(concurrency)).await?;
-            let raw_pg = raw_servers.per_1000(actors.len() as u64).postgres;
+            let raw_store::RawStore { rate: raw, postgres_cpu: raw_pg } =
+                raw_store::raw_store(&store, &actors, usize::from(concurrency)).await?;
             let run = fleet_run(&store, tiny, 1, concurrency, extra).await?;
             if backend == Backend::Sqlite {
                 enqueue_rate = run.enqueue;

@@ -35,22 +35,42 @@ fn writes(actor: &ActorId, pages: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     rows
 }
 
+/// What the raw clients measured.
+pub struct RawStore {
+    /// Jobs per second.
+    pub rate: f64,
+    /// The PostgreSQL server's CPU seconds per 1,000 jobs (0 on SQLite).
+    pub postgres_cpu: f64,
+}
+
 /// Jobs per second of `concurrency` raw clients over `actors` (each actor once).
-pub async fn raw_store(store: &TestStore, actors: &[ActorId], concurrency: usize) -> Result<f64> {
+pub async fn raw_store(store: &TestStore, actors: &[ActorId], concurrency: usize) -> Result<RawStore> {
     let actors = Arc::new(Mutex::new(actors.to_vec()));
     let n = actors.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len();
+    let servers = super::ServerClock::start();
     let started = Instant::now();
-    match store.backend {
-        Backend::Postgres => postgres(store, actors, concurrency).await?,
-        Backend::Sqlite => sqlite(store, actors, concurrency).await?,
+    let postgres_cpu = match store.backend {
+        Backend::Postgres => {
+            let clients = postgres(store, actors, concurrency).await?;
+            let elapsed = started.elapsed();
+            // Read while the clients' backends live: an exited backend's CPU is gone from /proc.
+            let cpu = servers.per_1000(n as u64).postgres;
+            drop(clients);
+            (elapsed, cpu)
+        }
+        Backend::Sqlite => {
+            sqlite(store, actors, concurrency).await?;
+            (started.elapsed(), 0.0)
+        }
         // The raw limit is measured on the plain table; the rivet section compares against it.
         Backend::Rivet => anyhow::bail!("the raw store limit is measured on the ferry layout"),
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    };
+    let (elapsed, postgres_cpu) = postgres_cpu;
+    let rate = n as f64 / elapsed.as_secs_f64();
     let mut clear = ferry::store::Txn::new();
     clear.clear_range(ferry::store::KeyRange::prefix(b"bench-raw/"));
     store.store.commit(clear).await?;
-    Ok(rate)
+    Ok(RawStore { rate, postgres_cpu })
 }
 
 /// The parameters of the three reads of a job.
@@ -64,7 +84,12 @@ fn next(actors: &Mutex<Vec<ActorId>>) -> Option<ActorId> {
     actors.lock().ok()?.pop()
 }
 
-async fn postgres(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurrency: usize) -> Result<()> {
+/// Runs the raw clients; returns them, still connected, so their backends' CPU can be read.
+async fn postgres(
+    store: &TestStore,
+    actors: Arc<Mutex<Vec<ActorId>>>,
+    concurrency: usize,
+) -> Result<Vec<tokio_postgres::Client>> {
     let schema = store.url.split("schema=").nth(1).context("schema in the test store's URL")?.to_string();
     let table = format!("{schema}.kv");
     let mut tasks = tokio::task::JoinSet::new();
@@ -115,13 +140,14 @@ async fn postgres(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurren
                     }
                 }
             }
-            anyhow::Ok(())
+            anyhow::Ok(client)
         });
     }
+    let mut clients = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        done??;
+        clients.push(done??);
     }
-    Ok(())
+    Ok(clients)
 }
 
 /// The prepared statements of a job's transaction.
