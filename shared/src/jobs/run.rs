@@ -99,9 +99,22 @@ impl JobRunner {
     /// requeued job runs only while its ticket is current, and its ticket is cleared with its
     /// durable outcome.
     pub async fn run_delivery_in_current_span(&self, body: &[u8], attempts: u32, token: Option<&str>) -> Disposition {
+        let job = match self.take_delivery(body, attempts, token).await {
+            Ok(job) => job,
+            Err(ended) => return ended,
+        };
+        // The ticket is cleared in the transaction of the job's outcome (`Request::clears`,
+        // or the dead letter's record below).
+        self.run_job_in_current_span(&job, attempts).await
+    }
+
+    /// The job in `body`, checked against the store's layout, its ticket claimed when it was
+    /// requeued under `token`; or the disposition that ends the delivery without running it
+    /// (a bad message, a stale second copy of a requeue, a store failure).
+    async fn take_delivery(&self, body: &[u8], attempts: u32, token: Option<&str>) -> Result<Job, Disposition> {
         let mut job = match Job::parse(body) {
             Ok(job) => job,
-            Err(bad) => return self.bad_message(body, &bad, attempts).await,
+            Err(bad) => return Err(self.bad_message(body, &bad, attempts).await),
         };
         let layout = self.migrator.store().layout();
         if let Err(e) = layout.check_actor(&job.actor_id) {
@@ -110,21 +123,19 @@ impl JobRunner {
                 layout: layout.as_str(),
                 detail: e.to_string(),
             };
-            return self.bad_message(body, &bad, attempts).await;
+            return Err(self.bad_message(body, &bad, attempts).await);
         }
         if let Some(token) = token {
             match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
                 Ok(Claim::Current(raw)) => job.ticket = Some(raw),
                 Ok(Claim::Stale) => {
                     info!("a second copy of a requeued job whose requeue already ran; acked without running");
-                    return Disposition::Superseded;
+                    return Err(Disposition::Superseded);
                 }
-                Err(e) => return self.failed(&job, Self::store_error(&job, e), attempts).await,
+                Err(e) => return Err(self.failed(&job, Self::store_error(&job, e), attempts).await),
             }
         }
-        // The ticket is cleared in the transaction of the job's outcome (`Request::clears`,
-        // or the dead letter's record below).
-        self.run_job_in_current_span(&job, attempts).await
+        Ok(job)
     }
 
     fn store_error(job: &Job, e: StoreError) -> MigrateError {
@@ -141,26 +152,10 @@ impl JobRunner {
         deliveries: i64,
         token: Option<&str>,
     ) -> Disposition {
-        let mut job = match Job::parse(body) {
+        let job = match self.take_delivery(body, attempts, token).await {
             Ok(job) => job,
-            Err(bad) => return self.bad_message(body, &bad, attempts).await,
+            Err(ended) => return ended,
         };
-        let layout = self.migrator.store().layout();
-        if let Err(e) = layout.check_actor(&job.actor_id) {
-            let bad = BadMessage::ForeignActor {
-                actor: job.actor_id.to_string(),
-                layout: layout.as_str(),
-                detail: e.to_string(),
-            };
-            return self.bad_message(body, &bad, attempts).await;
-        }
-        if let Some(token) = token {
-            match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
-                Ok(Claim::Current(raw)) => job.ticket = Some(raw),
-                Ok(Claim::Stale) => return Disposition::Superseded,
-                Err(e) => return self.failed(&job, Self::store_error(&job, e), attempts).await,
-            }
-        }
         let error = format!("delivered {deliveries} times without an outcome: the work queue's delivery limit");
         let dead = self.letter(&job, DeadLetterReason::DeliveryLimit, "deliver", error, attempts, None);
         if let Err(e) = self.record(&job, &dead).await {
