@@ -298,7 +298,7 @@ impl Migrator {
                 (Some(v), _) => v,
                 // The image is kept across attempts, so the first batch is read exactly once.
                 (None, None) => unreachable!("no image and no first batch"),
-                (None, Some(first)) => match self.read_and_validate(req, first, Some((txid, started))).await {
+                (None, Some(first)) => match self.read_and_validate(req, first, (txid, started)).await {
                     Ok(v) => v,
                     Err(e) => {
                         if let (Some(head_raw), Cause::Rejected(_)) = (&previous_raw, &e.cause) {
@@ -403,13 +403,13 @@ impl Migrator {
         }
     }
 
-    /// Reads and validates the image; `encode_as` (txid, timestamp): also encode it for a
-    /// one-shot commit if it is small enough, in the same blocking call.
+    /// Reads and validates the image, and encodes it for a one-shot commit as `encode_as`
+    /// (txid, timestamp) if it is small enough for one, in the same blocking call.
     async fn read_and_validate(
         &self,
         req: &Request,
         first: v1::read::FirstBatch,
-        encode_as: Option<(u64, i64)>,
+        encode_as: (u64, i64),
     ) -> Result<Validated, MigrateError> {
         let opts = ReadOptions { max_size: self.cfg.max_size, recovery: req.recovery, ignore_sidecars: false };
         let read_started = std::time::Instant::now();
@@ -432,7 +432,8 @@ impl Migrator {
             let mut validated = validate(image, quick_check, recovery)?;
             // One thread hop for both: a database small enough for one shot is encoded for the
             // txid the caller expects to commit it as (after a race it is encoded again).
-            if let Some((txid, started)) = encode_as.filter(|_| validated.pages <= one_shot_max) {
+            if validated.pages <= one_shot_max {
+                let (txid, started) = encode_as;
                 let encode_started = std::time::Instant::now();
                 let main = std::mem::take(&mut validated.main);
                 let (main, blob, checksum) = stage::encode_whole(main, validated.pages, txid, started);

@@ -23,7 +23,7 @@
 //! lease ownership and v1 change detection are made atomic without holding a transaction open
 //! across async work.
 
-pub mod fold;
+pub(crate) mod fold;
 pub mod group;
 pub mod limits;
 pub mod postgres;
