@@ -357,15 +357,18 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / clock_ticks())
 }
 
-/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`; Linux's USER_HZ is 100).
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`, asked once; Linux's USER_HZ is 100).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Enqueues every actor and runs `workers` worker processes (with `extra` flags) until every

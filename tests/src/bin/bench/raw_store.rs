@@ -49,7 +49,7 @@ pub async fn raw_store(store: &TestStore, actors: &[ActorId], concurrency: usize
     let n = actors.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len();
     let servers = super::ServerClock::start();
     let started = Instant::now();
-    let postgres_cpu = match store.backend {
+    let (elapsed, postgres_cpu) = match store.backend {
         Backend::Postgres => {
             let clients = postgres(store, actors, concurrency).await?;
             let elapsed = started.elapsed();
@@ -65,7 +65,6 @@ pub async fn raw_store(store: &TestStore, actors: &[ActorId], concurrency: usize
         // The raw limit is measured on the plain table; the rivet section compares against it.
         Backend::Rivet => anyhow::bail!("the raw store limit is measured on the ferry layout"),
     };
-    let (elapsed, postgres_cpu) = postgres_cpu;
     let rate = n as f64 / elapsed.as_secs_f64();
     let mut clear = ferry::store::Txn::new();
     clear.clear_range(ferry::store::KeyRange::prefix(b"bench-raw/"));
