@@ -3,6 +3,9 @@
 //! injected into one actor of the group fails only that actor, which is inspected again and
 //! commits alone; each job's disposition follows its own actor's durable outcome.
 
+#[macro_use]
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,28 +215,10 @@ async fn grouped_migrations_of_the_same_actor_end_with_one_copy(backend: Backend
     }
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(ferry::testing::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(ferry::testing::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
-    a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor,
-    grouped_migrations_of_the_same_actor_end_with_one_copy,
+per_backend!(
+    backends: [sqlite: Sqlite, postgres: Postgres],
+    tests: [
+        a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor,
+        grouped_migrations_of_the_same_actor_end_with_one_copy,
+    ],
 );

@@ -8,6 +8,7 @@
 //! library's own key functions and constants. PostgreSQL must be running; a test against it
 //! fails, never skips, when it is not.
 
+#[macro_use]
 mod common;
 
 use common::{Kind, kind_of};
@@ -39,85 +40,57 @@ use ferry::{ActorId, DeadLetterReason, Recovery};
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-/// Instantiates every listed `async fn name(backend: Backend)` once per backend, in modules
-/// `sqlite`, `postgres` and `rivet`.
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(ferry::testing::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(ferry::testing::Backend::Postgres).await;
-                }
-            )*
-        }
-        mod rivet {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(ferry::testing::Backend::Rivet).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
-    // rejections
-    hot_journal_is_dead_lettered_journal_sidecar,
-    wal_file_is_dead_lettered_wal_sidecar,
-    shm_without_wal_is_dead_lettered_shm_sidecar,
-    page_size_8192_is_dead_lettered_unsupported_page_size,
-    flipped_magic_byte_or_short_file_is_dead_lettered_bad_header,
-    missing_chunk_is_dead_lettered_chunk_mismatch,
-    extra_out_of_range_chunk_is_dead_lettered_chunk_mismatch,
-    overlong_chunk_is_dead_lettered_chunk_mismatch,
-    chunk_reaching_past_the_declared_size_is_dead_lettered_chunk_mismatch,
-    chunk_key_with_a_malformed_index_is_dead_lettered_chunk_mismatch,
-    oversize_meta_is_dead_lettered_oversize_without_allocating,
-    database_over_the_configured_max_size_is_dead_lettered_oversize,
-    chunks_without_meta_are_dead_lettered_missing_main,
-    bad_meta_version_is_dead_lettered_bad_meta,
-    bad_meta_length_is_dead_lettered_bad_meta,
-    unaligned_size_is_dead_lettered_not_page_aligned,
-    scribbled_btree_page_is_dead_lettered_integrity_check_failed,
-    // happy paths
-    multi_page_database_with_index_and_overflow_migrates_byte_for_byte,
-    zero_byte_main_file_migrates_to_zero_pages,
-    several_mib_database_is_staged_over_several_transactions_and_migrates_byte_for_byte,
-    wal_mode_header_without_sidecars_migrates_its_own_bytes,
-    nothing_marks_the_actor_migrated_before_finalize,
-    // skips
-    actor_without_v1_sqlite_data_is_skipped_no_v1,
-    native_v2_head_wins_over_v1_and_is_left_unchanged,
-    migrating_twice_skips_already_migrated_and_keeps_the_migration_audit,
-    skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it,
-    unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is,
-    // stale migrations
-    expired_lease_migration_is_taken_over_junk_cleared_generation_bumped,
-    migrating_head_without_lease_row_is_taken_over,
-    live_lease_of_another_holder_is_in_progress_elsewhere_and_retried,
-    stage_transactions_renew_the_lease_so_a_slow_migration_is_not_taken_over,
-    // races
-    concurrent_migrations_of_one_actor_end_with_one_copy_equal_to_v1,
-    migration_taken_over_during_stage_is_fenced_and_writes_nothing_more,
-    lease_replaced_before_finalize_is_fenced_and_writes_nothing_more,
-    v1_rewritten_before_finalize_is_v1_changed_and_a_retry_migrates_the_new_v1,
-    // isolation
-    other_keys_and_actors_sharing_a_prefix_are_never_touched,
-    // recovery
-    hot_journal_with_rollback_journal_migrates_the_last_committed_state,
-    wal_with_checkpoint_wal_migrates_rows_only_in_the_wal,
-    shm_only_with_discard_shm_migrates,
-    scribbled_database_with_force_migrates_as_is,
+per_backend!(
+    backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
+    tests: [
+        // rejections
+        hot_journal_is_dead_lettered_journal_sidecar,
+        wal_file_is_dead_lettered_wal_sidecar,
+        shm_without_wal_is_dead_lettered_shm_sidecar,
+        page_size_8192_is_dead_lettered_unsupported_page_size,
+        flipped_magic_byte_or_short_file_is_dead_lettered_bad_header,
+        missing_chunk_is_dead_lettered_chunk_mismatch,
+        extra_out_of_range_chunk_is_dead_lettered_chunk_mismatch,
+        overlong_chunk_is_dead_lettered_chunk_mismatch,
+        chunk_reaching_past_the_declared_size_is_dead_lettered_chunk_mismatch,
+        chunk_key_with_a_malformed_index_is_dead_lettered_chunk_mismatch,
+        oversize_meta_is_dead_lettered_oversize_without_allocating,
+        database_over_the_configured_max_size_is_dead_lettered_oversize,
+        chunks_without_meta_are_dead_lettered_missing_main,
+        bad_meta_version_is_dead_lettered_bad_meta,
+        bad_meta_length_is_dead_lettered_bad_meta,
+        unaligned_size_is_dead_lettered_not_page_aligned,
+        scribbled_btree_page_is_dead_lettered_integrity_check_failed,
+        // happy paths
+        multi_page_database_with_index_and_overflow_migrates_byte_for_byte,
+        zero_byte_main_file_migrates_to_zero_pages,
+        several_mib_database_is_staged_over_several_transactions_and_migrates_byte_for_byte,
+        wal_mode_header_without_sidecars_migrates_its_own_bytes,
+        nothing_marks_the_actor_migrated_before_finalize,
+        // skips
+        actor_without_v1_sqlite_data_is_skipped_no_v1,
+        native_v2_head_wins_over_v1_and_is_left_unchanged,
+        migrating_twice_skips_already_migrated_and_keeps_the_migration_audit,
+        skip_that_races_another_write_of_the_audit_reads_it_again_and_keeps_it,
+        unreadable_v2_meta_is_dead_lettered_corrupt_v2_meta_and_left_as_is,
+        // stale migrations
+        expired_lease_migration_is_taken_over_junk_cleared_generation_bumped,
+        migrating_head_without_lease_row_is_taken_over,
+        live_lease_of_another_holder_is_in_progress_elsewhere_and_retried,
+        stage_transactions_renew_the_lease_so_a_slow_migration_is_not_taken_over,
+        // races
+        concurrent_migrations_of_one_actor_end_with_one_copy_equal_to_v1,
+        migration_taken_over_during_stage_is_fenced_and_writes_nothing_more,
+        lease_replaced_before_finalize_is_fenced_and_writes_nothing_more,
+        v1_rewritten_before_finalize_is_v1_changed_and_a_retry_migrates_the_new_v1,
+        // isolation
+        other_keys_and_actors_sharing_a_prefix_are_never_touched,
+        // recovery
+        hot_journal_with_rollback_journal_migrates_the_last_committed_state,
+        wal_with_checkpoint_wal_migrates_rows_only_in_the_wal,
+        shm_only_with_discard_shm_migrates,
+        scribbled_database_with_force_migrates_as_is,
+    ],
 );
 
 // ---------------------------------------------------------------------------------------------

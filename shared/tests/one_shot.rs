@@ -2,6 +2,9 @@
 //! collapse into one checked transaction with the same checks and the same end state. Run on
 //! every store backend and layout (ids from the fixture, valid for its layout).
 
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -156,18 +159,13 @@ async fn live_lease_of_another_holder_is_in_progress_elsewhere(backend: Backend)
     assert_eq!(err.fate(), Fate::Retry);
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
-        mod rivet { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Backend::Rivet).await } )* }
-    };
-}
-
-suite!(
-    small_database_migrates_in_one_transaction,
-    racing_one_shot_migrations_end_with_one_copy,
-    v1_rewritten_before_the_commit_is_v1_changed_and_nothing_commits,
-    stale_stage_is_taken_over_in_one_transaction,
-    live_lease_of_another_holder_is_in_progress_elsewhere,
+per_backend!(
+    backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
+    tests: [
+        small_database_migrates_in_one_transaction,
+        racing_one_shot_migrations_end_with_one_copy,
+        v1_rewritten_before_the_commit_is_v1_changed_and_nothing_commits,
+        stale_stage_is_taken_over_in_one_transaction,
+        live_lease_of_another_holder_is_in_progress_elsewhere,
+    ],
 );

@@ -2,6 +2,9 @@
 //! store backend and layout: a ticketed job runs only while its ticket is current, its outcome clears
 //! the ticket, and a job handed back to its delivery limit is dead-lettered into the index.
 
+#[macro_use]
+mod common;
+
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -133,18 +136,13 @@ async fn bad_message_is_indexed_once_however_often_it_is_delivered(backend: Back
     Ok(())
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Sqlite).await } )* }
-        mod postgres { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Postgres).await } )* }
-        mod rivet { $( #[tokio::test] async fn $name() -> anyhow::Result<()> { super::$name(ferry::testing::Backend::Rivet).await } )* }
-    };
-}
-
-on_every_backend!(
-    stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
-    current_requeue_runs_and_its_outcome_clears_the_ticket,
-    requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
-    delivery_limit_is_dead_lettered_into_the_index_without_running,
-    bad_message_is_indexed_once_however_often_it_is_delivered,
+per_backend!(
+    backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
+    tests: [
+        stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
+        current_requeue_runs_and_its_outcome_clears_the_ticket,
+        requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
+        delivery_limit_is_dead_lettered_into_the_index_without_running,
+        bad_message_is_indexed_once_however_often_it_is_delivered,
+    ],
 );

@@ -11,6 +11,7 @@
 //! after a commit that marks the actor migrated the wrapper reads v1 back (ferry's own v1
 //! reader) while still holding it. v2 is compared with that, never with "v1 now".
 
+#[macro_use]
 mod common;
 
 use common::{Kind, kind_of};
@@ -46,44 +47,17 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
-/// Instantiates every listed `async fn name(backend: Backend) -> Result<()>` once per backend,
-/// in modules `sqlite`, `postgres` and `rivet`, each bounded by [`LIMIT`].
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> anyhow::Result<()> {
-                    super::bounded(super::$name(ferry::testing::Backend::Sqlite)).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> anyhow::Result<()> {
-                    super::bounded(super::$name(ferry::testing::Backend::Postgres)).await
-                }
-            )*
-        }
-        mod rivet {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() -> anyhow::Result<()> {
-                    super::bounded(super::$name(ferry::testing::Backend::Rivet)).await
-                }
-            )*
-        }
-    };
-}
-
-suite!(
-    small_actor_rewritten_during_one_transaction_migrations_never_commits_a_stale_copy,
-    staged_actor_rewritten_during_staged_migrations_never_commits_a_stale_copy,
-    chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_and_nothing_is_marked_migrated,
-    v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter,
-    a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed,
-    a_journal_that_appears_while_the_probe_reads_is_v1_changed_and_a_journal_that_stays_is_dead_lettered,
+per_backend!(
+    backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
+    around: bounded,
+    tests: [
+        small_actor_rewritten_during_one_transaction_migrations_never_commits_a_stale_copy,
+        staged_actor_rewritten_during_staged_migrations_never_commits_a_stale_copy,
+        chunks_rewritten_between_stage_transactions_fail_finalize_v1_changed_and_nothing_is_marked_migrated,
+        v1_replaced_between_the_scans_of_one_read_is_v1_changed_not_a_dead_letter,
+        a_rejection_stands_only_if_v1_is_unchanged_when_it_is_confirmed,
+        a_journal_that_appears_while_the_probe_reads_is_v1_changed_and_a_journal_that_stays_is_dead_lettered,
+    ],
 );
 
 /// Every test finishes within this or fails.

@@ -1,7 +1,8 @@
 //! What the test suites share: the kind of a migration's commit, recognised from its shape, so
 //! store wrappers can hook and log chosen commits; a listing of every logical row that works
 //! on every layout; a store that puts every key under one prefix (the store contract on one
-//! key family of the rivet layout); and rivet-style universaldb transactions (`rivet`).
+//! key family of the rivet layout); rivet-style universaldb transactions (`rivet`); and
+//! [`per_backend!`], which runs a suite once per backend.
 //!
 //! Each test binary uses part of this module.
 #![allow(dead_code)]
@@ -207,4 +208,51 @@ impl Store for PrefixStore {
     fn describe(&self) -> String {
         format!("{} under {}", self.inner.describe(), ferry::keys::printable(&self.prefix))
     }
+}
+
+/// What a test function of [`per_backend!`] returns: nothing (it panics to fail) or a result.
+pub trait TestOutcome {
+    fn into_result(self) -> anyhow::Result<()>;
+}
+
+impl TestOutcome for () {
+    fn into_result(self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl TestOutcome for anyhow::Result<()> {
+    fn into_result(self) -> anyhow::Result<()> {
+        self
+    }
+}
+
+/// Instantiates every listed `async fn name(backend: Backend) -> T` (`T`: [`TestOutcome`])
+/// once per listed backend, in a module named after it; with `around`, each test's future is
+/// handed to that function of the test file (e.g. a timeout):
+///
+/// ```ignore
+/// per_backend!(backends: [sqlite: Sqlite, postgres: Postgres], around: bounded, tests: [a, b]);
+/// ```
+#[macro_export]
+macro_rules! per_backend {
+    (backends: $backends:tt, $(around: $around:ident,)? tests: $tests:tt $(,)?) => {
+        $crate::per_backend!(@each $backends, [$($around)?], $tests);
+    };
+    (@each [$($module:ident: $backend:ident),+ $(,)?], $around:tt, $tests:tt) => {
+        $( $crate::per_backend!(@module $module, $backend, $around, $tests); )+
+    };
+    (@module $module:ident, $backend:ident, $around:tt, [$($name:ident),* $(,)?]) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let outcome = $crate::per_backend!(@run $around, super::$name(ferry::testing::Backend::$backend));
+                    $crate::common::TestOutcome::into_result(outcome)
+                }
+            )*
+        }
+    };
+    (@run [], $test:expr) => { $test.await };
+    (@run [$around:ident], $test:expr) => { super::$around($test).await };
 }
