@@ -488,13 +488,23 @@ impl PostgresStore {
 
     /// A store transaction's error, retried as [`Store::commit`] retries.
     async fn commit_run(&self, txns: &[Txn], run: &[usize]) -> Result<Vec<Result<(), StoreError>>, StoreError> {
-        let mut attempt = 0;
+        self.rerun_serializable(move || self.try_commit_run(txns, run)).await.and_then(|own| own)
+    }
+
+    /// Runs `attempt` until it ends other than in a serialization failure or deadlock, re-running
+    /// it whole (its checks with it) at most [`SERIALIZATION_RETRIES`] times after a random
+    /// pause that grows with each try.
+    async fn rerun_serializable<T, Fut>(&self, mut attempt: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        let mut tries = 0;
         loop {
-            match self.try_commit_run(txns, run).await {
-                Ok(result) => return result,
-                Err(e) if is_retryable(&e) && attempt < SERIALIZATION_RETRIES => {
-                    attempt += 1;
-                    let jitter = rand::random_range(0..=(5u64 << attempt.min(6)));
+            match attempt().await {
+                Ok(done) => return Ok(done),
+                Err(e) if is_retryable(&e) && tries < SERIALIZATION_RETRIES => {
+                    tries += 1;
+                    let jitter = rand::random_range(0..=(5u64 << tries.min(6)));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
                 Err(e) => return Err(self.err(e)),
@@ -644,18 +654,8 @@ impl Store for PostgresStore {
 
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
         limits::check_txn(&txn)?;
-        let mut attempt = 0;
-        loop {
-            match self.try_commit(&txn).await {
-                Ok(result) => return result,
-                Err(e) if is_retryable(&e) && attempt < SERIALIZATION_RETRIES => {
-                    attempt += 1;
-                    let jitter = rand::random_range(0..=(5u64 << attempt.min(6)));
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
-                }
-                Err(e) => return Err(self.err(e)),
-            }
-        }
+        let txn = &txn;
+        self.rerun_serializable(move || self.try_commit(txn)).await.and_then(|own| own)
     }
 
     async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
