@@ -60,6 +60,10 @@ struct Args {
     /// enqueue): for iterating on the small-job path.
     #[arg(long, env = "FERRY_BENCH_SMALL_ONLY")]
     small_only: bool,
+    /// Backends of the small-actor section (all of them by default); with one named, only its
+    /// grouped run at --concurrency: for iterating on one backend's small-job path.
+    #[arg(long, env = "FERRY_BENCH_SMALL_BACKENDS", value_delimiter = ',', value_enum)]
+    small_backends: Vec<SmallBackend>,
     /// Worker concurrency in the fleet runs.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
@@ -87,6 +91,13 @@ struct Args {
     /// ferry layout on the same server, large actors against the raw store copy.
     #[arg(long, env = "FERRY_BENCH_RIVET_ONLY")]
     rivet_only: bool,
+}
+
+/// A backend of the small-actor section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SmallBackend {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -296,6 +307,9 @@ struct FleetRun {
     cpu_per_1000: f64,
     /// PostgreSQL's and RabbitMQ's server processes' CPU seconds per 1,000 jobs over the run.
     servers: ServerCpu,
+    /// Mean milliseconds from a job's start to its outcome in the migrator (its audit's
+    /// started and finished times): the rest of a job's cycle is the broker's and the queue's.
+    migrate_ms: f64,
 }
 
 /// CPU seconds per 1,000 jobs of the local PostgreSQL and RabbitMQ server processes.
@@ -414,12 +428,13 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
     // (process, broker and store connections) is not the job path's, as the raw consume+ack
     // measure starts once connected.
     let (mut started_ms, mut finished_ms) = (i64::MAX, i64::MIN);
-    let mut migrated = 0u64;
+    let (mut migrated, mut migrate_ms) = (0u64, 0i64);
     ferry::store::for_each_row(&*store.store, &KeyRange::prefix(keys::AUDIT_PREFIX), 4096, |_, raw| {
         if let Some(a) = ferry::migrate::AuditRecord::decode(&raw) {
             started_ms = started_ms.min(a.started_at_ms);
             finished_ms = finished_ms.max(a.finished_at_ms);
             migrated += u64::from(a.outcome == ferry::migrate::OutcomeKind::Migrated);
+            migrate_ms += (a.finished_at_ms - a.started_at_ms).max(0);
         }
         Ok(())
     })
@@ -440,6 +455,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
         commits_per_migrated: commits / (migrated.max(1) as f64),
         cpu_per_1000: cpu / n as f64 * 1000.0,
         servers,
+        migrate_ms: migrate_ms as f64 / n.max(1) as f64,
     })
 }
 
@@ -456,18 +472,24 @@ async fn actors_of(store: &DynStore) -> Result<Vec<ferry::ActorId>> {
 }
 
 /// The small-actor section: raw broker, then per backend the raw store limit and the fleet.
-async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
+async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBackend]) -> Result<()> {
     eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {concurrency})");
     let (raw_publish, raw_consume) = raw_broker(tiny, concurrency).await?;
     let (_, raw_consume_wide) = raw_broker(tiny, concurrency.saturating_mul(4)).await?;
     let mut enqueue_rate = 0.0;
-    for backend in [Backend::Sqlite, Backend::Postgres] {
+    let all = only.is_empty();
+    let picked = [(Backend::Sqlite, SmallBackend::Sqlite), (Backend::Postgres, SmallBackend::Postgres)]
+        .into_iter()
+        .filter(|(_, b)| all || only.contains(b))
+        .map(|(backend, _)| backend);
+    for backend in picked {
         let name = format!("{backend:?}").to_lowercase();
         // (label, worker flags, concurrency): grouping pays more the more jobs are in flight.
         let wide = concurrency.saturating_mul(4);
         let wide_label = format!("grouped, concurrency {wide}");
         let runs: Vec<(&str, &[&str], u16)> = match backend {
             Backend::Sqlite => vec![("grouped", &[], concurrency)],
+            Backend::Postgres if !all => vec![("grouped", &[], concurrency)],
             Backend::Postgres => vec![
                 ("grouped", &[], concurrency),
                 (wide_label.as_str(), &[], wide),
@@ -520,6 +542,16 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
                     None,
                 );
             }
+            let cycle_ms = f64::from(concurrency) * 1000.0 / run.e2e.max(1e-9);
+            report.add(
+                "tiny",
+                &m("ms per job in the migrator"),
+                run.migrate_ms,
+                "ms",
+                "job cycle (concurrency / jobs/s)",
+                cycle_ms,
+                None,
+            );
             report.add("tiny", &m("worker CPU s per 1,000 jobs"), run.cpu_per_1000, "cpu s", "-", 0.0, None);
             report.add("tiny", &m("RabbitMQ CPU s per 1,000 jobs"), run.servers.rabbitmq, "cpu s", "-", 0.0, None);
             if backend == Backend::Postgres {
@@ -534,6 +566,10 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16) -> Result<()> {
                 );
             }
         }
+    }
+    // Measured on the SQLite runs only.
+    if enqueue_rate == 0.0 {
+        return Ok(());
     }
     report.add(
         "producer",
@@ -792,7 +828,7 @@ async fn main() -> Result<()> {
     eprintln!("ferry bench on {}", report.machine);
     bin("ferry-worker");
 
-    small(&mut report, tiny, args.concurrency).await?;
+    small(&mut report, tiny, args.concurrency, &args.small_backends).await?;
     if args.small_only {
         return finish(&report, args.json_out.as_deref());
     }
