@@ -58,6 +58,12 @@ use super::{
 };
 
 const BACKEND: &str = "postgres";
+
+/// How the `value` column of a table ferry creates is compressed. The server's default
+/// (pglz) tries every value over about 2 KB: v2 values are LZ4 blobs already, so it fails on
+/// each of them, and those attempts were about a sixth of the server's CPU per small job
+/// (docs/PERFORMANCE.md). LZ4 gives up on them at once and still compresses v1 pages.
+const VALUE_COMPRESSION: &str = "COMPRESSION lz4";
 /// How often one commit is re-run after a serialization failure before giving up as transient.
 pub(crate) const SERIALIZATION_RETRIES: u32 = 12;
 
@@ -287,14 +293,28 @@ impl PostgresStore {
         Connection { pool: self.pool.clone(), described: self.described.clone(), endpoint: self.endpoint.clone() }
     }
 
+    /// Creates the schema and table if missing. `value` is compressed with LZ4 where the
+    /// server can ([`VALUE_COMPRESSION`]), else with the server's default.
     pub(crate) async fn create_table(&self, schema: Option<&str>, table: &str) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let mut ddl = String::new();
-        if let Some(schema) = schema {
-            ddl.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"));
-        }
-        ddl.push_str(&format!("CREATE TABLE IF NOT EXISTS {table} (key BYTEA PRIMARY KEY, value BYTEA NOT NULL);"));
-        match client.batch_execute(&ddl).await {
+        let ddl = |compression: &str| {
+            let mut ddl = String::new();
+            if let Some(schema) = schema {
+                ddl.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {schema};"));
+            }
+            ddl.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} (key BYTEA PRIMARY KEY, value BYTEA {compression} NOT NULL);"
+            ));
+            ddl
+        };
+        let created = match client.batch_execute(&ddl(VALUE_COMPRESSION)).await {
+            // A server before 14 (no column compression) or built without lz4.
+            Err(e) if [SqlState::SYNTAX_ERROR, SqlState::FEATURE_NOT_SUPPORTED].iter().any(|c| e.code() == Some(c)) => {
+                client.batch_execute(&ddl("")).await
+            }
+            other => other,
+        };
+        match created {
             Ok(()) => Ok(()),
             // Two processes creating the same table at once: the loser sees a unique violation
             // on the catalog, and the table exists.
@@ -778,6 +798,18 @@ mod tests {
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
         assert_eq!(config.get_keepalives_idle(), Duration::from_secs(7));
         assert_eq!(config.get_application_name(), Some("x"));
+    }
+
+    #[tokio::test]
+    async fn a_created_table_compresses_values_with_lz4() {
+        let store = crate::testing::TestStore::new(crate::testing::Backend::Postgres).await;
+        let (client, conn) = tokio_postgres::connect(&crate::testing::postgres_url(), NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        let table = store.url.split("schema=").nth(1).map(|s| format!("{s}.kv")).expect("the fixture names a schema");
+        let sql =
+            "SELECT attcompression::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'value'";
+        let row = client.query_one(sql, &[&table]).await.expect("the created table has a value column");
+        assert_eq!(row.get::<_, String>(0), "l", "{table}: value is compressed with lz4");
     }
 
     /// A real server error of SQLSTATE `code`.
