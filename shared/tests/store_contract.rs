@@ -147,6 +147,7 @@ contract!(
         read_many_answers_each_read_as_get_and_scan_would_in_order,
         commit_many_a_failing_check_fails_only_its_own_transaction,
         commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group,
+        commit_many_judges_each_digest_check_on_its_own_range_alone,
         commit_many_applies_each_transactions_writes_in_their_order,
         commit_many_refuses_a_transaction_over_a_limit_alone,
         commit_many_commits_a_group_bigger_than_one_transaction_may_write,
@@ -901,6 +902,43 @@ async fn commit_many_a_failing_check_fails_only_its_own_transaction(store: DynSt
     assert_eq!(store.get(b"b2").await.unwrap(), None, "the failed transaction wrote");
     assert_eq!(store.get(b"c").await.unwrap(), Some(b"new".to_vec()));
     assert!(store.commit_many(Vec::new()).await.is_empty());
+}
+
+async fn commit_many_judges_each_digest_check_on_its_own_range_alone(store: DynStore) {
+    // Actor-like neighbours: `r1` holds 3 rows, `r2` is empty, `r3` and `r4` 1 and 5 rows; the
+    // key `r2` itself sits just past `r1`'s rows and is not in `r1/`'s half-open range.
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = [("r1/", 3), ("r3/", 1), ("r4/", 5)]
+        .iter()
+        .flat_map(|(prefix, n)| numbered(prefix, *n))
+        .chain([(b"r2".to_vec(), b"edge".to_vec())])
+        .collect();
+    set_all(&*store, &rows).await;
+    let all = all_rows(&*store).await;
+    let digest = |prefix: &str| {
+        let own: Vec<KeyValue> = all.iter().filter(|(k, _)| k.starts_with(prefix.as_bytes())).cloned().collect();
+        digest_of(&own)
+    };
+    let txn = |prefix: &str, expected: u128| {
+        let mut txn = Txn::new();
+        txn.check_value(format!("{prefix}head").into_bytes(), None)
+            .check_range_digest(KeyRange::prefix(prefix.as_bytes()), expected)
+            .set(format!("{prefix}done").into_bytes(), b"1".to_vec());
+        txn
+    };
+    // `r3/`'s expected digest is of a state it is not in: its check alone fails.
+    let stale = digest_of(&numbered("r3/", 2));
+    let group =
+        vec![txn("r1/", digest("r1/")), txn("r2/", digest("r2/")), txn("r3/", stale), txn("r4/", digest("r4/"))];
+    let results = store.commit_many(group).await;
+    assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok(), "{results:?}");
+    match &results[2] {
+        Err(StoreError::Conflict { index: 1, key }) => assert_eq!(key, b"r3/"),
+        other => panic!("expected r3/'s digest check (index 1) to fail, got {other:?}"),
+    }
+    for (prefix, done) in [("r1/", true), ("r2/", true), ("r3/", false), ("r4/", true)] {
+        let written = store.get(format!("{prefix}done").as_bytes()).await.unwrap();
+        assert_eq!(written.is_some(), done, "{prefix}");
+    }
 }
 
 async fn commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group(store: DynStore) {

@@ -230,7 +230,7 @@ struct Statements {
     scan: String,
     first_key: String,
     scan_keys: String,
-    range_rows: String,
+    ranges_rows: String,
     upsert: String,
     delete_keys: String,
     delete_range: String,
@@ -244,7 +244,13 @@ impl Statements {
             scan: format!("SELECT key, value FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
             first_key: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT 1"),
             scan_keys: format!("SELECT key FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3"),
-            range_rows: format!("SELECT key, value FROM {table} WHERE key >= $1 AND key < $2 ORDER BY key"),
+            // Each range's rows with the range's position (WITH ORDINALITY), range by range,
+            // each in key order: one statement for every digest check of a group.
+            ranges_rows: format!(
+                "SELECT r.i, t.key, t.value FROM UNNEST($1::bytea[], $2::bytea[]) WITH ORDINALITY AS r(s, e, i) \
+                 CROSS JOIN LATERAL (SELECT key, value FROM {table} WHERE key >= r.s AND key < r.e) t \
+                 ORDER BY r.i, t.key"
+            ),
             upsert: format!(
                 "INSERT INTO {table} (key, value) SELECT * FROM UNNEST($1::bytea[], $2::bytea[]) \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value"
@@ -452,30 +458,45 @@ impl PostgresStore {
         Ok(self.failed_checks(tx, std::iter::once(checks)).await?.pop().flatten())
     }
 
-    /// For each list of checks, its first check that fails; every check of every list sent at
-    /// once (one round trip, pipelined), read in the same snapshot.
+    /// For each list of checks, its first check that fails; every check of every list read in
+    /// the same snapshot, in at most two statements sent at once (one round trip): every value
+    /// check's key in one `key = ANY(...)` read, every digest check's range in one more.
     async fn failed_checks<'c>(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         lists: impl Iterator<Item = &'c [Check]>,
     ) -> Result<Vec<Option<(usize, Vec<u8>)>>, tokio_postgres::Error> {
         let lists: Vec<&[Check]> = lists.collect();
-        if lists.iter().all(|l| l.is_empty()) {
-            return Ok(vec![None; lists.len()]);
-        }
-        let get = tx.prepare_cached(&self.sql.get).await?;
-        let range_rows = tx.prepare_cached(&self.sql.range_rows).await?;
-        let (get, range_rows) = (&get, &range_rows);
-        let holds = futures::future::try_join_all(lists.iter().flat_map(|l| l.iter()).map(|check| async move {
-            Ok::<bool, tokio_postgres::Error>(match check {
-                Check::Value { key, expected } => {
-                    let actual: Option<Vec<u8>> = tx.query_opt(get, &[key]).await?.map(|r| r.get(0));
-                    actual == *expected
-                }
-                Check::RangeDigest { range, expected } => Self::digest_rows(tx, range_rows, range).await? == *expected,
+        let checks = || lists.iter().flat_map(|l| l.iter());
+        let keys: Vec<&[u8]> = checks()
+            .filter_map(|c| match c {
+                Check::Value { key, .. } => Some(key.as_slice()),
+                Check::RangeDigest { .. } => None,
             })
-        }))
-        .await?;
+            .collect();
+        let ranges: Vec<&KeyRange> = checks()
+            .filter_map(|c| match c {
+                Check::RangeDigest { range, .. } => Some(range),
+                Check::Value { .. } => None,
+            })
+            .collect();
+        let values = async {
+            if keys.is_empty() {
+                return Ok(std::collections::HashMap::new());
+            }
+            let get_many = tx.prepare_cached(&self.sql.get_many).await?;
+            let rows = tx.query(&get_many, &[&keys]).await?;
+            Ok(rows.into_iter().map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))).collect())
+        };
+        let (values, digests) = futures::try_join!(values, self.range_digests(tx, &ranges))?;
+        let mut digests = digests.into_iter();
+        let holds: Vec<bool> = checks()
+            .map(|check| match check {
+                Check::Value { key, expected } => values.get(key.as_slice()) == expected.as_ref(),
+                // One digest per digest check, in order.
+                Check::RangeDigest { expected, .. } => digests.next() == Some(*expected),
+            })
+            .collect();
         let mut holds = holds.into_iter();
         Ok(lists
             .iter()
@@ -492,18 +513,29 @@ impl PostgresStore {
             .collect())
     }
 
-    async fn digest_rows(
+    /// The digest of each range's rows, in the order of `ranges`, read in one statement.
+    async fn range_digests(
+        &self,
         tx: &deadpool_postgres::Transaction<'_>,
-        stmt: &tokio_postgres::Statement,
-        range: &KeyRange,
-    ) -> Result<u128, tokio_postgres::Error> {
-        let rows = tx.query_raw(stmt, [&range.start, &range.end]).await?;
-        futures::pin_mut!(rows);
-        let mut digest = RangeDigest::new();
-        while let Some(row) = rows.try_next().await? {
-            digest.update(row.get::<_, &[u8]>(0), row.get::<_, &[u8]>(1));
+        ranges: &[&KeyRange],
+    ) -> Result<Vec<u128>, tokio_postgres::Error> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(digest.finish())
+        let stmt = tx.prepare_cached(&self.sql.ranges_rows).await?;
+        let starts: Vec<&[u8]> = ranges.iter().map(|r| r.start.as_slice()).collect();
+        let ends: Vec<&[u8]> = ranges.iter().map(|r| r.end.as_slice()).collect();
+        let rows = tx.query_raw(&stmt, [&starts, &ends]).await?;
+        futures::pin_mut!(rows);
+        let mut digests: Vec<RangeDigest> = ranges.iter().map(|_| RangeDigest::new()).collect();
+        while let Some(row) = rows.try_next().await? {
+            // The range's 1-based position in the arrays; rows come in key order within it.
+            let at = usize::try_from(row.get::<_, i64>(0)).ok().and_then(|i| i.checked_sub(1));
+            if let Some(digest) = at.and_then(|i| digests.get_mut(i)) {
+                digest.update(row.get::<_, &[u8]>(1), row.get::<_, &[u8]>(2));
+            }
+        }
+        Ok(digests.iter().map(RangeDigest::finish).collect())
     }
 
     /// A store transaction's error, retried as [`Store::commit`] retries.
