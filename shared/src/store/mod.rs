@@ -27,6 +27,7 @@ pub(crate) mod fold;
 pub mod group;
 pub mod limits;
 pub mod postgres;
+pub(crate) mod serializable;
 pub mod sqlite;
 pub(crate) mod url;
 

@@ -7,12 +7,14 @@
 //! number of times before it is reported as transient. Writes are batched: runs of sets and
 //! clears go out as one `UNNEST` statement each, never one round trip per key.
 //!
-//! A transaction's checks are sent pipelined (one round trip for all of them). A batch of reads
-//! ([`Store::read_many`]) is one pipelined round trip on one connection: every point read in
-//! one `key = ANY(...)` query, each scan its own. A group of transactions
-//! ([`Store::commit_many`]) is one SERIALIZABLE transaction (one WAL flush) per run of the group
-//! plan, each transaction's checks evaluated after the writes of those before it; a failed
-//! check leaves its transaction's writes out and the others in.
+//! A commit is two round trips ([`super::serializable`]): `BEGIN` with every check (every value
+//! check in one `key = ANY(...)` read, every range digest in one more), then the writes with
+//! `COMMIT`. A batch of reads ([`Store::read_many`]) is one pipelined round trip on one
+//! connection: every point read in one `key = ANY(...)` query, each scan its own. A group of
+//! transactions ([`Store::commit_many`]) is one SERIALIZABLE transaction (one WAL flush) per run
+//! of the group plan, each transaction's checks evaluated after the writes of those before it
+//! (all at once when none reads what another writes: transactions of different actors); a
+//! failed check leaves its transaction's writes out and the others in.
 //!
 //! Every session is bounded in time ([`SessionLimits`]), so a process that stops in the middle
 //! of a transaction (SIGSTOP, a stalled VM, a partitioned host) cannot hold row or predicate
@@ -45,12 +47,13 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use futures::{FutureExt, TryStreamExt};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
 
+use super::serializable::Serializable;
 use super::url::{PostgresUrl, redact};
 use super::{
     Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Read, ReadResult, Store, StoreError, Txn,
@@ -387,61 +390,70 @@ impl PostgresStore {
 
     /// One attempt at a commit; `Ok(Err(..))` is a failed check.
     async fn try_commit(&self, txn: &Txn) -> Result<Result<(), StoreError>, tokio_postgres::Error> {
-        let mut client = match self.pool.get().await {
+        Ok(self.try_commit_independent(&[txn]).await?.and_then(|mut own| own.pop().unwrap_or(Ok(()))))
+    }
+
+    /// One attempt at transactions none of whose checks reads what another of them writes, as
+    /// one pipelined SERIALIZABLE transaction ([`Serializable`]) of two round trips: `BEGIN`
+    /// with every check of every transaction, then the writes of those that passed, folded
+    /// ([`fold`]), with `COMMIT`. The result of each transaction, in order (`Err` of the
+    /// attempt: none was applied, or it is unknown).
+    async fn try_commit_independent(
+        &self,
+        picked: &[&Txn],
+    ) -> Result<Result<Vec<Result<(), StoreError>>, StoreError>, tokio_postgres::Error> {
+        let session = match self.pool.get().await {
             Ok(c) => c,
             Err(e) => return Ok(Err(self.pool_err(e))),
         };
-        let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
-        if let Some((index, key)) = self.failed_check(&tx, &txn.checks).await? {
-            tx.rollback().await?;
-            return Ok(Err(StoreError::Conflict { index, key }));
+        // Prepared before BEGIN: the writes must go out on their first poll, ahead of COMMIT.
+        let statements = self.write_statements(&session).await?;
+        let txn = Serializable::new(session);
+        let verdicts = txn.begin_with(self.failed_checks(txn.session(), picked.iter().map(|t| t.checks.as_slice())));
+        let verdicts = verdicts.await?;
+        let passed = picked.iter().zip(&verdicts).filter(|(_, v)| v.is_none());
+        let folded = fold::fold(passed.flat_map(|(t, _)| &t.mutations));
+        txn.commit_with(Self::send_writes(txn.session(), &statements, &folded)).await?;
+        if verdicts.iter().any(Option::is_none) {
+            metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
         }
-        self.apply(&tx, &txn.mutations).await?;
-        tx.commit().await?;
-        metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
-        Ok(Ok(()))
+        Ok(Ok(verdicts
+            .into_iter()
+            .map(|v| v.map_or(Ok(()), |(index, key)| Err(StoreError::Conflict { index, key })))
+            .collect()))
     }
 
     /// One attempt at one store transaction of a group: the result of each transaction of
     /// `run`, in order (`Err` of the attempt: none was applied, or it is unknown).
     ///
     /// When no check of the run reads what an earlier transaction of it writes (transactions
-    /// of different actors), every check of the run is read in one round trip and the writes
-    /// of the transactions that pass go in one more ([`fold`]); otherwise each transaction is
-    /// checked after the writes of the ones before it, one by one.
+    /// of different actors), the run is [`PostgresStore::try_commit_independent`]; otherwise
+    /// each transaction is checked after the writes of the ones before it, one by one.
     async fn try_commit_run(
         &self,
         txns: &[Txn],
         run: &[usize],
     ) -> Result<Result<Vec<Result<(), StoreError>>, StoreError>, tokio_postgres::Error> {
+        let picked: Vec<&Txn> = run.iter().map(|&i| &txns[i]).collect();
+        if fold::checks_independent(picked.iter().copied()) {
+            return self.try_commit_independent(&picked).await;
+        }
         let mut client = match self.pool.get().await {
             Ok(c) => c,
             Err(e) => return Ok(Err(self.pool_err(e))),
         };
         let tx = client.build_transaction().isolation_level(IsolationLevel::Serializable).start().await?;
-        let picked: Vec<&Txn> = run.iter().map(|&i| &txns[i]).collect();
-        let results = if fold::checks_independent(picked.iter().copied()) {
-            let verdicts = self.failed_checks(&tx, picked.iter().map(|t| t.checks.as_slice())).await?;
-            let passed = picked.iter().zip(&verdicts).filter(|(_, v)| v.is_none());
-            self.apply(&tx, passed.flat_map(|(t, _)| &t.mutations)).await?;
-            verdicts
-                .into_iter()
-                .map(|v| v.map_or(Ok(()), |(index, key)| Err(StoreError::Conflict { index, key })))
-                .collect()
-        } else {
-            let mut results = Vec::with_capacity(picked.len());
-            for txn in picked {
-                // Checked after the writes of the transactions before it, as if committed after them.
-                match self.failed_check(&tx, &txn.checks).await? {
-                    Some((index, key)) => results.push(Err(StoreError::Conflict { index, key })),
-                    None => {
-                        self.apply(&tx, &txn.mutations).await?;
-                        results.push(Ok(()));
-                    }
+        let mut results = Vec::with_capacity(picked.len());
+        for txn in picked {
+            // Checked after the writes of the transactions before it, as if committed after them.
+            match self.failed_check(&tx, &txn.checks).await? {
+                Some((index, key)) => results.push(Err(StoreError::Conflict { index, key })),
+                None => {
+                    self.apply(&tx, &txn.mutations).await?;
+                    results.push(Ok(()));
                 }
             }
-            results
-        };
+        }
         tx.commit().await?;
         if results.iter().any(Result::is_ok) {
             metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
@@ -452,7 +464,7 @@ impl PostgresStore {
     /// The first check that fails, all of them sent at once (one round trip, pipelined).
     pub(crate) async fn failed_check(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &impl GenericClient,
         checks: &[Check],
     ) -> Result<Option<(usize, Vec<u8>)>, tokio_postgres::Error> {
         Ok(self.failed_checks(tx, std::iter::once(checks)).await?.pop().flatten())
@@ -463,7 +475,7 @@ impl PostgresStore {
     /// check's key in one `key = ANY(...)` read, every digest check's range in one more.
     async fn failed_checks<'c>(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &impl GenericClient,
         lists: impl Iterator<Item = &'c [Check]>,
     ) -> Result<Vec<Option<(usize, Vec<u8>)>>, tokio_postgres::Error> {
         let lists: Vec<&[Check]> = lists.collect();
@@ -516,7 +528,7 @@ impl PostgresStore {
     /// The digest of each range's rows, in the order of `ranges`, read in one statement.
     async fn range_digests(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &impl GenericClient,
         ranges: &[&KeyRange],
     ) -> Result<Vec<u128>, tokio_postgres::Error> {
         if ranges.is_empty() {
@@ -565,19 +577,35 @@ impl PostgresStore {
     }
 
     /// Applies `mutations` in order, folded ([`fold`]) into one statement per batch (each
-    /// cleared range, the point clears, the sets), all sent at once: one round trip, executed
-    /// in the order sent, which is the order [`fold::Folded`] must be applied in.
+    /// cleared range, the point clears, the sets), all sent at once: one round trip.
     pub(crate) async fn apply<'m>(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &impl GenericClient,
         mutations: impl IntoIterator<Item = &'m Mutation>,
     ) -> Result<(), tokio_postgres::Error> {
-        let folded = fold::fold(mutations);
-        let delete_range = tx.prepare_cached(&self.sql.delete_range).await?;
-        let delete_keys = tx.prepare_cached(&self.sql.delete_keys).await?;
-        let upsert = tx.prepare_cached(&self.sql.upsert).await?;
+        let statements = self.write_statements(tx).await?;
+        Self::send_writes(tx, &statements, &fold::fold(mutations)).await
+    }
+
+    /// The statements of [`PostgresStore::send_writes`], prepared (once per session).
+    async fn write_statements(&self, tx: &impl GenericClient) -> Result<WriteStatements, tokio_postgres::Error> {
+        Ok(WriteStatements {
+            delete_range: tx.prepare_cached(&self.sql.delete_range).await?,
+            delete_keys: tx.prepare_cached(&self.sql.delete_keys).await?,
+            upsert: tx.prepare_cached(&self.sql.upsert).await?,
+        })
+    }
+
+    /// Sends `folded`'s statements, every one on the first poll (nothing is awaited before
+    /// them, which [`Serializable::commit_with`] relies on), executed in the order sent, which
+    /// is the order [`fold::Folded`] must be applied in.
+    async fn send_writes(
+        tx: &impl GenericClient,
+        statements: &WriteStatements,
+        folded: &fold::Folded<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let WriteStatements { delete_range, delete_keys, upsert } = statements;
         let (keys, values): (Vec<&[u8]>, Vec<&[u8]>) = folded.sets.iter().copied().unzip();
-        let (delete_range, delete_keys, upsert) = (&delete_range, &delete_keys, &upsert);
         let (clears, keys, values) = (&folded.clears, &keys, &values);
         let ranges =
             folded.ranges.iter().map(|r| async move { tx.execute(delete_range, &[&r.start, &r.end]).await }.boxed());
@@ -587,6 +615,13 @@ impl PostgresStore {
         futures::future::try_join_all(ranges.chain(clears).chain(sets)).await?;
         Ok(())
     }
+}
+
+/// The prepared statements of a transaction's writes.
+struct WriteStatements {
+    delete_range: tokio_postgres::Statement,
+    delete_keys: tokio_postgres::Statement,
+    upsert: tokio_postgres::Statement,
 }
 
 fn tls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
