@@ -9,6 +9,9 @@
 //! section 2 and section 3 step 4. libFuzzer runs them on nightly (`fuzz/run.sh`);
 //! `shared/tests/fuzz_regressions.rs` replays the committed corpus and regressions through the
 //! same functions on stable. See `docs/FUZZING.md`.
+//!
+//! Behind the `test-support` feature, which `fuzz/` and this crate's integration tests turn on:
+//! the binaries do not carry the targets.
 
 use std::collections::BTreeMap;
 

@@ -12,6 +12,10 @@ pub mod checksum;
 pub mod clock;
 pub mod console;
 pub mod embedded;
+// Test support is not part of the library the binaries ship: fixtures and fuzz entry points
+// compile only with the `test-support` feature (ferry's own integration tests, ferry-tests and
+// fuzz/ enable it), and the fixtures also for this crate's unit tests, which use them.
+#[cfg(feature = "test-support")]
 pub mod fuzzing;
 pub mod http;
 pub mod import;
@@ -28,6 +32,7 @@ pub mod scan;
 pub mod store;
 pub mod synth;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod triage;
 pub mod v1;

@@ -3,6 +3,9 @@
 //!
 //! Tests that need a service talk to the real one and fail loudly when it is down; nothing
 //! here skips.
+//!
+//! Behind the `test-support` feature (and `cfg(test)` for this crate's unit tests): the
+//! binaries' library has no test service URLs or fixtures in it.
 
 use std::sync::Arc;
 
