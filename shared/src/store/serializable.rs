@@ -118,13 +118,16 @@ mod tests {
         answer.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t")))
     }
 
+    /// Opens a transaction on the pool's session with `sql` sent behind its BEGIN.
+    async fn begin_with_sql(pool: &Connection, sql: &str) -> Result<(), Error> {
+        let txn = Serializable::new(pool.client().await.expect("PostgreSQL must be running"));
+        txn.begin_with(async { txn.session().batch_execute(sql).await }).await
+    }
+
     #[tokio::test]
     async fn a_transaction_dropped_half_way_never_goes_back_to_the_pool() {
         let pool = one_session();
-        let stalled = async {
-            let txn = Serializable::new(pool.client().await.expect("PostgreSQL must be running"));
-            txn.begin_with(async { txn.session().batch_execute("SELECT pg_sleep(1)").await }).await
-        };
+        let stalled = begin_with_sql(&pool, "SELECT pg_sleep(1)");
         // Dropped while the server is in the transaction (its task cancelled).
         let dropped = tokio::time::timeout(Duration::from_millis(200), stalled).await;
         assert!(dropped.is_err(), "the stalled read ended early: {dropped:?}");
@@ -134,11 +137,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_read_or_write_rolls_the_session_back_before_it_goes_back_to_the_pool() {
         let pool = one_session();
-        let failed_read = async {
-            let txn = Serializable::new(pool.client().await.expect("PostgreSQL must be running"));
-            txn.begin_with(async { txn.session().batch_execute("SELECT 1/0").await }).await
-        };
-        assert!(failed_read.await.is_err());
+        assert!(begin_with_sql(&pool, "SELECT 1/0").await.is_err());
         assert!(outside_a_transaction(&pool).await);
         let failed_write = async {
             let txn = Serializable::new(pool.client().await.expect("PostgreSQL must be running"));
