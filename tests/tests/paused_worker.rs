@@ -1,16 +1,19 @@
-//! End to end on PostgreSQL: a worker frozen with SIGSTOP at the worst moment, inside its open
-//! stage transaction with the actor's lease row locked, neither blocks the takeover of that
-//! actor nor stalls the fleet. A second, healthy worker takes the actor over and migrates it,
-//! and migrates every other actor, while the first is still paused, within a bound set by the
-//! lease TTL and the session timeouts (`store::postgres::SessionLimits`). Resumed, the first
-//! worker's late writes are fenced: one v2 copy, equal to v1, no lease, no MigratingFromV1 head.
+//! End to end on PostgreSQL: a worker frozen with SIGSTOP in the middle of a stage transaction,
+//! its write statement holding the actor's lease row, neither blocks the takeover of that actor
+//! nor stalls the fleet. A second, healthy worker takes the actor over and migrates it, and
+//! migrates every other actor, while the first is still paused, within a bound set by the lease
+//! TTL and the session timeouts (`store::postgres::SessionLimits`). Resumed, the first worker's
+//! late writes are fenced: one v2 copy, equal to v1, no lease, no MigratingFromV1 head.
 //!
-//! The worst moment is made deterministic, not hoped for: before the worker starts, the test
-//! inserts (uncommitted) the first DELTA row the worker will stage, so the worker's first stage
+//! The moment is made deterministic, not hoped for: before the worker starts, the test inserts
+//! (uncommitted) the first DELTA row the worker will stage, so the worker's first stage
 //! statement, which has already written the lease row (keys go out sorted, `ferry/lease/`
 //! first), waits on the test's row lock. The test freezes the worker there and then lets the
-//! statement finish: the worker's session is idle in transaction, holding the lease row, with
-//! the worker frozen. Without the session bounds the takeover waited for the whole pause.
+//! statement finish. The worker's `COMMIT` went out with its writes (`store::serializable`), so
+//! its transaction ends there and then, frozen worker or not: the session is idle outside any
+//! transaction and holds no row, and the takeover waits only for the lease the stage renewed.
+//! (Before commits were pipelined, the session stayed idle in transaction holding the lease
+//! row until `idle_in_transaction_session_timeout` ended it.)
 //!
 //! Needs PostgreSQL and RabbitMQ; fails when either is down.
 
@@ -25,7 +28,6 @@ use ferry::synth::write_v1;
 use ferry::testing::{Backend, TestStore, postgres_url};
 use ferry::v2::{Origin, read_v2};
 use ferry_tests::{Broker, WorkerSpec, audits, bounded, delta_txids, enqueue, leases, v2_head, wait_until};
-use tokio_postgres::error::SqlState;
 
 const LEASE_TTL_SECS: u64 = 5;
 /// How long after the pause the takeover and the other migrations must be done: the lease
@@ -40,6 +42,12 @@ async fn connect() -> Result<tokio_postgres::Client> {
         .with_context(|| format!("PostgreSQL must be running for this test ({})", postgres_url()))?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// The state of the server session `pid` (`None`: gone).
+async fn session_state(monitor: &tokio_postgres::Client, pid: i32) -> Result<Option<String>> {
+    let row = monitor.query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid]).await?;
+    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,24 +96,20 @@ async fn a_worker_paused_inside_its_stage_transaction_is_taken_over_while_still_
         .await?;
         trap_tx.rollback().await?;
 
-        // The worst moment: the frozen worker's session is idle in its transaction, and the
-        // lease row is locked by it.
-        wait_until(Duration::from_secs(2), "the frozen session is idle in transaction", || {
+        // The frozen worker's statement finished and the COMMIT sent behind it ended its
+        // transaction: no open transaction, and the lease row free, with the worker frozen.
+        wait_until(Duration::from_secs(2), "the frozen worker's transaction ended", || {
             let monitor = &monitor;
-            async move {
-                let row = monitor.query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&backend]).await?;
-                Ok(row.is_some_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("idle in transaction")))
-            }
+            async move { Ok(session_state(monitor, backend).await?.as_deref() == Some("idle")) }
         })
         .await?;
         let mut probe = connect().await?;
         let probe_tx = probe.transaction().await?;
         probe_tx.batch_execute("SET LOCAL lock_timeout = '100ms'").await?;
-        let locked = probe_tx
+        probe_tx
             .query(&format!("SELECT 1 FROM {schema}.kv WHERE key = $1 FOR UPDATE"), &[&keys::lease(&big)])
             .await
-            .expect_err("the paused worker does not hold the lease row");
-        ensure!(locked.code() == Some(&SqlState::LOCK_NOT_AVAILABLE), "probe: {locked}");
+            .context("the paused worker still holds the lease row")?;
         drop(probe_tx);
         eprintln!("paused {} inside its stage transaction (backend {backend})", paused.name);
 
@@ -140,8 +144,8 @@ async fn a_worker_paused_inside_its_stage_transaction_is_taken_over_while_still_
             "taken over and {OTHER_ACTORS} other actors migrated {:.1} s after the pause (lease TTL {LEASE_TTL_SECS} s)",
             took.as_secs_f64()
         );
-        let session_gone = monitor.query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&backend]).await?;
-        ensure!(session_gone.is_none(), "the paused worker's session still exists");
+        let state = session_state(&monitor, backend).await?;
+        ensure!(state.as_deref().is_none_or(|s| s == "idle"), "the paused worker's session is {state:?}");
 
         // Revived, its transaction is gone and its next writes are fenced; its job ends in a
         // retry that finds the actor migrated.
