@@ -85,6 +85,12 @@ impl Default for MigrateConfig {
 }
 
 impl MigrateConfig {
+    /// The most pages a database may have to migrate in one transaction: the setting, capped
+    /// at [`ONE_SHOT_MAX_PAGES`].
+    fn one_shot_limit(&self) -> u32 {
+        self.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES)
+    }
+
     /// The lease TTL as a duration, which bounds every store session (see
     /// `store::postgres::SessionLimits`).
     pub fn lease_ttl(&self) -> std::time::Duration {
@@ -309,7 +315,7 @@ impl Migrator {
                 },
             };
             let files = Some(image.files.clone());
-            if image.pages <= self.cfg.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES) {
+            if image.pages <= self.cfg.one_shot_limit() {
                 let prev = Previous { head_raw: previous_raw.as_deref(), lease_raw: lease_raw.as_deref() };
                 // The first try commits in a group; after a race the actor commits alone.
                 let grouped = attempt == 0;
@@ -427,7 +433,7 @@ impl Migrator {
         let read = read_started.elapsed();
         let validate_started = std::time::Instant::now();
         let (quick_check, recovery) = (self.cfg.quick_check, req.recovery);
-        let one_shot_max = self.cfg.one_shot_max_pages.min(ONE_SHOT_MAX_PAGES);
+        let one_shot_max = self.cfg.one_shot_limit();
         let checked = tokio::task::spawn_blocking(move || {
             let mut validated = validate(image, quick_check, recovery)?;
             // One thread hop for both: a database small enough for one shot is encoded for the
