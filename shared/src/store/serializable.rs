@@ -66,8 +66,8 @@ impl Serializable {
         }
     }
 
-    /// Rolls back (a failed check: nothing of the transaction is to be written).
-    pub(crate) async fn rollback(&self) -> Result<(), Error> {
+    /// Rolls back; the session is outside a transaction once this returns `Ok`.
+    async fn rollback(&self) -> Result<(), Error> {
         self.session().batch_execute("ROLLBACK").await?;
         self.open.store(false, Ordering::Release);
         Ok(())
