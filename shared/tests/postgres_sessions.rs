@@ -12,7 +12,7 @@ use tokio_postgres::NoTls;
 /// A fixture store with one session, and a trigger on its table that refuses the key `bad`.
 async fn one_session_store() -> Result<(TestStore, DynStore, tokio_postgres::Client)> {
     let fixture = TestStore::new(Backend::Postgres).await;
-    let schema = fixture.url.split("schema=").nth(1).context("the fixture names its schema")?.to_string();
+    let schema = fixture.schema().context("a PostgreSQL fixture has a schema")?.to_string();
     let (client, conn) = tokio_postgres::connect(&postgres_url(), NoTls).await.context("PostgreSQL must be running")?;
     tokio::spawn(conn);
     client

@@ -195,7 +195,7 @@ async fn a_commit_blocked_on_a_stuck_row_lock_fails_transiently_within_the_lock_
 
     // The stuck holder: a raw session, with no ferry limits, that locks the row and waits.
     let mut holder = admin().await;
-    let schema = ts.url.rsplit_once("schema=").unwrap().1.to_string();
+    let schema = ts.schema().expect("a PostgreSQL fixture has a schema").to_string();
     let tx = holder.transaction().await.unwrap();
     tx.execute(&format!("UPDATE {schema}.kv SET value = 'held' WHERE key = 'lease'"), &[]).await.unwrap();
 

@@ -251,7 +251,7 @@ async fn enqueue_survives_its_broker_connection_closed_and_its_store_sessions_te
         // A terminated idle session is replaced by the pool unseen; one with a query in flight
         // fails. So hold the campaign record's row lock until the producer's next checkpoint
         // save waits on it (it saves every second), then terminate its sessions.
-        let schema = ts.url.split("schema=").nth(1).context("the test store's schema")?.to_string();
+        let schema = ts.schema().context("a PostgreSQL fixture has a schema")?.to_string();
         let (admin, conn) = tokio_postgres::connect(&ferry::testing::postgres_url(), tokio_postgres::NoTls).await?;
         let admin_task = tokio::spawn(conn);
         admin.batch_execute("BEGIN").await?;

@@ -55,7 +55,7 @@ async fn a_worker_paused_inside_its_stage_transaction_is_taken_over_while_still_
     bounded(Duration::from_secs(300), async {
         let ts = TestStore::new(Backend::Postgres).await;
         let store = ts.store();
-        let schema = ts.url.rsplit_once("schema=").map(|(_, s)| s.to_string()).context("test URL has a schema")?;
+        let schema = ts.schema().context("a PostgreSQL fixture has a schema")?.to_string();
         let dir = tempfile::tempdir()?;
 
         // Over ONE_SHOT_MAX_PAGES (4 MiB), so it is staged in its own transactions.

@@ -872,7 +872,7 @@ mod tests {
         let store = crate::testing::TestStore::new(crate::testing::Backend::Postgres).await;
         let (client, conn) = tokio_postgres::connect(&crate::testing::postgres_url(), NoTls).await.expect("connect");
         tokio::spawn(conn);
-        let table = store.url.split("schema=").nth(1).map(|s| format!("{s}.kv")).expect("the fixture names a schema");
+        let table = format!("{}.kv", store.schema().expect("a PostgreSQL fixture has a schema"));
         let sql =
             "SELECT attcompression::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'value'";
         let row = client.query_one(sql, &[&table]).await.expect("the created table has a value column");

@@ -89,7 +89,7 @@ async fn postgres(
     actors: Arc<Mutex<Vec<ActorId>>>,
     concurrency: usize,
 ) -> Result<Vec<tokio_postgres::Client>> {
-    let schema = store.url.split("schema=").nth(1).context("schema in the test store's URL")?.to_string();
+    let schema = store.schema().context("a PostgreSQL fixture has a schema")?.to_string();
     let table = format!("{schema}.kv");
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
