@@ -72,3 +72,25 @@ async fn a_failed_check_rolls_back_and_the_session_commits_the_next_transaction(
     assert_eq!((store.get(b"x").await?, store.get(b"y").await?), (None, Some(b"v".to_vec())));
     Ok(())
 }
+
+/// More range clears than `futures` polls in one go (`FuturesUnordered` yields after 32): if
+/// the writes went out over two polls, `COMMIT` would overtake the rest, commit the first
+/// clears and leave the later statements to run on their own, outside the transaction.
+#[tokio::test]
+async fn a_refused_commit_with_many_range_clears_clears_nothing() -> Result<()> {
+    let (_fixture, store, _client) = one_session_store().await?;
+    const RANGES: usize = 80;
+    let key = |i: usize| format!("r{i:03}/k").into_bytes();
+    let seeded: Vec<String> = (0..RANGES).map(|i| String::from_utf8(key(i)).expect("ASCII")).collect();
+    store.commit(sets(&seeded.iter().map(String::as_str).collect::<Vec<_>>())).await?;
+    let mut refused = Txn::new();
+    for i in 0..RANGES {
+        refused.clear_range(ferry::store::KeyRange::prefix(format!("r{i:03}/").as_bytes()));
+    }
+    refused.set(b"bad".to_vec(), b"v".to_vec());
+    assert!(store.commit(refused).await.is_err(), "the trigger refuses `bad`");
+    for i in 0..RANGES {
+        assert_eq!(store.get(&key(i)).await?, Some(b"v".to_vec()), "range {i} was cleared by a refused commit");
+    }
+    Ok(())
+}

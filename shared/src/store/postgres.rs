@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
-use futures::{FutureExt, TryStreamExt};
+use futures::TryStreamExt;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{IsolationLevel, NoTls};
@@ -236,7 +236,7 @@ struct Statements {
     ranges_rows: String,
     upsert: String,
     delete_keys: String,
-    delete_range: String,
+    delete_ranges: String,
 }
 
 impl Statements {
@@ -259,7 +259,11 @@ impl Statements {
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value"
             ),
             delete_keys: format!("DELETE FROM {table} WHERE key = ANY($1::bytea[])"),
-            delete_range: format!("DELETE FROM {table} WHERE key >= $1 AND key < $2"),
+            // Every cleared range in one statement; a row in two ranges is deleted once.
+            delete_ranges: format!(
+                "DELETE FROM {table} t USING UNNEST($1::bytea[], $2::bytea[]) AS r(s, e) \
+                 WHERE t.key >= r.s AND t.key < r.e"
+            ),
         }
     }
 }
@@ -576,8 +580,8 @@ impl PostgresStore {
         }
     }
 
-    /// Applies `mutations` in order, folded ([`fold`]) into one statement per batch (each
-    /// cleared range, the point clears, the sets), all sent at once: one round trip.
+    /// Applies `mutations` in order, folded ([`fold`]) into one statement per batch (the
+    /// cleared ranges, the point clears, the sets), all sent at once: one round trip.
     pub(crate) async fn apply<'m>(
         &self,
         tx: &impl GenericClient,
@@ -590,36 +594,54 @@ impl PostgresStore {
     /// The statements of [`PostgresStore::send_writes`], prepared (once per session).
     async fn write_statements(&self, tx: &impl GenericClient) -> Result<WriteStatements, tokio_postgres::Error> {
         Ok(WriteStatements {
-            delete_range: tx.prepare_cached(&self.sql.delete_range).await?,
+            delete_ranges: tx.prepare_cached(&self.sql.delete_ranges).await?,
             delete_keys: tx.prepare_cached(&self.sql.delete_keys).await?,
             upsert: tx.prepare_cached(&self.sql.upsert).await?,
         })
     }
 
-    /// Sends `folded`'s statements, every one on the first poll (nothing is awaited before
-    /// them, which [`Serializable::commit_with`] relies on), executed in the order sent, which
-    /// is the order [`fold::Folded`] must be applied in.
+    /// Sends `folded`'s statements, at most three (the range clears, the point clears, the
+    /// sets), every one on the first poll: a fixed join polls each in turn and none awaits
+    /// anything before its statement, which [`Serializable::commit_with`] relies on (a join of
+    /// a variable number of futures may stop polling half-way, letting `COMMIT` overtake).
+    /// Executed in the order sent, which is the order [`fold::Folded`] must be applied in.
     async fn send_writes(
         tx: &impl GenericClient,
         statements: &WriteStatements,
         folded: &fold::Folded<'_>,
     ) -> Result<(), tokio_postgres::Error> {
-        let WriteStatements { delete_range, delete_keys, upsert } = statements;
+        let WriteStatements { delete_ranges, delete_keys, upsert } = statements;
+        let (starts, ends): (Vec<&[u8]>, Vec<&[u8]>) =
+            folded.ranges.iter().map(|r| (r.start.as_slice(), r.end.as_slice())).unzip();
         let (keys, values): (Vec<&[u8]>, Vec<&[u8]>) = folded.sets.iter().copied().unzip();
-        let (clears, keys, values) = (&folded.clears, &keys, &values);
-        let ranges =
-            folded.ranges.iter().map(|r| async move { tx.execute(delete_range, &[&r.start, &r.end]).await }.boxed());
-        let clears = (!clears.is_empty()).then(|| async move { tx.execute(delete_keys, &[clears]).await }.boxed());
-        let sets = (!keys.is_empty()).then(|| async move { tx.execute(upsert, &[keys, values]).await }.boxed());
+        let clears = &folded.clears;
+        let ranges = async {
+            if starts.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(delete_ranges, &[&starts, &ends]).await
+        };
+        let clears = async {
+            if clears.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(delete_keys, &[clears]).await
+        };
+        let sets = async {
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(upsert, &[&keys, &values]).await
+        };
         // Polled first in this order, so sent (and executed) in it.
-        futures::future::try_join_all(ranges.chain(clears).chain(sets)).await?;
+        futures::try_join!(ranges, clears, sets)?;
         Ok(())
     }
 }
 
 /// The prepared statements of a transaction's writes.
 struct WriteStatements {
-    delete_range: tokio_postgres::Statement,
+    delete_ranges: tokio_postgres::Statement,
     delete_keys: tokio_postgres::Statement,
     upsert: tokio_postgres::Statement,
 }
