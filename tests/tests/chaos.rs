@@ -449,7 +449,8 @@ async fn chaos_campaign_ends_every_actor_as_planted_whatever_dies() -> Result<()
                 || async move { Ok(audit_count(store_ref).await? >= at) },
             )
             .await
-            .with_context(|| fleet.logs())?;
+            // The cause first: a report cut to its head and tail still shows it.
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", fleet.logs()))?;
             let done = audit_count(&store).await?;
             fleet.log(format!("at {done}/{total} actors done, {:.1} s: {fault:?}", started.elapsed().as_secs_f64()));
             match fault {
