@@ -1,4 +1,5 @@
-//! Group commit of small actors (`store::group`, `migrate` one-shot path), on both backends:
+//! Group commit of small actors (`store::group`, `migrate` one-shot path), on both backends
+//! and the rivet layout (one universaldb transaction per group):
 //! actors ready together commit in one store transaction, each with its own checks; a conflict
 //! injected into one actor of the group fails only that actor, which is inspected again and
 //! commits alone; each job's disposition follows its own actor's durable outcome.
@@ -15,6 +16,7 @@ use ferry::budget::MemoryBudget;
 use ferry::clock::ManualClock;
 use ferry::jobs::{Disposition, Job, JobRunner, RetryPolicy};
 use ferry::keys;
+use ferry::migrate::lease::Lease;
 use ferry::migrate::{AuditRecord, MigrateConfig, Migrator, OutcomeKind};
 use ferry::store::group::GroupConfig;
 use ferry::store::{DynStore, KeyRange, KeyValue, Read, ReadResult, Store, StoreError, Txn};
@@ -126,17 +128,20 @@ async fn a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor(bac
     let mut actors = Vec::new();
     let mut mains = Vec::new();
     for i in 0..6 {
-        let actor = ActorId::parse(&format!("group-{i}")).unwrap();
+        let actor = ts.actor(&format!("group-{i}"));
         let main = database(&DbSpec::small(3 + i)).unwrap();
         write_v1(&*ts.store, &actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await.unwrap();
         actors.push(actor);
         mains.push(main);
     }
     let (raced, changed) = (actors[2].clone(), actors[4].clone());
-    // Between the reads and the group's commit: another migration's stale stage appears on
-    // `raced` (its head check fails), and v1 of `changed` is rewritten (its digest check fails).
+    // Between the reads and the group's commit: another ferry migration's stale stage (its
+    // lease expired) appears on `raced` (its head check fails), and v1 of `changed` is
+    // rewritten (its digest check fails).
     let mut conflict = Txn::new();
     conflict.set(ferry::v2::keys::meta(&raced), DBHead::staging(7, 3, START_MS).encode());
+    let expired = Lease { holder: "crashed#1".into(), generation: 7, expires_at_ms: START_MS - 1 };
+    conflict.set(keys::lease(&raced), expired.encode());
     conflict.set(chunk_key(&changed, FileTag::Main, 0), vec![9u8; 4096]);
     let store = Arc::new(Injecting {
         inner: ts.store(),
@@ -192,7 +197,7 @@ async fn grouped_migrations_of_the_same_actor_end_with_one_copy(backend: Backend
     // worker: the duplicate's head check fails (the first wrote the head), it inspects again
     // and records a skip.
     let ts = TestStore::new(backend).await;
-    let (a, b) = (ActorId::parse("dup").unwrap(), ActorId::parse("other").unwrap());
+    let (a, b) = (ts.actor("dup"), ts.actor("other"));
     let main = database(&DbSpec::small(5)).unwrap();
     for actor in [&a, &b] {
         write_v1(&*ts.store, actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await.unwrap();
@@ -216,7 +221,7 @@ async fn grouped_migrations_of_the_same_actor_end_with_one_copy(backend: Backend
 }
 
 per_backend!(
-    backends: [sqlite: Sqlite, postgres: Postgres],
+    backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
     tests: [
         a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor,
         grouped_migrations_of_the_same_actor_end_with_one_copy,

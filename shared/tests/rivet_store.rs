@@ -440,3 +440,43 @@ async fn the_ferry_layout_refuses_a_rivet_schema_and_writes_nothing_there() {
     }
     assert_eq!(env.physical().await, before, "nothing written to rivet's kv");
 }
+
+/// A commit's checks are read at once and its writes to `X.kv`, `conflict_ranges` and
+/// `X.ferry_kv` sent at once: when the server refuses one of them, the others fail only
+/// because the transaction is aborted, and the error reported is the refusal; nothing lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_write_reports_its_own_cause_and_writes_nothing_in_either_table() {
+    let env = Env::new().await;
+    let schema = env.schema().to_string();
+    env.pg
+        .batch_execute(&format!(
+            "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+               IF NEW.key = 'ferry/bad'::bytea THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22000'; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {schema}.ferry_kv
+               FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
+        ))
+        .await
+        .unwrap();
+    let a = ActorId::parse(DOC_ID).unwrap();
+    let head = format!("v2/{a}/META").into_bytes();
+    let mut txn = Txn::new();
+    txn.check_value(head.clone(), None);
+    txn.check_value(b"ferry/lease".to_vec(), None);
+    txn.set(head.clone(), b"head".to_vec());
+    txn.set(b"ferry/bad".to_vec(), b"{}".to_vec());
+    match env.store.commit(txn).await {
+        Err(StoreError::Failed { message, .. }) => assert!(message.contains("refused by the test"), "{message}"),
+        other => panic!("expected the server's refusal, got {other:?}"),
+    }
+    assert_eq!(env.physical().await, Vec::<KeyValue>::new(), "X.kv written by a refused commit");
+    assert_eq!(env.store.get(b"ferry/bad").await.unwrap(), None);
+    // The same store commits the next transaction, checks and writes in both tables.
+    let mut next = Txn::new();
+    next.check_value(head.clone(), None);
+    next.set(head.clone(), b"head".to_vec());
+    next.set(b"ferry/good".to_vec(), b"{}".to_vec());
+    env.store.commit(next).await.unwrap();
+    assert_eq!(env.store.get(&head).await.unwrap(), Some(b"head".to_vec()));
+}

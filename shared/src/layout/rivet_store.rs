@@ -38,7 +38,7 @@ use crate::store::postgres::{Connection, PostgresStore};
 use crate::store::url::PostgresUrl;
 use crate::store::{
     Check, KeyRange, KeyValue, Mutation, OpenMode, OpenOptions, RangeDigest, Read, ReadResult, Store, StoreError, Txn,
-    limits, prefix_end,
+    fold, limits, prefix_end,
 };
 
 const LAYOUT: &str = "rivet";
@@ -272,6 +272,9 @@ struct Reader<'a, 'c> {
     /// A read lost a race (a serialization failure inside a commit's snapshot): the commit is
     /// re-run from its reads, not reported.
     lost_race: std::sync::atomic::AtomicBool,
+    /// The first error that is not only the aborted transaction's: reads sent at once each
+    /// fail once one does, and the one to report is the cause.
+    cause: Mutex<Option<StoreError>>,
 }
 
 impl Reader<'_, '_> {
@@ -279,7 +282,18 @@ impl Reader<'_, '_> {
         if udb::lost_race(&e) {
             self.lost_race.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        self.conn.err(e)
+        let aborted = udb::aborted_earlier(&e);
+        let err = self.conn.err(e);
+        if !aborted {
+            // A poisoned lock only means a panic elsewhere while holding an error; keep going.
+            self.cause.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| err.clone());
+        }
+        err
+    }
+
+    /// The first error of the reads that was not only the aborted transaction's.
+    fn cause(&self) -> Option<StoreError> {
+        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn answer(&self, read: &Read) -> Result<ReadResult, StoreError> {
@@ -287,6 +301,13 @@ impl Reader<'_, '_> {
             Read::Get(key) => self.get(key).await.map(ReadResult::Value),
             Read::Scan { range, limit } => self.scan(range, *limit, true).await.map(ReadResult::Rows),
         }
+    }
+
+    /// The answers to `reads`, all sent at once (one round trip where each is one statement);
+    /// on an error, its cause ([`Reader::cause`]).
+    async fn answer_all<'r>(&self, reads: impl Iterator<Item = &'r Read>) -> Result<Vec<ReadResult>, StoreError> {
+        let answers = futures::future::join_all(reads.map(|read| self.answer(read))).await;
+        answers.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| self.cause().unwrap_or(e))
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -805,7 +826,7 @@ impl RivetStore {
     }
 
     fn reader<'a, 'c>(&'a self, snap: &'a Snapshot<'c>) -> Reader<'a, 'c> {
-        Reader { snap, sql: &self.sql, conn: &self.conn, lost_race: Default::default() }
+        Reader { snap, sql: &self.sql, conn: &self.conn, lost_race: Default::default(), cause: Mutex::default() }
     }
 
     /// Ends a read-only snapshot, keeping what was read (or the read's own error).
@@ -815,9 +836,13 @@ impl RivetStore {
         ended.map(|()| out)
     }
 
-    /// One attempt: checks on `X.kv` in a snapshot, then one write transaction with the
-    /// records' checks, the conflict rows and every write. `Ok(Err(_))`: a check failed.
-    async fn try_commit(&self, plan: &Plan) -> Result<Result<(), StoreError>, Attempt> {
+    /// One attempt at the plans of transactions none of whose checks reads another's writes,
+    /// as one universaldb transaction: every check of every plan, on `X.kv` and on the records,
+    /// read in its snapshot at once (one round trip), then the conflict rows and the writes of
+    /// the plans whose checks held, sent at once (one more), then `COMMIT`. Each plan's result,
+    /// in order: its first failed check (`X.kv`'s before the records', as checking them one by
+    /// one would report), or `Ok`.
+    async fn try_commit(&self, plans: &[&Plan]) -> Result<Vec<Result<(), StoreError>>, Attempt> {
         // The snapshot that reads the checks is the transaction that commits: ferry's commits
         // then also serialize against each other (SERIALIZABLE; two that read and write one
         // key cannot both commit), which rivet's two-connection form does not guarantee when
@@ -825,27 +850,26 @@ impl RivetStore {
         let mut client = self.conn.client().await.map_err(Attempt::Store)?;
         let snap = udb::snapshot_at(&mut client, &self.sql, IsolationLevel::Serializable).await.map_err(Attempt::Pg)?;
         let (start_version, began) = (snap.start_version, snap.began);
-        let failed = self.failed_kv_check(&snap, plan).await?;
-        if let Some(failed) = failed {
+        let verdicts = self.failed_checks(&snap, plans).await?;
+        let passed: Vec<&Plan> = plans.iter().zip(&verdicts).filter(|(_, v)| v.is_ok()).map(|(p, _)| *p).collect();
+        if passed.iter().all(|p| p.kv_writes.is_empty() && p.record_writes.is_empty()) {
+            // Checks only (or none held), all in one snapshot: nothing to commit.
             snap.end().await.map_err(Attempt::Pg)?;
-            return Ok(Err(failed));
-        }
-        if plan.record_checks.is_empty() && plan.kv_writes.is_empty() && plan.record_writes.is_empty() {
-            // Checks only, all held in one snapshot: a read-only transaction commits nothing.
-            snap.end().await.map_err(Attempt::Pg)?;
-            return Ok(Ok(()));
+            return Ok(verdicts);
         }
         let tx = snap.tx;
-        let checks: Vec<Check> = plan.record_checks.iter().map(|(_, c)| c.clone()).collect();
-        if let Some((index, _)) = self.records.failed_check(&tx, &checks).await.map_err(Attempt::Pg)? {
-            tx.rollback().await.map_err(Attempt::Pg)?;
-            let (orig, check) = &plan.record_checks[index];
-            return Ok(Err(conflict(*orig, check)));
-        }
-        udb::insert_conflicts(&tx, &self.sql, start_version, &plan.conflicts).await.map_err(Attempt::Pg)?;
-        self.kv.apply(&tx, &plan.kv_writes).await.map_err(Attempt::Pg)?;
-        self.records.apply(&tx, &plan.record_writes).await.map_err(Attempt::Pg)?;
+        let conflicts: Vec<ConflictRange> = passed.iter().flat_map(|p| p.conflicts.iter().cloned()).collect();
+        // Three tables, so no write's effect depends on another's order. Every one is awaited:
+        // once one fails the transaction is aborted and the others fail for that alone, and
+        // the first one's cause is the error to see (a lost race is re-run).
+        let (conflicts, kv, records) = futures::join!(
+            udb::insert_conflicts(&tx, &self.sql, start_version, &conflicts),
+            self.kv.apply(&tx, passed.iter().flat_map(|p| &p.kv_writes)),
+            self.records.apply(&tx, passed.iter().flat_map(|p| &p.record_writes)),
+        );
+        udb::first_cause([conflicts, kv, records]).map_err(Attempt::Pg)?;
         tx.commit().await.map_err(Attempt::Pg)?;
+        metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
         let took = began.elapsed();
         if took > udb::TRANSACTION_LIMIT {
             tracing::warn!(
@@ -853,21 +877,92 @@ impl RivetStore {
                 "a universaldb transaction took longer than rivet's 5 s limit; conflicts older than 10 s are not seen"
             );
         }
-        Ok(Ok(()))
+        Ok(verdicts)
     }
 
-    /// The first check on `X.kv` that does not hold in `snap`, as a conflict.
-    async fn failed_kv_check(&self, snap: &Snapshot<'_>, plan: &Plan) -> Result<Option<StoreError>, Attempt> {
+    /// Each plan's first check that does not hold in `snap`, as a conflict; every check of
+    /// every plan read at once.
+    async fn failed_checks(
+        &self,
+        snap: &Snapshot<'_>,
+        plans: &[&Plan],
+    ) -> Result<Vec<Result<(), StoreError>>, Attempt> {
         let reader = self.reader(snap);
-        for (index, check) in &plan.kv_checks {
-            match reader.holds(check).await {
+        let record_checks: Vec<Vec<Check>> =
+            plans.iter().map(|p| p.record_checks.iter().map(|(_, c)| c.clone()).collect()).collect();
+        // Reads only, all in one snapshot: the order they run in changes no answer.
+        let (kv, records) = futures::join!(
+            futures::future::join_all(plans.iter().map(|p| Self::failed_kv_check(&reader, p))),
+            self.records.failed_checks(&snap.tx, record_checks.iter().map(Vec::as_slice)),
+        );
+        // Sent behind the first reads of the checks on `X.kv`, the records' reads fail alone
+        // for a cause of their own, which the `X.kv` reads then fail for.
+        let records = match records {
+            Err(e) if !udb::aborted_earlier(&e) => return Err(Attempt::Pg(e)),
+            other => other,
+        };
+        let kv = kv.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let records = records.map_err(Attempt::Pg)?;
+        Ok(plans
+            .iter()
+            .zip(kv.into_iter().zip(records))
+            .map(|(plan, verdict)| match verdict {
+                (Some(failed), _) => Err(failed),
+                (None, Some((index, _))) => {
+                    let (orig, check) = &plan.record_checks[index];
+                    Err(conflict(*orig, check))
+                }
+                (None, None) => Ok(()),
+            })
+            .collect())
+    }
+
+    /// The plan's first check on `X.kv` that does not hold in the reader's snapshot, as a
+    /// conflict; every check read at once.
+    async fn failed_kv_check(reader: &Reader<'_, '_>, plan: &Plan) -> Result<Option<StoreError>, Attempt> {
+        let verdicts = futures::future::join_all(plan.kv_checks.iter().map(|(_, check)| reader.holds(check))).await;
+        for ((index, check), verdict) in plan.kv_checks.iter().zip(verdicts) {
+            match verdict {
                 Ok(true) => {}
                 Ok(false) => return Ok(Some(conflict(*index, check))),
                 Err(_) if reader.lost_race.load(std::sync::atomic::Ordering::Relaxed) => return Err(Attempt::LostRace),
-                Err(e) => return Err(Attempt::Store(e)),
+                Err(e) => return Err(Attempt::Store(reader.cause().unwrap_or(e))),
             }
         }
         Ok(None)
+    }
+
+    /// Runs `attempt` until it ends other than by losing a race, re-running it whole (its
+    /// reads with it) at most [`COMMIT_ATTEMPTS`] times after a random pause that grows.
+    async fn rerun<T, Fut>(&self, mut attempt: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, Attempt>>,
+    {
+        udb::collect_garbage(&self.conn, &self.sql, &self.last_gc).await;
+        let mut tries = 0u32;
+        loop {
+            match attempt().await {
+                Ok(done) => return Ok(done),
+                // Lost a race: re-run from the reads.
+                Err(Attempt::LostRace) => {}
+                Err(Attempt::Pg(e)) if udb::lost_race(&e) => {}
+                Err(Attempt::Pg(e)) => return Err(self.conn.err(e)),
+                Err(Attempt::Store(e)) => return Err(e),
+            }
+            if tries >= COMMIT_ATTEMPTS {
+                return Err(StoreError::Unavailable {
+                    backend: "postgres",
+                    message: format!("a commit lost to concurrent transactions {COMMIT_ATTEMPTS} times in a row"),
+                });
+            }
+            tries += 1;
+            metrics::counter!("ferry_udb_commit_retries_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..=(2u64 << tries.min(6))))).await;
+        }
+    }
+
+    fn planner(&self) -> Planner {
+        Planner { v1_writes: self.v1_writes, now_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock) }
     }
 }
 
@@ -932,39 +1027,71 @@ impl Store for RivetStore {
 
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
         limits::check_txn(&txn)?;
-        let planner =
-            Planner { v1_writes: self.v1_writes, now_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock) };
-        let plan = planner.plan(txn)?;
+        let plan = self.planner().plan(txn)?;
         if !plan.touches_kv() {
             let checks = plan.record_checks.into_iter().map(|(_, c)| c).collect();
             return self.records.commit(Txn { checks, mutations: plan.record_writes }).await;
         }
-        udb::collect_garbage(&self.conn, &self.sql, &self.last_gc).await;
-        let mut attempt = 0u32;
-        loop {
-            match self.try_commit(&plan).await {
-                Ok(result) => return result,
-                Err(Attempt::LostRace) if attempt < COMMIT_ATTEMPTS => {
-                    attempt += 1;
-                    metrics::counter!("ferry_udb_commit_retries_total").increment(1);
-                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=(2u64 << attempt.min(6))))).await;
+        let one = [&plan];
+        let mut verdicts = self.rerun(|| self.try_commit(&one)).await?;
+        // One verdict per plan.
+        verdicts.pop().unwrap_or(Ok(()))
+    }
+
+    /// The transactions of each run of [`limits::plan_group`] whose checks read none of the
+    /// others' writes in one universaldb transaction ([`RivetStore::try_commit`]); a run
+    /// where one does is committed one transaction at a time.
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        let group = limits::plan_group(&txns);
+        let mut results: Vec<Option<Result<(), StoreError>>> = (0..txns.len()).map(|_| None).collect();
+        for (i, e) in group.refused {
+            results[i] = Some(Err(e));
+        }
+        let independent: Vec<bool> =
+            group.runs.iter().map(|run| fold::checks_independent(run.iter().map(|&i| &txns[i]))).collect();
+        let mut txns: Vec<Option<Txn>> = txns.into_iter().map(Some).collect();
+        for (run, independent) in group.runs.iter().zip(independent) {
+            let picked: Vec<(usize, Txn)> = run.iter().filter_map(|&i| txns[i].take().map(|t| (i, t))).collect();
+            if !independent || picked.len() < 2 {
+                for (i, txn) in picked {
+                    results[i] = Some(self.commit(txn).await);
                 }
-                Err(Attempt::LostRace) => {
-                    return Err(StoreError::Unavailable {
-                        backend: "postgres",
-                        message: format!("a commit lost to concurrent transactions {COMMIT_ATTEMPTS} times in a row"),
-                    });
+                continue;
+            }
+            let planner = self.planner();
+            let mut plans = Vec::with_capacity(picked.len());
+            for (i, txn) in picked {
+                match planner.plan(txn) {
+                    Ok(plan) => plans.push((i, plan)),
+                    Err(e) => results[i] = Some(Err(e)),
                 }
-                Err(Attempt::Pg(e)) if udb::lost_race(&e) && attempt < COMMIT_ATTEMPTS => {
-                    attempt += 1;
-                    metrics::counter!("ferry_udb_commit_retries_total").increment(1);
-                    let jitter = rand::random_range(0..=(2u64 << attempt.min(6)));
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            let refs: Vec<&Plan> = plans.iter().map(|(_, p)| p).collect();
+            match self.rerun(|| self.try_commit(&refs)).await {
+                Ok(each) => {
+                    for ((i, _), r) in plans.iter().zip(each) {
+                        results[*i] = Some(r);
+                    }
                 }
-                Err(Attempt::Pg(e)) => return Err(self.conn.err(e)),
-                Err(Attempt::Store(e)) => return Err(e),
+                Err(e) => {
+                    for (i, _) in &plans {
+                        results[*i] = Some(Err(e.clone()));
+                    }
+                }
             }
         }
+        // Every index was refused, or in a run that answers for each of its own.
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(StoreError::Failed {
+                        backend: "postgres",
+                        message: "a transaction of the group got no result".into(),
+                    })
+                })
+            })
+            .collect()
     }
 
     /// The reads of `X.kv` in one snapshot (one `nextval`, not one per read); the reads of
@@ -979,28 +1106,27 @@ impl Store for RivetStore {
         for (i, read) in reads.iter().enumerate() {
             if is_record(read)? { records.push(i) } else { kv.push(i) }
         }
-        let mut out: Vec<Option<ReadResult>> = vec![None; reads.len()];
-        if !records.is_empty() {
-            let batch: Vec<Read> = records.iter().map(|&i| reads[i].clone()).collect();
-            for (i, answer) in records.iter().zip(self.records.read_many(&batch).await?) {
-                out[*i] = Some(answer);
+        // The records on a connection of their own, while the snapshot on `X.kv` reads.
+        let record_answers = async {
+            if records.is_empty() {
+                return Ok(Vec::new());
             }
-        }
-        if !kv.is_empty() {
+            let batch: Vec<Read> = records.iter().map(|&i| reads[i].clone()).collect();
+            self.records.read_many(&batch).await
+        };
+        let kv_answers = async {
+            if kv.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut client = self.conn.client().await?;
             let snap = udb::snapshot(&mut client, &self.sql).await.map_err(|e| self.conn.err(e))?;
-            let reader = self.reader(&snap);
-            let answers = async {
-                let mut answers = Vec::with_capacity(kv.len());
-                for &i in &kv {
-                    answers.push(reader.answer(&reads[i]).await?);
-                }
-                Ok(answers)
-            }
-            .await;
-            for (i, answer) in kv.iter().zip(self.end(snap, answers).await?) {
-                out[*i] = Some(answer);
-            }
+            let answers = self.reader(&snap).answer_all(kv.iter().map(|&i| &reads[i])).await;
+            self.end(snap, answers).await
+        };
+        let (record_answers, kv_answers) = futures::join!(record_answers, kv_answers);
+        let mut out: Vec<Option<ReadResult>> = vec![None; reads.len()];
+        for (i, answer) in records.iter().zip(record_answers?).chain(kv.iter().zip(kv_answers?)) {
+            out[*i] = Some(answer);
         }
         // Every index is in exactly one of the two partitions, each answered in full.
         Ok(out.into_iter().map(|a| a.expect("every read answered")).collect())

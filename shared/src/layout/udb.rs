@@ -198,6 +198,24 @@ pub fn lost_race(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::EXCLUSION_VIOLATION) || crate::store::postgres::is_retryable(e)
 }
 
+/// Whether a statement failed only because an earlier one of its transaction did (the
+/// transaction is aborted): the earlier one's error is the one to report.
+pub fn aborted_earlier(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+/// The outcome of statements of one transaction sent at once: the first error that is not
+/// only the aborted transaction's ([`aborted_earlier`]), else the first error, else `Ok`.
+pub fn first_cause<const N: usize>(
+    results: [Result<(), tokio_postgres::Error>; N],
+) -> Result<(), tokio_postgres::Error> {
+    let mut errors: Vec<tokio_postgres::Error> = results.into_iter().filter_map(Result::err).collect();
+    match errors.iter().position(|e| !aborted_earlier(e)) {
+        Some(cause) => Err(errors.swap_remove(cause)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
 /// Deletes expired conflict rows at most every [`GC_INTERVAL`] (best effort: the engine does
 /// the same, and a failure only leaves rows for the next round).
 pub async fn collect_garbage(conn: &Connection, sql: &UdbSql, last: &std::sync::Mutex<Instant>) {

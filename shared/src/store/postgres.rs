@@ -477,7 +477,7 @@ impl PostgresStore {
     /// For each list of checks, its first check that fails; every check of every list read in
     /// the same snapshot, in at most two statements sent at once (one round trip): every value
     /// check's key in one `key = ANY(...)` read, every digest check's range in one more.
-    async fn failed_checks<'c>(
+    pub(crate) async fn failed_checks<'c>(
         &self,
         tx: &impl GenericClient,
         lists: impl Iterator<Item = &'c [Check]>,
