@@ -307,7 +307,11 @@ impl Reader<'_, '_> {
     /// on an error, its cause ([`Reader::cause`]).
     async fn answer_all<'r>(&self, reads: impl Iterator<Item = &'r Read>) -> Result<Vec<ReadResult>, StoreError> {
         let answers = futures::future::join_all(reads.map(|read| self.answer(read))).await;
-        answers.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| self.cause().unwrap_or(e))
+        answers.into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| match e {
+            // A verdict on the data, not the server's: it stands.
+            StoreError::Corrupt { .. } => e,
+            e => self.cause().unwrap_or(e),
+        })
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -859,6 +863,13 @@ impl RivetStore {
         }
         let tx = snap.tx;
         let conflicts: Vec<ConflictRange> = passed.iter().flat_map(|p| p.conflicts.iter().cloned()).collect();
+        // Prepared first (a round trip only on a session's first commit), so the statements
+        // below go out on their first poll in the order written: conflict rows before the
+        // writes, as DESIGN.md section 7 orders a commit (a write's row locks taken before its
+        // conflict rows could wait on an engine transaction that waits on them).
+        udb::prepare_commit(&tx, &self.sql).await.map_err(Attempt::Pg)?;
+        self.kv.prepare_writes(&tx).await.map_err(Attempt::Pg)?;
+        self.records.prepare_writes(&tx).await.map_err(Attempt::Pg)?;
         // Three tables, so no write's effect depends on another's order. Every one is awaited:
         // once one fails the transaction is aborted and the others fail for that alone, and
         // the first one's cause is the error to see (a lost race is re-run).
@@ -895,12 +906,21 @@ impl RivetStore {
             futures::future::join_all(plans.iter().map(|p| Self::failed_kv_check(&reader, p))),
             self.records.failed_checks(&snap.tx, record_checks.iter().map(Vec::as_slice)),
         );
-        // Sent behind the first reads of the checks on `X.kv`, the records' reads fail alone
-        // for a cause of their own, which the `X.kv` reads then fail for.
+        // Once any read failed at the server the transaction is aborted: no verdict of the
+        // others may be trusted (a plan whose checks "held" could not commit), and the error
+        // to see is the cause. A lost race first (re-run), then the records' reads' own (sent
+        // behind the first reads on `X.kv`, they fail alone for a cause of their own), then
+        // the reads on `X.kv`.
+        if reader.lost_race.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Attempt::LostRace);
+        }
         let records = match records {
             Err(e) if !udb::aborted_earlier(&e) => return Err(Attempt::Pg(e)),
             other => other,
         };
+        if let Some(cause) = reader.cause() {
+            return Err(Attempt::Store(cause));
+        }
         let kv = kv.into_iter().collect::<Result<Vec<_>, _>>()?;
         let records = records.map_err(Attempt::Pg)?;
         Ok(plans

@@ -171,6 +171,12 @@ impl Snapshot<'_> {
     }
 }
 
+/// Prepares the statement of [`insert_conflicts`] on the session (cached: once per session),
+/// so that a later call sends it on its first poll.
+pub async fn prepare_commit(tx: &Transaction<'_>, sql: &UdbSql) -> Result<(), tokio_postgres::Error> {
+    tx.prepare_cached(&sql.conflicts).await.map(drop)
+}
+
 /// Inserts the conflict rows of a commit inside its write transaction. 23P01 here means a
 /// concurrent transaction's rows won.
 pub async fn insert_conflicts(

@@ -591,6 +591,12 @@ impl PostgresStore {
         Self::send_writes(tx, &statements, &fold::fold(mutations)).await
     }
 
+    /// Prepares the statements of [`PostgresStore::apply`] on the session (cached: once per
+    /// session), so that a later `apply` sends its writes on its first poll.
+    pub(crate) async fn prepare_writes(&self, tx: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        self.write_statements(tx).await.map(drop)
+    }
+
     /// The statements of [`PostgresStore::send_writes`], prepared (once per session).
     async fn write_statements(&self, tx: &impl GenericClient) -> Result<WriteStatements, tokio_postgres::Error> {
         Ok(WriteStatements {
