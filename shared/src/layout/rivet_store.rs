@@ -49,6 +49,10 @@ pub const RECORDS_TABLE: &str = "ferry_kv";
 pub const FIXTURE_KV_VERSION: &[u8] = b"ferry-fixture";
 /// How often one commit is re-run after losing to a concurrent transaction.
 const COMMIT_ATTEMPTS: u32 = 40;
+/// How often a group's universaldb transaction is re-run before the group gives up and each
+/// of its transactions commits alone (`store::group`): a running engine writing one actor of
+/// the group often must not make the others wait out forty re-runs.
+const GROUP_COMMIT_ATTEMPTS: u32 = 3;
 /// Actors one v1 enumeration call visits (two point reads each, in one snapshot well under
 /// rivet's 5 s).
 const ENUMERATION_BATCH: usize = 256;
@@ -953,8 +957,8 @@ impl RivetStore {
     }
 
     /// Runs `attempt` until it ends other than by losing a race, re-running it whole (its
-    /// reads with it) at most [`COMMIT_ATTEMPTS`] times after a random pause that grows.
-    async fn rerun<T, Fut>(&self, mut attempt: impl FnMut() -> Fut) -> Result<T, StoreError>
+    /// reads with it) at most `attempts` times after a random pause that grows.
+    async fn rerun<T, Fut>(&self, attempts: u32, mut attempt: impl FnMut() -> Fut) -> Result<T, StoreError>
     where
         Fut: std::future::Future<Output = Result<T, Attempt>>,
     {
@@ -969,15 +973,37 @@ impl RivetStore {
                 Err(Attempt::Pg(e)) => return Err(self.conn.err(e)),
                 Err(Attempt::Store(e)) => return Err(e),
             }
-            if tries >= COMMIT_ATTEMPTS {
+            if tries >= attempts {
                 return Err(StoreError::Unavailable {
                     backend: "postgres",
-                    message: format!("a commit lost to concurrent transactions {COMMIT_ATTEMPTS} times in a row"),
+                    message: format!("a commit lost to concurrent transactions {} times in a row", attempts + 1),
                 });
             }
             tries += 1;
             metrics::counter!("ferry_udb_commit_retries_total").increment(1);
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..=(2u64 << tries.min(6))))).await;
+        }
+    }
+
+    /// The plans of a run of independent transactions, each one's result in order: ferry's
+    /// records alone go to `X.ferry_kv`'s own group commit; anything on `X.kv` commits in one
+    /// universaldb transaction, re-run at most [`GROUP_COMMIT_ATTEMPTS`] times (then every
+    /// transaction of the run gets the error, and `store::group` commits each alone).
+    async fn commit_plans(&self, plans: Vec<Plan>) -> Vec<Result<(), StoreError>> {
+        if !plans.iter().any(Plan::touches_kv) {
+            let txns = plans
+                .into_iter()
+                .map(|p| Txn {
+                    checks: p.record_checks.into_iter().map(|(_, c)| c).collect(),
+                    mutations: p.record_writes,
+                })
+                .collect();
+            return self.records.commit_many(txns).await;
+        }
+        let refs: Vec<&Plan> = plans.iter().collect();
+        match self.rerun(GROUP_COMMIT_ATTEMPTS, || self.try_commit(&refs)).await {
+            Ok(each) => each,
+            Err(e) => vec![Err(e); plans.len()],
         }
     }
 
@@ -1053,7 +1079,7 @@ impl Store for RivetStore {
             return self.records.commit(Txn { checks, mutations: plan.record_writes }).await;
         }
         let one = [&plan];
-        let mut verdicts = self.rerun(|| self.try_commit(&one)).await?;
+        let mut verdicts = self.rerun(COMMIT_ATTEMPTS, || self.try_commit(&one)).await?;
         // One verdict per plan.
         verdicts.pop().unwrap_or(Ok(()))
     }
@@ -1079,25 +1105,18 @@ impl Store for RivetStore {
                 continue;
             }
             let planner = self.planner();
-            let mut plans = Vec::with_capacity(picked.len());
+            let (mut indexes, mut plans) = (Vec::with_capacity(picked.len()), Vec::with_capacity(picked.len()));
             for (i, txn) in picked {
                 match planner.plan(txn) {
-                    Ok(plan) => plans.push((i, plan)),
+                    Ok(plan) => {
+                        indexes.push(i);
+                        plans.push(plan);
+                    }
                     Err(e) => results[i] = Some(Err(e)),
                 }
             }
-            let refs: Vec<&Plan> = plans.iter().map(|(_, p)| p).collect();
-            match self.rerun(|| self.try_commit(&refs)).await {
-                Ok(each) => {
-                    for ((i, _), r) in plans.iter().zip(each) {
-                        results[*i] = Some(r);
-                    }
-                }
-                Err(e) => {
-                    for (i, _) in &plans {
-                        results[*i] = Some(Err(e.clone()));
-                    }
-                }
+            for (i, r) in indexes.into_iter().zip(self.commit_plans(plans).await) {
+                results[i] = Some(r);
             }
         }
         // Every index was refused, or in a run that answers for each of its own.
