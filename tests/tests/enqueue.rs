@@ -140,6 +140,9 @@ async fn campaign_publishes_each_actor_once(
     ensure!(summary["completed"] == true, "{summary}");
     ensure!(summary["published"] == published.len() as u64, "{summary}");
     ensure!(summary["scanned"] == (published.len() + skipped.len()) as u64, "{summary}");
+    // The publishing phase is part of the run, connecting and declaring left out of it.
+    let (publishing, whole) = (summary["publishing_seconds"].as_f64(), summary["seconds"].as_f64());
+    ensure!(matches!((publishing, whole), (Some(p), Some(w)) if p > 0.0 && p < w), "{summary}");
     let record = campaign::load(&*ts.store, campaign).await?.context("campaign record")?;
     ensure!(record.status == CampaignStatus::Enqueued, "{record:?}");
     ensure!((record.published, record.skipped) == (published.len() as u64, skipped.len() as u64), "{record:?}");

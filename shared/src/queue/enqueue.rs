@@ -146,8 +146,13 @@ pub struct EnqueueSummary {
     pub skipped_migrated: u64,
     pub skipped_native_v2: u64,
     pub skipped_invalid_id: u64,
+    /// The whole run, connecting and declaring the topology included.
     pub seconds: f64,
     pub jobs_per_second: f64,
+    /// Of `seconds`, the time spent scanning, publishing and settling confirms (each attempt's
+    /// own, connecting, declaring and closing left out): the campaign's steady pace is
+    /// `published / publishing_seconds`.
+    pub publishing_seconds: f64,
     pub completed: bool,
 }
 
@@ -603,6 +608,8 @@ struct Run<'c> {
     progress: Option<Progress>,
     /// Whether the run found the campaign already started (set by the first campaign opened).
     resumed: Option<bool>,
+    /// Time spent in [`Run::publish`], over every attempt.
+    publishing: Duration,
 }
 
 /// The store and the broker of one attempt.
@@ -660,7 +667,9 @@ impl Run<'_> {
             session = open_session(self.cfg, &mut self.resumed) => session.map_err(failed)?,
         };
         let mut cp = Checkpointer::new(session.record.clone());
+        let publishing = Instant::now();
         let end = self.publish(&session, &mut cp, shutdown).await;
+        self.publishing += publishing.elapsed();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.ch.close(200, "done".into())).await;
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.conn.close(200, "done".into())).await;
         match end {
@@ -781,7 +790,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
     amqp::check_url(&cfg.amqp_url).map_err(EnqueueError::InvalidAmqpUrl)?;
     let progress =
         if cfg.progress { Some(Progress::new("enqueueing", cfg.ids.as_ref().map(|i| i.len() as u64))) } else { None };
-    let mut run = Run { cfg: &cfg, progress, resumed: None };
+    let mut run = Run { cfg: &cfg, progress, resumed: None, publishing: Duration::ZERO };
     tokio::pin!(shutdown);
     let mut totals = Counts::default();
     let mut backoff = amqp::reconnect_backoff();
@@ -845,6 +854,7 @@ pub async fn enqueue(cfg: EnqueueConfig, shutdown: impl Future<Output = ()>) -> 
         skipped_invalid_id: totals.skipped_invalid_id,
         seconds,
         jobs_per_second: totals.published as f64 / seconds.max(1e-9),
+        publishing_seconds: run.publishing.as_secs_f64(),
         completed: end == End::Completed,
     })
 }
