@@ -4,6 +4,8 @@
 //! session the failed one used. The refusal comes from a real trigger. (A commit dropped
 //! half-way is `store::serializable`'s own test.)
 
+mod common;
+
 use anyhow::{Context, Result};
 use ferry::store::{DynStore, OpenMode, OpenOptions, StoreError, Txn, open_with};
 use ferry::testing::{Backend, TestStore, postgres_url};
@@ -15,17 +17,7 @@ async fn one_session_store() -> Result<(TestStore, DynStore, tokio_postgres::Cli
     let schema = fixture.schema().context("a PostgreSQL fixture has a schema")?.to_string();
     let (client, conn) = tokio_postgres::connect(&postgres_url(), NoTls).await.context("PostgreSQL must be running")?;
     tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-               IF NEW.key = 'bad'::bytea THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22000'; END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {schema}.kv
-               FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
-        ))
-        .await
-        .context("creating the trigger")?;
+    common::refuse_key(&client, &schema, "kv", "bad").await;
     let store = open_with(&fixture.url, &OpenOptions::new(1, OpenMode::Existing)).await?;
     Ok((fixture, store, client))
 }

@@ -448,17 +448,7 @@ async fn the_ferry_layout_refuses_a_rivet_schema_and_writes_nothing_there() {
 async fn a_refused_record_write_reports_its_own_cause_and_writes_nothing_in_either_table() {
     let env = Env::new().await;
     let schema = env.schema().to_string();
-    env.pg
-        .batch_execute(&format!(
-            "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-               IF NEW.key = 'ferry/bad'::bytea THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22000'; END IF;
-               RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {schema}.ferry_kv
-               FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
-        ))
-        .await
-        .unwrap();
+    common::refuse_key(&env.pg, &schema, "ferry_kv", "ferry/bad").await;
     let a = ActorId::parse(DOC_ID).unwrap();
     let head = format!("v2/{a}/META").into_bytes();
     let mut txn = Txn::new();

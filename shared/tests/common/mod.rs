@@ -256,3 +256,19 @@ macro_rules! per_backend {
     (@run [], $test:expr) => { $test.await };
     (@run [$around:ident], $test:expr) => { super::$around($test).await };
 }
+
+/// A real trigger on `schema.table` that refuses (SQLSTATE 22000, "refused by the test") any
+/// row written with the key `key`: a write the server refuses, for tests of what a refused
+/// commit leaves behind.
+pub async fn refuse_key(pg: &tokio_postgres::Client, schema: &str, table: &str, key: &str) {
+    pg.batch_execute(&format!(
+        "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.key = '{key}'::bytea THEN RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22000'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {schema}.{table}
+           FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
+    ))
+    .await
+    .expect("creating the refusing trigger");
+}
