@@ -925,7 +925,7 @@ impl RivetStore {
         if let Some(cause) = reader.cause() {
             return Err(Attempt::Store(cause));
         }
-        let kv = kv.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let kv = kv.into_iter().collect::<Result<Vec<_>, _>>().map_err(Attempt::Store)?;
         let records = records.map_err(Attempt::Pg)?;
         Ok(plans
             .iter()
@@ -942,15 +942,13 @@ impl RivetStore {
     }
 
     /// The plan's first check on `X.kv` that does not hold in the reader's snapshot, as a
-    /// conflict; every check read at once.
-    async fn failed_kv_check(reader: &Reader<'_, '_>, plan: &Plan) -> Result<Option<StoreError>, Attempt> {
+    /// conflict; every check read at once. (A read the server failed is judged by the caller,
+    /// [`RivetStore::failed_checks`], from the reader: here only the verdicts count.)
+    async fn failed_kv_check(reader: &Reader<'_, '_>, plan: &Plan) -> Result<Option<StoreError>, StoreError> {
         let verdicts = futures::future::join_all(plan.kv_checks.iter().map(|(_, check)| reader.holds(check))).await;
         for ((index, check), verdict) in plan.kv_checks.iter().zip(verdicts) {
-            match verdict {
-                Ok(true) => {}
-                Ok(false) => return Ok(Some(conflict(*index, check))),
-                Err(_) if reader.lost_race.load(std::sync::atomic::Ordering::Relaxed) => return Err(Attempt::LostRace),
-                Err(e) => return Err(Attempt::Store(reader.cause().unwrap_or(e))),
+            if !verdict? {
+                return Ok(Some(conflict(*index, check)));
             }
         }
         Ok(None)
@@ -1089,10 +1087,7 @@ impl Store for RivetStore {
     /// where one does is committed one transaction at a time.
     async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
         let group = limits::plan_group(&txns);
-        let mut results: Vec<Option<Result<(), StoreError>>> = (0..txns.len()).map(|_| None).collect();
-        for (i, e) in group.refused {
-            results[i] = Some(Err(e));
-        }
+        let mut results = limits::result_slots(txns.len(), group.refused);
         let independent: Vec<bool> =
             group.runs.iter().map(|run| fold::checks_independent(run.iter().map(|&i| &txns[i]))).collect();
         let mut txns: Vec<Option<Txn>> = txns.into_iter().map(Some).collect();
@@ -1119,18 +1114,7 @@ impl Store for RivetStore {
                 results[i] = Some(r);
             }
         }
-        // Every index was refused, or in a run that answers for each of its own.
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(StoreError::Failed {
-                        backend: "postgres",
-                        message: "a transaction of the group got no result".into(),
-                    })
-                })
-            })
-            .collect()
+        limits::group_results(results, "postgres")
     }
 
     /// The reads of `X.kv` in one snapshot (one `nextval`, not one per read); the reads of

@@ -73,6 +73,31 @@ pub fn plan_group(txns: &[Txn]) -> GroupPlan {
     plan
 }
 
+/// A result per transaction of a group, as a backend's `commit_many` fills them in.
+pub type ResultSlots = Vec<Option<Result<(), StoreError>>>;
+
+/// A slot for each of `len` transactions, those `refused` filled with their limit errors.
+pub fn result_slots(len: usize, refused: Vec<(usize, StoreError)>) -> ResultSlots {
+    let mut slots: ResultSlots = (0..len).map(|_| None).collect();
+    for (i, e) in refused {
+        slots[i] = Some(Err(e));
+    }
+    slots
+}
+
+/// The result in each slot. Every transaction was refused or in a run that answers for each
+/// of its own, so none is empty; one that were would be an error of `backend`, not a panic.
+pub fn group_results(slots: ResultSlots, backend: &'static str) -> Vec<Result<(), StoreError>> {
+    slots
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(StoreError::Failed { backend, message: "a transaction of the group got no result".into() })
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

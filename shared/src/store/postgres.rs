@@ -816,10 +816,7 @@ impl Store for PostgresStore {
 
     async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
         let plan = limits::plan_group(&txns);
-        let mut results: Vec<Option<Result<(), StoreError>>> = (0..txns.len()).map(|_| None).collect();
-        for (i, e) in plan.refused {
-            results[i] = Some(Err(e));
-        }
+        let mut results = limits::result_slots(txns.len(), plan.refused);
         for run in &plan.runs {
             match self.commit_run(&txns, run).await {
                 Ok(each) => {
@@ -834,18 +831,7 @@ impl Store for PostgresStore {
                 }
             }
         }
-        // Every index was refused or in a run, and each run answers for all of its own.
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(StoreError::Failed {
-                        backend: BACKEND,
-                        message: "a transaction of the group got no result".into(),
-                    })
-                })
-            })
-            .collect()
+        limits::group_results(results, BACKEND)
     }
 
     fn describe(&self) -> String {

@@ -140,10 +140,6 @@ fn map_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn join_err_msg(message: &str) -> StoreError {
-    StoreError::Failed { backend: BACKEND, message: message.to_string() }
-}
-
 fn join_err(e: tokio::task::JoinError) -> StoreError {
     StoreError::Failed { backend: BACKEND, message: format!("blocking task failed: {e}") }
 }
@@ -321,10 +317,7 @@ impl Store for SqliteStore {
     async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
         let n = txns.len();
         let plan = limits::plan_group(&txns);
-        let mut results: Vec<Option<Result<(), StoreError>>> = (0..n).map(|_| None).collect();
-        for (i, e) in plan.refused {
-            results[i] = Some(Err(e));
-        }
+        let mut results = limits::result_slots(n, plan.refused);
         let inner = self.inner.clone();
         let runs = plan.runs;
         let done = tokio::task::spawn_blocking(move || {
@@ -341,11 +334,7 @@ impl Store for SqliteStore {
         })
         .await;
         match done {
-            // Every index was either refused or in a run, and each run sets all of its own.
-            Ok(results) => results
-                .into_iter()
-                .map(|r| r.unwrap_or_else(|| Err(join_err_msg("a transaction of the group got no result"))))
-                .collect(),
+            Ok(results) => limits::group_results(results, BACKEND),
             Err(e) => {
                 let e = join_err(e);
                 (0..n).map(|_| Err(e.clone())).collect()
