@@ -33,6 +33,12 @@ pub fn install_metrics() -> PrometheusHandle {
                         Matcher::Full(crate::metrics::GROUP_SIZE.into()),
                         &crate::metrics::GROUP_BUCKETS,
                     )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::metrics::JOB_STEP_SECONDS.into()),
+                        &crate::metrics::STEP_BUCKETS,
+                    )
                 });
             let handle = match builder.and_then(|b| b.install_recorder()) {
                 Ok(handle) => handle,

@@ -47,6 +47,14 @@ pub const RECONNECT_ATTEMPTS: &str = "ferry_broker_reconnect_attempts_total";
 pub const STORE_COMMITS: &str = "ferry_store_commits_total";
 /// Transactions in each group commit (`store::group`).
 pub const GROUP_SIZE: &str = "ferry_group_commit_size";
+/// Seconds of each step of a migrated job, by `step` ([`JOB_STEPS`]): where a job's time goes,
+/// and what the rest of its cycle (the broker's hand-off) is not.
+pub const JOB_STEP_SECONDS: &str = "ferry_job_step_seconds";
+/// The steps of [`JOB_STEP_SECONDS`]: `read` (every store read of the v1 files, the head and
+/// the lease), `validate` (SQLite's checks of the image), `encode` (LZ4 pages and LTX),
+/// `write` (staged deltas of a large actor), `finalize` (the commit, a group's wait included)
+/// and `settle` (the ack, or the retry or dead letter published before it).
+pub const JOB_STEPS: [&str; 6] = ["read", "validate", "encode", "write", "finalize", "settle"];
 
 /// Messages the dead-letter inbox settled, by `kind` (`queue::dead_inbox::Settled`):
 /// `indexed_skip`, `admitted`, `duplicate`.
@@ -59,6 +67,8 @@ pub const SECONDS_BUCKETS: [f64; 17] =
 pub const BYTES_BUCKETS: [f64; 9] =
     [4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 134217728.0];
 
+/// Buckets of [`JOB_STEP_SECONDS`]: from 0.1 ms, as a small job's steps take a fraction of one.
+pub const STEP_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0, 60.0];
 /// Buckets of [`GROUP_SIZE`]: one transaction to the largest groups.
 pub const GROUP_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
@@ -84,6 +94,7 @@ pub const ALL: &[&str] = &[
     DEAD_INBOX,
     STORE_COMMITS,
     GROUP_SIZE,
+    JOB_STEP_SECONDS,
 ];
 
 /// Describes every metric to the installed recorder and creates every series at zero.
@@ -111,6 +122,12 @@ pub fn register() {
         "Store write transactions committed (a group commit of several actors counts once)."
     );
     describe_histogram!(GROUP_SIZE, "Transactions committed together by each group commit.");
+    describe_histogram!(
+        JOB_STEP_SECONDS,
+        Unit::Seconds,
+        "Wall time of each step of a migrated job, by step (read, validate, encode, write, finalize: the commit, \
+         a group's wait included; settle: the ack or the publish before it)."
+    );
     describe_counter!(
         DEAD_INBOX,
         "Messages of the dead-letter queue settled by the inbox, by kind (indexed_skip: ferry's own, already indexed; \
@@ -152,5 +169,8 @@ pub fn register() {
     for histogram in [MIGRATION_SECONDS, JOB_V1_BYTES, GROUP_SIZE] {
         // A registered histogram is exported with empty buckets until its first sample.
         let _ = metrics::histogram!(histogram);
+    }
+    for step in JOB_STEPS {
+        let _ = metrics::histogram!(JOB_STEP_SECONDS, "step" => step);
     }
 }

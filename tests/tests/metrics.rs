@@ -135,3 +135,43 @@ async fn after_n_retries_the_retries_counter_reads_n() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_migrated_job_records_its_steps_once_and_their_times_add_up_within_the_run() -> Result<()> {
+    bounded(LIMIT, async {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite:{}", dir.path().join("ferry.db").display());
+        let seed = Seed::new(5, "metric-steps");
+        seed.run(&url)?;
+        let store = ferry::store::open(&url, 1).await?;
+        let broker = Broker::new("metrics_steps").await?;
+        enqueue(&url, &broker.topology, "metric-steps", &[])?;
+        let started = std::time::Instant::now();
+        let mut w = WorkerSpec::new(&url, &broker.topology, "steps").http().start(dir.path())?;
+        let addr = w.http_addr().await?;
+        wait_until(Duration::from_secs(60), "every job is finished", || {
+            let store = store.clone();
+            async move { Ok(audit_count(&store).await? == 5) }
+        })
+        .await?;
+        let text = scrape(addr).await?;
+        let migrated = sample(&text, ferry::metrics::OUTCOMES, "outcome=\"migrated\"");
+        ensure!(migrated >= 1.0, "nothing migrated:\n{text}");
+        let name = ferry::metrics::JOB_STEP_SECONDS;
+        let mut total = 0.0;
+        for step in ferry::metrics::JOB_STEPS {
+            let labels = format!("step=\"{step}\"");
+            let count = sample(&text, &format!("{name}_count"), &labels);
+            ensure!(count == migrated, "{step}: {count} samples for {migrated} migrated jobs:\n{text}");
+            total += sample(&text, &format!("{name}_sum"), &labels);
+        }
+        let reads = sample(&text, &format!("{name}_sum"), "step=\"read\"");
+        ensure!(reads > 0.0, "the reads took no time:\n{text}");
+        // Five jobs, at most five at a time: their steps fit five times the run, or a step was
+        // counted twice or in the wrong unit.
+        ensure!(total < started.elapsed().as_secs_f64() * 5.0, "steps of {total} s in a shorter run");
+        w.stop(Duration::from_secs(20)).await?;
+        broker.delete().await
+    })
+    .await
+}

@@ -246,6 +246,7 @@ impl JobRunner {
                     }
                     let ms = (a.finished_at_ms - a.started_at_ms).max(0);
                     info!(pages = a.pages, bytes = a.v1_bytes, ms, "migrated");
+                    outcome.timings.record();
                 }
                 Disposition::Ack(outcome)
             }
@@ -261,13 +262,18 @@ impl JobRunner {
         if job.recovery.is_none() {
             let first = self.budget.reserve(MemoryBudget::first_read_footprint()).await;
             let entered = self.migrator.enter();
+            let read_started = std::time::Instant::now();
             let prefetched = self.migrator.prefetch(&job.actor_id).await?;
+            let prefetch = read_started.elapsed();
             let max = self.migrator.config().max_size;
             let main = prefetched.main_size(&job.actor_id).unwrap_or(0).min(max);
             if prefetched.is_whole() && MemoryBudget::footprint(main, 0, false) <= first.bytes {
                 let outcome = self.migrator.migrate_from(req, Some(prefetched), entered).await;
                 drop(first);
-                return outcome;
+                return outcome.map(|mut o| {
+                    o.timings.read += prefetch;
+                    o
+                });
             }
         }
         let _reservation = self.budget.reserve(self.footprint(job).await).await;

@@ -133,6 +133,18 @@ pub struct Timings {
     pub finalize: std::time::Duration,
 }
 
+impl Timings {
+    /// Records each step in [`m::JOB_STEP_SECONDS`] (the settle step is the worker's).
+    pub fn record(&self) {
+        let Timings { read, validate, encode, write, finalize } = *self;
+        for (step, took) in
+            [("read", read), ("validate", validate), ("encode", encode), ("write", write), ("finalize", finalize)]
+        {
+            metrics::histogram!(m::JOB_STEP_SECONDS, "step" => step).record(took.as_secs_f64());
+        }
+    }
+}
+
 impl Outcome {
     pub fn kind(&self) -> OutcomeKind {
         self.audit.outcome

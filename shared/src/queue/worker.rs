@@ -294,6 +294,8 @@ async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channe
         }
         return;
     };
+    let settle_started = std::time::Instant::now();
+    let migrated = matches!(&disposition, Disposition::Ack(o) if o.kind() == crate::migrate::OutcomeKind::Migrated);
     let settled = match disposition {
         Disposition::Ack(_) | Disposition::Superseded => Ok(()),
         Disposition::Retry { delay, error, uses_attempt } => {
@@ -310,6 +312,9 @@ async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channe
             delivery.acker.reject(BasicRejectOptions { requeue: true }).await
         }
     };
+    if migrated {
+        metrics::histogram!(m::JOB_STEP_SECONDS, "step" => "settle").record(settle_started.elapsed().as_secs_f64());
+    }
     // Not settled (an error, or `false` from a closed channel): the broker redelivers the job,
     // which is then skipped or redone.
     match result {

@@ -311,6 +311,9 @@ struct FleetRun {
     /// batched read) to its outcome being decided (before its commit). Validation and encoding,
     /// mostly; the rest of a job's cycle is the read, the commit, the ack and the broker.
     migrate_ms: f64,
+    /// Mean milliseconds of each step of a migrated job ([`ferry::metrics::JOB_STEPS`]), from
+    /// the workers' `ferry_job_step_seconds`.
+    steps: Vec<(&'static str, f64)>,
 }
 
 /// CPU seconds per 1,000 jobs of the local PostgreSQL and RabbitMQ server processes.
@@ -442,11 +445,22 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
     .await?;
     let servers = servers.per_1000(n);
     let (mut commits, mut cpu) = (0.0, 0.0);
+    let mut step_totals = [(0.0, 0.0); ferry::metrics::JOB_STEPS.len()];
     for (w, addr) in &procs {
         cpu += cpu_seconds(w.0.id())?;
         let text = ferry_tests::scrape(*addr).await?;
         commits += ferry_tests::sample(&text, ferry::metrics::STORE_COMMITS, "");
+        for (step, (sum, count)) in ferry::metrics::JOB_STEPS.iter().zip(&mut step_totals) {
+            let labels = format!("step=\"{step}\"");
+            *sum += ferry_tests::sample(&text, &format!("{}_sum", ferry::metrics::JOB_STEP_SECONDS), &labels);
+            *count += ferry_tests::sample(&text, &format!("{}_count", ferry::metrics::JOB_STEP_SECONDS), &labels);
+        }
     }
+    let steps = ferry::metrics::JOB_STEPS
+        .iter()
+        .zip(step_totals)
+        .map(|(step, (sum, count))| (*step, sum * 1000.0 / f64::max(count, 1.0)))
+        .collect();
     let secs = ((finished_ms - started_ms) as f64 / 1000.0).max(1e-3);
     drop(procs);
     delete_topology(&prefix).await?;
@@ -459,6 +473,7 @@ async fn fleet_run(store: &TestStore, n: u64, workers: usize, concurrency: u16, 
         cpu_per_1000: cpu / n as f64 * 1000.0,
         servers,
         migrate_ms: migrate_ms as f64 / n.max(1) as f64,
+        steps,
     })
 }
 
@@ -555,6 +570,13 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBa
                 cycle_ms,
                 None,
             );
+            // Where a job's cycle goes: its steps in the worker, and what is left (the
+            // broker's hand-off of the next delivery after an ack, and scheduling).
+            for (step, ms) in run.steps.iter().filter(|(_, ms)| *ms > 0.0) {
+                report.add("tiny", &m(&format!("ms per job: {step}")), *ms, "ms", "job cycle", cycle_ms, None);
+            }
+            let outside = cycle_ms - run.steps.iter().map(|(_, ms)| ms).sum::<f64>();
+            report.add("tiny", &m("ms per job outside its steps"), outside, "ms", "job cycle", cycle_ms, None);
             report.add("tiny", &m("worker CPU s per 1,000 jobs"), run.cpu_per_1000, "cpu s", "-", 0.0, None);
             report.add("tiny", &m("RabbitMQ CPU s per 1,000 jobs"), run.servers.rabbitmq, "cpu s", "-", 0.0, None);
             if backend == Backend::Postgres {
