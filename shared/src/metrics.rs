@@ -54,7 +54,9 @@ pub const JOB_STEP_SECONDS: &str = "ferry_job_step_seconds";
 /// the lease), `validate` (SQLite's checks of the image), `encode` (LZ4 pages and LTX),
 /// `write` (staged deltas of a large actor), `finalize` (the commit, a group's wait included)
 /// and `settle` (the ack, or the retry or dead letter published before it).
-pub const JOB_STEPS: [&str; 6] = ["read", "validate", "encode", "write", "finalize", "settle"];
+pub const JOB_STEPS: [&str; 6] = ["read", "validate", "encode", "write", "finalize", SETTLE_STEP];
+/// The worker's own step of [`JOB_STEPS`]; the others are `migrate::Timings`' fields, in order.
+pub const SETTLE_STEP: &str = "settle";
 
 /// Messages the dead-letter inbox settled, by `kind` (`queue::dead_inbox::Settled`):
 /// `indexed_skip`, `admitted`, `duplicate`.

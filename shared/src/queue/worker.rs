@@ -313,7 +313,8 @@ async fn handle_in_span(delivery: Delivery, runner: &JobRunner, publish: &Channe
         }
     };
     if migrated {
-        metrics::histogram!(m::JOB_STEP_SECONDS, "step" => "settle").record(settle_started.elapsed().as_secs_f64());
+        metrics::histogram!(m::JOB_STEP_SECONDS, "step" => m::SETTLE_STEP)
+            .record(settle_started.elapsed().as_secs_f64());
     }
     // Not settled (an error, or `false` from a closed channel): the broker redelivers the job,
     // which is then skipped or redone.
