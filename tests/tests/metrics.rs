@@ -154,10 +154,23 @@ async fn each_migrated_job_records_its_steps_once_and_their_times_add_up_within_
             async move { Ok(audit_count(&store).await? == 5) }
         })
         .await?;
+        // The audit is written by the commit; the outcome and the settle step come after it,
+        // once the job is acked: wait for every job's ack before reading the counts.
+        let name = ferry::metrics::JOB_STEP_SECONDS;
+        let settled = |text: &str| {
+            let outcomes: f64 = OutcomeKind::ALL
+                .iter()
+                .map(|o| sample(text, ferry::metrics::OUTCOMES, &format!("outcome=\"{}\"", o.as_str())))
+                .sum();
+            let migrated = sample(text, ferry::metrics::OUTCOMES, "outcome=\"migrated\"");
+            let acks = sample(text, &format!("{name}_count"), &format!("step=\"{}\"", ferry::metrics::SETTLE_STEP));
+            outcomes == 5.0 && acks == migrated
+        };
+        wait_until(Duration::from_secs(30), "every job is acked", || async move { Ok(settled(&scrape(addr).await?)) })
+            .await?;
         let text = scrape(addr).await?;
         let migrated = sample(&text, ferry::metrics::OUTCOMES, "outcome=\"migrated\"");
         ensure!(migrated >= 1.0, "nothing migrated:\n{text}");
-        let name = ferry::metrics::JOB_STEP_SECONDS;
         let mut total = 0.0;
         for step in ferry::metrics::JOB_STEPS {
             let labels = format!("step=\"{step}\"");
