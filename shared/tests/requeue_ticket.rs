@@ -1,6 +1,8 @@
 //! The job runner's side of a requeue (`triage::ticket`) and of the delivery limit, on every
 //! store backend and layout: a ticketed job runs only while its ticket is current, its outcome clears
-//! the ticket, and a job handed back to its delivery limit is dead-lettered into the index.
+//! the ticket, a job handed back to its delivery limit is dead-lettered into the index, and a job
+//! that fails after its actor's migration settled is acked as the skip a new run records, its
+//! migration's audit kept.
 
 #[macro_use]
 mod common;
@@ -8,17 +10,53 @@ mod common;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use async_trait::async_trait;
 use ferry::budget::MemoryBudget;
 use ferry::clock::SystemClock;
 use ferry::jobs::{DeadLetter, Disposition, Job, JobRunner, RetryPolicy};
+use ferry::migrate::AuditRecord;
 use ferry::migrate::{MigrateConfig, Migrator, OutcomeKind};
-use ferry::store::{DynStore, Txn};
+use ferry::store::{DynStore, KeyRange, KeyValue, Read, ReadResult, Store, StoreError, Txn};
 use ferry::synth::sqlite::{DbSpec, database, hot_journal};
 use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
 use ferry::triage::index::{self, LetterId};
 use ferry::triage::ticket::{self, Ticket};
 use ferry::{ActorId, DeadLetterReason, keys};
+
+/// A store whose batched reads fail as an outage would, as after a commit that landed though
+/// its connection was lost: every other call goes through.
+struct BatchedReadsDown {
+    inner: DynStore,
+}
+
+#[async_trait]
+impl Store for BatchedReadsDown {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    fn layout(&self) -> ferry::layout::Layout {
+        self.inner.layout()
+    }
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.scan(range, limit).await
+    }
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.first_key(range).await
+    }
+    async fn read_many(&self, _: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        Err(StoreError::Unavailable { backend: "test", message: "connection lost".into() })
+    }
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        self.inner.commit(txn).await
+    }
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        self.inner.commit_many(txns).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
 
 fn runner(store: &DynStore) -> JobRunner {
     JobRunner {
@@ -122,6 +160,78 @@ async fn delivery_limit_is_dead_lettered_into_the_index_without_running(backend:
     Ok(())
 }
 
+/// Migrates `actor` through the runner; the migration's audit record.
+async fn migrated(store: &DynStore, actor: &ActorId) -> Result<AuditRecord> {
+    write_v1(&**store, actor, &plain()?).await?;
+    let d = runner(store).run(&body(actor), 1).await;
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not migrated: {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::Migrated);
+    Ok(outcome.audit)
+}
+
+async fn audit(store: &DynStore, actor: &ActorId) -> Result<AuditRecord> {
+    let raw = store.get(&keys::audit(actor)).await?.context("no audit record")?;
+    AuditRecord::decode(&raw).context("audit does not decode")
+}
+
+/// The skip a settled actor's failed job ends in: acked, the migration's fields kept, nothing
+/// in the triage index.
+async fn assert_acked_as_already_migrated(
+    store: &DynStore,
+    actor: &ActorId,
+    d: Disposition,
+    first: &AuditRecord,
+) -> Result<()> {
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not acked: {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::SkippedAlreadyMigrated);
+    let now = audit(store, actor).await?;
+    assert_eq!(now.outcome, OutcomeKind::SkippedAlreadyMigrated);
+    assert!(first.checksum.is_some());
+    assert_eq!((now.checksum.as_ref(), now.generation), (first.checksum.as_ref(), first.generation));
+    assert!(index::get(&**store, &LetterId::Actor(actor.clone())).await?.is_none(), "dead-lettered");
+    Ok(())
+}
+
+async fn delivery_limit_of_an_actor_migrated_meanwhile_is_acked_as_already_migrated_and_keeps_its_audit(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("limit-settled");
+    let first = migrated(&store, &actor).await?;
+    let d = runner(&store).delivery_limit_reached(&body(&actor), 11, 10, None).await;
+    assert_acked_as_already_migrated(&store, &actor, d, &first).await
+}
+
+async fn retries_exhausted_after_the_commit_landed_is_acked_as_already_migrated_and_keeps_its_audit(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("exhausted-settled");
+    let first = migrated(&store, &actor).await?;
+    let flaky: DynStore = Arc::new(BatchedReadsDown { inner: store.clone() });
+    let r = runner(&flaky);
+    // The last attempt's read fails as an outage: its fate would be retries_exhausted.
+    let d = r.run(&body(&actor), r.retry.max_attempts).await;
+    assert_acked_as_already_migrated(&store, &actor, d, &first).await
+}
+
+async fn retries_exhausted_of_an_unsettled_actor_is_dead_lettered(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("exhausted-open");
+    write_v1(&*store, &actor, &plain()?).await?;
+    let flaky: DynStore = Arc::new(BatchedReadsDown { inner: store.clone() });
+    let r = runner(&flaky);
+    let d = r.run(&body(&actor), r.retry.max_attempts).await;
+    let Disposition::DeadLetter(dead) = d else { anyhow::bail!("not dead-lettered: {d:?}") };
+    assert_eq!(dead.reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(audit(&store, &actor).await?.outcome, OutcomeKind::DeadLettered);
+    assert!(index::get(&*store, &LetterId::Actor(actor.clone())).await?.is_some(), "not in the index");
+    Ok(())
+}
+
 async fn bad_message_is_indexed_once_however_often_it_is_delivered(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
@@ -144,5 +254,8 @@ per_backend!(
         requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
         delivery_limit_is_dead_lettered_into_the_index_without_running,
         bad_message_is_indexed_once_however_often_it_is_delivered,
+        delivery_limit_of_an_actor_migrated_meanwhile_is_acked_as_already_migrated_and_keeps_its_audit,
+        retries_exhausted_after_the_commit_landed_is_acked_as_already_migrated_and_keeps_its_audit,
+        retries_exhausted_of_an_unsettled_actor_is_dead_lettered,
     ],
 );

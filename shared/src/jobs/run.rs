@@ -4,7 +4,8 @@
 //!
 //! Invariants: every job ends in exactly one disposition (ack, retry later, dead-letter); a
 //! dead letter's audit record and its triage index record (`triage::index`, fleet and embedded
-//! alike) are durable before the disposition is returned; a requeued job runs only while its
+//! alike) are durable before the disposition is returned, and never replace the outcome of an
+//! actor whose head says its migration settled (checked in the letter's transaction); a requeued job runs only while its
 //! ticket is current (`triage::ticket`); a job's fate is decided by [`Cause::fate`], never by error text.
 
 use std::sync::Arc;
@@ -23,6 +24,8 @@ use crate::triage::index;
 use crate::triage::ticket::{self, Claim};
 use crate::v1::FileTag;
 use crate::v1::keys::{decode_meta, meta_key};
+use crate::v2::head::{DBHead, Origin};
+use crate::v2::keys as v2keys;
 
 use super::dead::{DeadLetter, kept_body};
 use super::gate::{Admission, CampaignGate};
@@ -71,6 +74,21 @@ pub enum Disposition {
     /// A second copy of a requeued job whose requeue already ran (or was replaced): acked
     /// without running (`triage::ticket`).
     Superseded,
+}
+
+/// What [`JobRunner::record`] did with a dead letter.
+enum Recorded {
+    /// The letter, its audit and its index record are durable.
+    Letter,
+    /// Nothing written: the actor's head says migrated (or native), an outcome the letter must
+    /// not replace.
+    Settled,
+}
+
+/// Whether a v2 head ends the actor's migration: migrated from v1, or native. A head that does
+/// not decode is not settled (its own dead letter, `corrupt_v2_meta`, stands).
+fn is_settled(raw: &[u8]) -> bool {
+    DBHead::decode(raw).is_ok_and(|h| h.origin != Origin::MigratingFromV1)
 }
 
 /// Runs jobs against one store.
@@ -158,12 +176,16 @@ impl JobRunner {
         };
         let error = format!("delivered {deliveries} times without an outcome: the work queue's delivery limit");
         let dead = self.letter(&job, DeadLetterReason::DeliveryLimit, "deliver", error, attempts, None);
-        if let Err(e) = self.record(&job, &dead).await {
-            return Disposition::Retry {
-                delay: self.retry.delay(attempts),
-                error: format!("recording dead letter: {e}"),
-                uses_attempt: false,
-            };
+        match self.record(&job, &dead).await {
+            Ok(Recorded::Letter) => {}
+            Ok(Recorded::Settled) => return self.settled(&job, attempts).await,
+            Err(e) => {
+                return Disposition::Retry {
+                    delay: self.retry.delay(attempts),
+                    error: format!("recording dead letter: {e}"),
+                    uses_attempt: false,
+                };
+            }
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::DeliveryLimit.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
@@ -227,14 +249,7 @@ impl JobRunner {
         }
         metrics::counter!(m::ATTEMPTS).increment(1);
         metrics::gauge!(m::JOBS_IN_FLIGHT).increment(1.0);
-        let req = Request {
-            actor: job.actor_id.clone(),
-            campaign: job.campaign.clone(),
-            recovery: job.recovery,
-            attempts,
-            clears: job.ticket.as_ref().map(|_| ticket::key(&job.actor_id)),
-        };
-        let result = self.migrate(job, &req).await;
+        let result = self.migrate(job, &Self::request(job, attempts)).await;
         metrics::gauge!(m::JOBS_IN_FLIGHT).decrement(1.0);
         match result {
             Ok(outcome) => {
@@ -251,6 +266,16 @@ impl JobRunner {
                 Disposition::Ack(outcome)
             }
             Err(e) => self.failed(job, e, attempts).await,
+        }
+    }
+
+    fn request(job: &Job, attempts: u32) -> Request {
+        Request {
+            actor: job.actor_id.clone(),
+            campaign: job.campaign.clone(),
+            recovery: job.recovery,
+            attempts,
+            clears: job.ticket.as_ref().map(|_| ticket::key(&job.actor_id)),
         }
     }
 
@@ -340,9 +365,17 @@ impl JobRunner {
         let dead = self.letter(job, reason, e.phase.as_str(), e.to_string(), attempts, e.files.clone());
         // The triage index is where every dead letter is found: none is given up before it is
         // there, whatever the reason (a store that is down is waited for).
-        if let Err(err) = self.record(job, &dead).await {
-            let delay = self.retry.delay(attempts);
-            return Disposition::Retry { delay, error: format!("recording dead letter: {err}"), uses_attempt: true };
+        match self.record(job, &dead).await {
+            Ok(Recorded::Letter) => {}
+            Ok(Recorded::Settled) => return self.settled(job, attempts).await,
+            Err(err) => {
+                let delay = self.retry.delay(attempts);
+                return Disposition::Retry {
+                    delay,
+                    error: format!("recording dead letter: {err}"),
+                    uses_attempt: true,
+                };
+            }
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
@@ -351,19 +384,48 @@ impl JobRunner {
     }
 
     /// Writes the dead letter's audit record and its triage index record in one transaction,
-    /// clearing the job's requeue ticket with them.
-    async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<(), StoreError> {
+    /// clearing the job's requeue ticket with them, unless the actor's v2 head says its
+    /// migration is settled ([`Recorded::Settled`]). The transaction checks the head it read,
+    /// so a finalize that lands meanwhile fails it (a conflict: retried) instead of being
+    /// buried under the letter.
+    async fn record(&self, job: &Job, dead: &DeadLetter) -> Result<Recorded, StoreError> {
         let store = self.migrator.store();
+        let meta = v2keys::meta(&job.actor_id);
+        let head = store.get(&meta).await?;
+        if head.as_deref().is_some_and(is_settled) {
+            return Ok(Recorded::Settled);
+        }
         let old = index::current(&**store, dead).await?;
         // The letter carries the job's campaign and recovery.
         let audit = dead.audit(&job.actor_id, job.enqueued_at_ms);
         let mut txn = Txn::new();
+        txn.check_value(meta, head);
         txn.set(keys::audit(&job.actor_id), audit.encode());
         index::put(&mut txn, old.as_deref(), dead);
         if let Some(raw) = &job.ticket {
             ticket::settle(&mut txn, &job.actor_id, raw);
         }
-        store.commit(txn).await
+        store.commit(txn).await.map(|()| Recorded::Letter)
+    }
+
+    /// The job of an actor whose migration settled while the job failed (a duplicate delivery
+    /// whose other copy finalized, a commit that landed though its connection was lost): its
+    /// outcome is the skip a new run records (`skipped_already_migrated`, keeping the
+    /// migration's fields, or `skipped_native_v2`), never a dead letter over the audit.
+    async fn settled(&self, job: &Job, attempts: u32) -> Disposition {
+        info!("the actor's migration settled while its job failed; recording the skip, not a dead letter");
+        let _first = self.budget.reserve(MemoryBudget::first_read_footprint()).await;
+        match self.migrator.migrate(&Self::request(job, attempts)).await {
+            Ok(outcome) => {
+                metrics::counter!(m::OUTCOMES, "outcome" => outcome.kind().as_str()).increment(1);
+                Disposition::Ack(outcome)
+            }
+            Err(e) => Disposition::Retry {
+                delay: self.retry.delay(attempts),
+                error: format!("recording the skip of a settled actor: {e}"),
+                uses_attempt: true,
+            },
+        }
     }
 
     /// A message that is not a job: dead-lettered (in the index, by the hash of its body) and
