@@ -9,6 +9,7 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use common::rivet::{Pause, RivetTxn, connect, is_conflict, key_range, physical_rows};
@@ -264,6 +265,40 @@ async fn a_rivet_rewrite_of_a_key_ferry_read_between_its_snapshot_and_commit_mak
     });
     let ferry_read = ferry_read.expect("ferry's read of k");
     assert!(ferry_read.get::<_, i64>(1) > rivet_commit, "ferry committed from a snapshot before rivet's write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_checks_outlived_rivets_transaction_limit_writes_nothing_and_is_retried_later() {
+    let ts = TestStore::new(Backend::Rivet).await;
+    let schema = ts.schema().unwrap().to_string();
+    let a = ts.actor("too-old");
+    let (k, y) = (v2keys::meta(&a), v2keys::pidx(&a, 1));
+    let mut seed = Txn::new();
+    seed.set(k.clone(), b"old".to_vec());
+    ts.store().commit(seed).await.unwrap();
+    let before: i64 =
+        connect().await.query_one(&format!("SELECT count(*) FROM {schema}.conflict_ranges"), &[]).await.unwrap().get(0);
+
+    // A deadline already passed: every commit's checks have outlived it, as a finalize's digest
+    // read of a large actor could outlive rivet's 5 s (after 10 s the engine collects the
+    // conflict rows that would have shown ferry a write it missed).
+    let Ok(store::StoreUrl::Postgres(url)) = store::StoreUrl::parse(&ts.url) else { panic!("a postgres URL") };
+    let opts = OpenOptions::new(2, OpenMode::Existing).layout(Layout::Rivet);
+    let late = ferry::layout::RivetStore::connect(url, &opts).await.unwrap().with_deadline(Duration::ZERO);
+    let mut txn = Txn::new();
+    txn.check_value(k.clone(), Some(b"old".to_vec()));
+    txn.set(y.clone(), b"ferry's".to_vec());
+    txn.set(b"ferry/marker".to_vec(), b"1".to_vec());
+    let result = late.commit(txn).await;
+
+    let e = result.expect_err("a commit past the deadline");
+    assert!(matches!(e, StoreError::Unavailable { .. }) && e.is_transient(), "{e:?}");
+    assert_eq!(Cause::from(e).fate(), Fate::Retry);
+    assert_eq!(ts.store().get(&y).await.unwrap(), None, "nothing of X.kv written");
+    assert_eq!(ts.store().get(b"ferry/marker").await.unwrap(), None, "nothing of the records written");
+    let after: i64 =
+        connect().await.query_one(&format!("SELECT count(*) FROM {schema}.conflict_ranges"), &[]).await.unwrap().get(0);
+    assert_eq!(after, before, "no conflict row sent");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -750,9 +750,20 @@ pub struct RivetStore {
     records: PostgresStore,
     v1_writes: bool,
     last_gc: Mutex<Instant>,
+    /// The most a commit's snapshot may live before it sends its conflict rows
+    /// ([`udb::TRANSACTION_LIMIT`]).
+    deadline: Duration,
 }
 
 impl RivetStore {
+    /// The same store with another commit deadline (tests: a deadline already passed shows
+    /// what a transaction that outlived rivet's limit does, without waiting for it).
+    #[cfg(feature = "test-support")]
+    pub fn with_deadline(mut self, deadline: Duration) -> RivetStore {
+        self.deadline = deadline;
+        self
+    }
+
     /// Connects to `url` (`postgres://...?schema=X`, default schema `public`) and checks that
     /// rivet's objects are there (or, for a rehearsal, creates them in an empty schema); creates
     /// `X.ferry_kv` when missing.
@@ -767,6 +778,7 @@ impl RivetStore {
             schema,
             v1_writes: opts.v1_writes,
             last_gc: Mutex::new(Instant::now()),
+            deadline: udb::TRANSACTION_LIMIT,
         };
         if opts.create_rivet_schema {
             if opts.mode != OpenMode::Create {
@@ -865,6 +877,12 @@ impl RivetStore {
             snap.end().await.map_err(Attempt::Pg)?;
             return Ok(verdicts);
         }
+        if began.elapsed() >= self.deadline {
+            // Too old to send conflict rows: a write that raced it may have had its own rows
+            // collected already (`udb::CONFLICT_RETENTION`). Rolled back (the snapshot is
+            // dropped), nothing written; a later attempt reads afresh.
+            return Err(Attempt::Store(past_deadline(self.deadline)));
+        }
         let tx = snap.tx;
         let conflicts: Vec<ConflictRange> = passed.iter().flat_map(|p| p.conflicts.iter().cloned()).collect();
         // Prepared first (a round trip only on a session's first commit), so the statements
@@ -885,13 +903,6 @@ impl RivetStore {
         udb::first_cause([conflicts, kv, records]).map_err(Attempt::Pg)?;
         tx.commit().await.map_err(Attempt::Pg)?;
         metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
-        let took = began.elapsed();
-        if took > udb::TRANSACTION_LIMIT {
-            tracing::warn!(
-                took_ms = took.as_millis() as u64,
-                "a universaldb transaction took longer than rivet's 5 s limit; conflicts older than 10 s are not seen"
-            );
-        }
         Ok(verdicts)
     }
 
@@ -1016,6 +1027,19 @@ enum Attempt {
     Store(StoreError),
     /// A read of the commit's snapshot lost to a concurrent transaction.
     LostRace,
+}
+
+/// A commit whose checks outlived rivet's transaction limit: transient (the job is retried, its
+/// reads done afresh), as rivet's driver fails such a transaction as too old.
+fn past_deadline(deadline: Duration) -> StoreError {
+    StoreError::Unavailable {
+        backend: "postgres",
+        message: format!(
+            "a universaldb transaction's checks took over {} ms, rivet's transaction limit: rolled back before its \
+             conflict rows, nothing written",
+            deadline.as_millis()
+        ),
+    }
 }
 
 fn conflict(index: usize, check: &Check) -> StoreError {

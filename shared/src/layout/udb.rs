@@ -20,9 +20,14 @@ use tokio_postgres::error::SqlState;
 use crate::store::postgres::Connection;
 use crate::store::{KeyRange, KeyValue};
 
-/// How long rivet lets a transaction live; ferry's stay well under it.
+/// How long rivet lets a transaction live (its driver's `TXN_TIMEOUT`), and the deadline of
+/// ferry's: a transaction whose checks took longer is rolled back before it sends its conflict
+/// rows ([`CONFLICT_RETENTION`] says why).
 pub const TRANSACTION_LIMIT: Duration = Duration::from_secs(5);
-/// rivet's engine deletes `conflict_ranges` rows older than this.
+/// rivet's engine deletes `conflict_ranges` rows older than this. A write that committed after
+/// a transaction's snapshot began left rows younger than that transaction; once it is older
+/// than this, they may be gone, and its conflict rows would not see the write it missed (a
+/// digest check passing on a snapshot where v1 had not changed yet). Hence the deadline.
 pub const CONFLICT_RETENTION: Duration = Duration::from_secs(10);
 /// How often ferry deletes expired `conflict_ranges` rows itself (as the engine does), so a
 /// rehearsal schema with no engine does not grow without end.
