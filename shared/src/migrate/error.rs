@@ -117,8 +117,15 @@ impl Cause {
     /// rejection or a corrupt head dead-letters with (the broker's and the runner's own
     /// reasons, `bad_message`, `retries_exhausted` and `delivery_limit`, are no cause).
     pub fn kinds() -> Vec<&'static str> {
-        let mut kinds =
-            vec!["in_progress_elsewhere", "v1_changed", "fenced", "store_unavailable", "internal", "unknown_campaign"];
+        let mut kinds = vec![
+            "in_progress_elsewhere",
+            "v1_changed",
+            "fenced",
+            "store_unavailable",
+            "store_failed",
+            "internal",
+            "unknown_campaign",
+        ];
         kinds.extend(
             DeadLetterReason::ALL
                 .into_iter()
@@ -143,7 +150,11 @@ impl Cause {
             Cause::InProgressElsewhere { .. } => "in_progress_elsewhere",
             Cause::V1Changed => "v1_changed",
             Cause::Fenced => "fenced",
-            Cause::Store(_) => "store_unavailable",
+            // Both retried (a revoked grant or a missing table is fixed by an operator, and
+            // the job's retries wait for it), but told apart on the dashboard: an outage passes,
+            // a store that refuses (schema, permissions, a limit) pages someone.
+            Cause::Store(e) if e.is_transient() => "store_unavailable",
+            Cause::Store(_) => "store_failed",
             Cause::Internal(_) => "internal",
             Cause::UnknownCampaign { .. } => "unknown_campaign",
         }
@@ -183,6 +194,7 @@ mod tests {
             Cause::V1Changed,
             Cause::Fenced,
             Cause::Store(StoreError::Unavailable { backend: "sqlite", message: "busy".into() }),
+            Cause::Store(StoreError::Failed { backend: "postgres", message: "permission denied".into() }),
             Cause::Internal("x".into()),
         ] {
             assert_eq!(transient.fate(), Fate::Retry, "{transient}");
@@ -211,6 +223,7 @@ mod tests {
             Cause::V1Changed,
             Cause::Fenced,
             Cause::Store(StoreError::Unavailable { backend: "sqlite", message: "busy".into() }),
+            Cause::Store(StoreError::Failed { backend: "postgres", message: "permission denied".into() }),
             Cause::Internal("x".into()),
             Cause::UnknownCampaign { campaign: "c".into(), store: "sqlite:x.db".into() },
         ] {
@@ -227,6 +240,6 @@ mod tests {
             }
             assert!(kinds.contains(&cause.kind()), "{} is not in Cause::kinds()", cause.kind());
         }
-        assert_eq!(kinds.len(), 18, "one entry per kind: {kinds:?}");
+        assert_eq!(kinds.len(), 19, "one entry per kind: {kinds:?}");
     }
 }

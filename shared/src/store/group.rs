@@ -9,7 +9,10 @@
 //! - a failure of a group's store transaction as a whole (unavailable, serialization failure
 //!   past its retries, an error in one transaction's writes) never becomes the verdict on all
 //!   of its transactions: each is committed again alone ([`Store::commit`]), so one bad
-//!   transaction fails only itself;
+//!   transaction fails only itself. When that failure hid a commit that landed (the connection
+//!   lost at `COMMIT`), the retry alone fails its first check on its own write: a conflict, so
+//!   the migration inspects again, finds the actor migrated and records the skip (the
+//!   migration's audit fields kept; counted as `skipped_already_migrated`, not `migrated`);
 //! - a group never writes more than the store's transaction limit ([`MAX_TXN_WRITE_BYTES`]) and
 //!   never holds more than [`GroupConfig::max_txns`] transactions;
 //! - a transaction waits at most [`GroupConfig::max_wait`] for others to join it, and not at all
