@@ -1,6 +1,8 @@
 //! `ferry-producer verify`: for migrated actors, rebuild the file from v2, compare it with v1
 //! and with the checksum recorded at migration, and run quick_check on it. Reports v2
-//! corruption and v1 drift (v1 changed after it was migrated). Reads only.
+//! corruption and v1 drift (v1 changed after it was migrated), and tells a v2 the actor has
+//! written since (its head past the migration's txid, recorded in the audit) from a corrupt
+//! one: the runtime's own commits and compaction are not ferry's layout. Reads only.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,10 @@ pub enum Verdict {
     V2Corrupt,
     /// The actor's v2 head is not MigratedFromV1.
     NotMigrated,
+    /// The v2 head moved past the txid the migration committed: the actor has written v2 since
+    /// (its runtime resumed), so v2 is no longer the migrated copy and nothing is compared
+    /// (v1 is a tombstone by then). Not corruption. A head behind that txid is corruption.
+    V2MovedOn,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -91,7 +97,24 @@ pub async fn verify_actor(store: &dyn Store, actor: &ActorId, audit: Option<&Aud
     let verdict = |verdict, detail: Option<String>| ActorVerdict { actor: actor.to_string(), verdict, detail };
     match store.get(&crate::v2::keys::meta(actor)).await {
         Ok(Some(raw)) => match DBHead::decode(&raw) {
-            Ok(h) if h.origin == Origin::MigratedFromV1 => {}
+            Ok(h) if h.origin == Origin::MigratedFromV1 => {
+                // txids only grow: past the migration's, the runtime committed; behind it,
+                // something rewrote the head.
+                match audit.and_then(|a| a.head_txid) {
+                    Some(migrated) if h.head_txid > migrated => {
+                        let detail = format!(
+                            "v2 head txid {} is past the migration's {migrated}: the actor has written v2 since",
+                            h.head_txid
+                        );
+                        return verdict(Verdict::V2MovedOn, Some(detail));
+                    }
+                    Some(migrated) if h.head_txid < migrated => {
+                        let detail = format!("v2 head txid {} is behind the migration's {migrated}", h.head_txid);
+                        return verdict(Verdict::V2Corrupt, Some(detail));
+                    }
+                    _ => {}
+                }
+            }
             Ok(h) => return verdict(Verdict::NotMigrated, Some(format!("v2 head origin is {}", h.origin.as_str()))),
             Err(e) => return verdict(Verdict::V2Corrupt, Some(e.to_string())),
         },

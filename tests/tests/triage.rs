@@ -14,8 +14,8 @@
 //!   actor dead or requeued, never both or neither, and a rerun finishes the move); a job
 //!   handed back until its delivery limit (its worker killed) is dead-lettered by the next
 //!   worker as ONE `delivery_limit` record, the same however often it is listed;
-//! - `verify` finds a clean campaign clean, planted v1 drift as `v1_drift` and planted v2
-//!   damage as `v2_corrupt`;
+//! - `verify` finds a clean campaign clean, planted v1 drift as `v1_drift`, planted v2
+//!   damage as `v2_corrupt`, and an actor whose runtime committed to v2 since as `v2_moved_on`;
 //! - `dlq export --format csv` and `dlq purge` (refused without `--yes`, audited with it), in
 //!   either mode, with no broker.
 //!
@@ -43,6 +43,7 @@ use ferry::testing::{Backend, TestStore, amqp_url, unique_name};
 use ferry::triage::ticket::{self, Ticket};
 use ferry::v1::FileTag;
 use ferry::v1::keys::chunk_key;
+use ferry::v2::ltx::{self, LtxHeader};
 use ferry::v2::{DBHead, Origin, read_v2};
 use ferry::{ActorId, DeadLetterReason, Recovery};
 use ferry_tests::Proc;
@@ -892,7 +893,8 @@ async fn killed_listing_changes_nothing_and_killed_requeue_leaves_every_actor_de
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2_corruption() -> Result<()> {
+async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2_corruption_and_tells_a_resumed_actor_from_them()
+-> Result<()> {
     bounded(Duration::from_secs(120), async {
         let ts = TestStore::new(Backend::Sqlite).await;
         let store = ts.store();
@@ -939,6 +941,27 @@ async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2
         txn.set(ferry::v2::keys::pidx(repointed, 2), (h.head_txid + 7).to_be_bytes().to_vec());
         store.commit(txn).await?;
 
+        // The runtime resumed and committed to v2 as rivet's engine does: a delta holding only
+        // the page it dirtied, that page's PIDX row, the head moved to the new txid. Not
+        // ferry's layout (a blob of every page), and not corruption.
+        let resumed = &actors[5];
+        let h = head(&store, resumed).await?.context("head")?;
+        let mut page = read_v2(&*store, resumed).await?.file[..4096].to_vec();
+        page[4000] ^= 0x01;
+        let txid = h.head_txid + 1;
+        let header = LtxHeader {
+            page_size: 4096,
+            commit: h.db_size_pages,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp_ms: h.creation_ts_ms + 1,
+        };
+        let mut txn = Txn::new();
+        txn.set(ferry::v2::keys::delta_chunk(resumed, txid, 0), ltx::encode(&header, &[(1, &page)]));
+        txn.set(ferry::v2::keys::pidx(resumed, 1), txid.to_be_bytes().to_vec());
+        txn.set(ferry::v2::keys::meta(resumed), DBHead { head_txid: txid, next_txid: txid + 1, ..h }.encode());
+        store.commit(txn).await?;
+
         let out = output(&mut verify_cmd(&ts.url, &[]))?;
         assert_eq!(out.status.code(), Some(3), "verify exits 3 when it finds problems");
         let report: Value = serde_json::from_slice(&out.stdout)?;
@@ -952,10 +975,11 @@ async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2
             (drifted.to_string(), "v1_drift".to_string()),
             (flipped.to_string(), "v2_corrupt".to_string()),
             (repointed.to_string(), "v2_corrupt".to_string()),
+            (resumed.to_string(), "v2_moved_on".to_string()),
         ]
         .into();
         assert_eq!(problems, expected, "{report}");
-        assert_eq!(report["counts"]["ok"], actors.len() - 3, "{report}");
+        assert_eq!(report["counts"]["ok"], actors.len() - 4, "{report}");
         assert_eq!(report["checked"], actors.len(), "{report}");
 
         // Selecting only sound actors is clean again.

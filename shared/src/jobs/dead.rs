@@ -62,6 +62,7 @@ impl DeadLetter {
             v1_files: self.v1_files.clone(),
             attempts: Some(self.attempts),
             purged_at_ms: None,
+            head_txid: None,
         }
     }
 }

@@ -74,6 +74,11 @@ pub struct AuditRecord {
     /// Set when an operator purged the actor's dead letter (`dlq purge`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purged_at_ms: Option<i64>,
+    /// The v2 head's `head_txid` this record saw: the txid a migration committed (or the head a
+    /// skip found). `verify` tells a v2 the actor has written since (its head moved past this)
+    /// from a corrupt one. Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_txid: Option<u64>,
 }
 
 impl AuditRecord {
@@ -114,6 +119,7 @@ impl AuditRecord {
             v1_files: None,
             attempts: None,
             purged_at_ms: None,
+            head_txid: head.map(|h| h.head_txid),
         }
     }
 

@@ -558,7 +558,7 @@ impl Migrator {
             &image,
             staged.main.len() as u64,
             staged.checksum,
-            staging.head.generation,
+            (staging.head.generation, staging.txid),
             started,
         );
         let mut txn = Txn::new();
@@ -602,7 +602,7 @@ impl Migrator {
         image: &Validated,
         v1_bytes: u64,
         checksum: crate::checksum::DatabaseChecksum,
-        generation: u64,
+        (generation, txid): (u64, u64),
         started: i64,
     ) -> AuditRecord {
         AuditRecord {
@@ -623,6 +623,7 @@ impl Migrator {
             v1_files: Some(image.files.clone()),
             attempts: Some(req.attempts),
             purged_at_ms: None,
+            head_txid: Some(txid),
         }
     }
 
@@ -664,7 +665,7 @@ impl Migrator {
             ..DBHead::staging(generation, txid, started)
         };
         let mut usage = quota::pidx_usage(self.store.layout(), actor, pages);
-        let audit = self.migrated_audit(req, &image, image.main.len() as u64, checksum, generation, started);
+        let audit = self.migrated_audit(req, &image, image.main.len() as u64, checksum, (generation, txid), started);
         let mut txn = Txn::new();
         txn.check_value(v2keys::meta(actor), prev.head_raw.map(<[u8]>::to_vec));
         txn.check_value(keys::lease(actor), prev.lease_raw.map(<[u8]>::to_vec));
