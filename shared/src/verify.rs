@@ -30,9 +30,23 @@ pub enum Verdict {
     /// The actor's v2 head is not MigratedFromV1.
     NotMigrated,
     /// The v2 head moved past the txid the migration committed: the actor has written v2 since
-    /// (its runtime resumed), so v2 is no longer the migrated copy and nothing is compared
-    /// (v1 is a tombstone by then). Not corruption. A head behind that txid is corruption.
+    /// (its runtime resumed), so v2 is no longer the migrated copy and is not compared with v1
+    /// or the migration's checksum. Where ferry's reader can still rebuild the file it must
+    /// pass quick_check (else `V2Corrupt`); the runtime's own layout (deltas of dirty pages,
+    /// compacted shards) it cannot rebuild. Not a mismatch. A head behind that txid is
+    /// corruption.
     V2MovedOn,
+}
+
+impl Verdict {
+    /// Whether the verdict is a finding: v2 or v1 is not what the migration left, where it
+    /// should be. An actor that moved on is reported, not counted as one.
+    pub fn is_mismatch(self) -> bool {
+        match self {
+            Verdict::Ok | Verdict::V2MovedOn => false,
+            Verdict::V1Drift | Verdict::V2Corrupt | Verdict::NotMigrated => true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -46,13 +60,24 @@ pub struct ActorVerdict {
 pub struct VerifyReport {
     pub checked: u64,
     pub counts: BTreeMap<String, u64>,
-    /// Every actor whose verdict is not `ok`.
+    /// Every actor whose verdict is not `ok` (`v2_moved_on` included: listed, not a mismatch).
     pub problems: Vec<ActorVerdict>,
 }
 
 impl VerifyReport {
+    /// No mismatch ([`Verdict::is_mismatch`]): every actor checked is `ok` or moved on.
     pub fn clean(&self) -> bool {
-        self.problems.is_empty()
+        self.mismatches() == 0
+    }
+
+    /// Actors whose verdict is a mismatch.
+    pub fn mismatches(&self) -> usize {
+        self.problems.iter().filter(|p| p.verdict.is_mismatch()).count()
+    }
+
+    /// Actors that have written v2 since their migration ([`Verdict::V2MovedOn`]).
+    pub fn moved_on(&self) -> usize {
+        self.problems.iter().filter(|p| p.verdict == Verdict::V2MovedOn).count()
     }
 }
 
@@ -102,11 +127,8 @@ pub async fn verify_actor(store: &dyn Store, actor: &ActorId, audit: Option<&Aud
                 // something rewrote the head.
                 match audit.and_then(|a| a.head_txid) {
                     Some(migrated) if h.head_txid > migrated => {
-                        let detail = format!(
-                            "v2 head txid {} is past the migration's {migrated}: the actor has written v2 since",
-                            h.head_txid
-                        );
-                        return verdict(Verdict::V2MovedOn, Some(detail));
+                        let (v, detail) = moved_on(store, actor, h.head_txid, migrated).await;
+                        return verdict(v, Some(detail));
                     }
                     Some(migrated) if h.head_txid < migrated => {
                         let detail = format!("v2 head txid {} is behind the migration's {migrated}", h.head_txid);
@@ -163,6 +185,22 @@ pub async fn verify_actor(store: &dyn Store, actor: &ActorId, audit: Option<&Aud
     } else {
         let detail = format!("v1 main file ({} bytes) differs from v2 ({} bytes)", v1_main.len(), v2.file.len());
         verdict(Verdict::V1Drift, Some(detail))
+    }
+}
+
+/// The verdict on an actor whose head moved past the migration's txid: rebuilt and
+/// quick_checked where ferry's reader can rebuild it, else only reported.
+async fn moved_on(store: &dyn Store, actor: &ActorId, head_txid: u64, migrated: u64) -> (Verdict, String) {
+    let since = format!("v2 head txid {head_txid} is past the migration's {migrated}: the actor has written v2 since");
+    let v2 = match read_v2(store, actor).await {
+        Ok(v2) => v2,
+        Err(e) => return (Verdict::V2MovedOn, format!("{since}; not rebuilt, its layout is the runtime's ({e})")),
+    };
+    let mut file = v2.file;
+    match tokio::task::spawn_blocking(move || crate::v1::check::quick_check(&mut file)).await {
+        Ok(Ok(())) => (Verdict::V2MovedOn, format!("{since}; it passes quick_check")),
+        Ok(Err(problem)) => (Verdict::V2Corrupt, format!("{since}, and it fails quick_check: {problem}")),
+        Err(e) => (Verdict::V2Corrupt, format!("{since}; quick_check task: {e}")),
     }
 }
 

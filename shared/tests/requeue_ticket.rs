@@ -22,10 +22,12 @@ use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
 use ferry::triage::index::{self, LetterId};
 use ferry::triage::ticket::{self, Ticket};
+use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason, keys};
 
-/// A store whose batched reads fail as an outage would, as after a commit that landed though
-/// its connection was lost: every other call goes through.
+/// A store whose batched reads fail as an outage would; every other call goes through. Run
+/// against an actor migrated already, its last attempt fails transiently on a settled actor,
+/// as a job does whose commit landed though its connection was lost.
 struct BatchedReadsDown {
     inner: DynStore,
 }
@@ -186,8 +188,11 @@ async fn assert_acked_as_already_migrated(
     assert_eq!(outcome.kind(), OutcomeKind::SkippedAlreadyMigrated);
     let now = audit(store, actor).await?;
     assert_eq!(now.outcome, OutcomeKind::SkippedAlreadyMigrated);
-    assert!(first.checksum.is_some());
-    assert_eq!((now.checksum.as_ref(), now.generation), (first.checksum.as_ref(), first.generation));
+    assert!(first.checksum.is_some() && first.head_txid.is_some());
+    assert_eq!(
+        (now.checksum.as_ref(), now.generation, now.pages, now.head_txid),
+        (first.checksum.as_ref(), first.generation, first.pages, first.head_txid)
+    );
     assert!(index::get(&**store, &LetterId::Actor(actor.clone())).await?.is_none(), "dead-lettered");
     Ok(())
 }
@@ -215,6 +220,42 @@ async fn retries_exhausted_after_the_commit_landed_is_acked_as_already_migrated_
     // The last attempt's read fails as an outage: its fate would be retries_exhausted.
     let d = r.run(&body(&actor), r.retry.max_attempts).await;
     assert_acked_as_already_migrated(&store, &actor, d, &first).await
+}
+
+async fn delivery_limit_of_a_requeued_actor_migrated_meanwhile_whose_v1_is_gone_is_acked_as_already_migrated_and_clears_its_ticket(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("limit-ticket");
+    let first = migrated(&store, &actor).await?;
+    let mut txn = Txn::new();
+    txn.clear_range(ferry::v1::keys::sqlite_range(&actor));
+    let t = Ticket::new(letter(&actor, DeadLetterReason::RetriesExhausted), None, 1);
+    txn.set(ticket::key(&actor), t.encode());
+    store.commit(txn).await?;
+    // The skip comes from the head: no v1 read, so not skipped_no_v1 over the migration's audit.
+    let d = runner(&store).delivery_limit_reached(&body(&actor), 11, 10, Some(&t.token)).await;
+    assert_acked_as_already_migrated(&store, &actor, d, &first).await?;
+    assert!(store.get(&ticket::key(&actor)).await?.is_none(), "the ticket outlived its job");
+    Ok(())
+}
+
+async fn delivery_limit_of_a_native_actor_is_acked_as_skipped_native(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("limit-native");
+    write_v1(&*store, &actor, &plain()?).await?;
+    let native = DBHead { origin: Origin::Native, ..DBHead::staging(3, 9, 1) };
+    let mut txn = Txn::new();
+    txn.set(ferry::v2::keys::meta(&actor), native.encode());
+    store.commit(txn).await?;
+    let d = runner(&store).delivery_limit_reached(&body(&actor), 11, 10, None).await;
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not acked: {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::SkippedNativeV2);
+    assert_eq!(audit(&store, &actor).await?.outcome, OutcomeKind::SkippedNativeV2);
+    assert!(index::get(&*store, &LetterId::Actor(actor.clone())).await?.is_none(), "dead-lettered");
+    Ok(())
 }
 
 async fn retries_exhausted_of_an_unsettled_actor_is_dead_lettered(backend: Backend) -> Result<()> {
@@ -257,5 +298,7 @@ per_backend!(
         delivery_limit_of_an_actor_migrated_meanwhile_is_acked_as_already_migrated_and_keeps_its_audit,
         retries_exhausted_after_the_commit_landed_is_acked_as_already_migrated_and_keeps_its_audit,
         retries_exhausted_of_an_unsettled_actor_is_dead_lettered,
+        delivery_limit_of_a_requeued_actor_migrated_meanwhile_whose_v1_is_gone_is_acked_as_already_migrated_and_clears_its_ticket,
+        delivery_limit_of_a_native_actor_is_acked_as_skipped_native,
     ],
 );

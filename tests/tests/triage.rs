@@ -962,6 +962,14 @@ async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2
         txn.set(ferry::v2::keys::meta(resumed), DBHead { head_txid: txid, next_txid: txid + 1, ..h }.encode());
         store.commit(txn).await?;
 
+        // A head behind the txid the migration committed: txids only grow, so this is damage.
+        let rewound = &actors[6];
+        let h = head(&store, rewound).await?.context("head")?;
+        let mut txn = Txn::new();
+        let back = DBHead { head_txid: h.head_txid - 1, ..h };
+        txn.set(ferry::v2::keys::meta(rewound), back.encode());
+        store.commit(txn).await?;
+
         let out = output(&mut verify_cmd(&ts.url, &[]))?;
         assert_eq!(out.status.code(), Some(3), "verify exits 3 when it finds problems");
         let report: Value = serde_json::from_slice(&out.stdout)?;
@@ -976,10 +984,17 @@ async fn verify_reports_a_clean_campaign_clean_and_finds_planted_v1_drift_and_v2
             (flipped.to_string(), "v2_corrupt".to_string()),
             (repointed.to_string(), "v2_corrupt".to_string()),
             (resumed.to_string(), "v2_moved_on".to_string()),
+            (rewound.to_string(), "v2_corrupt".to_string()),
         ]
         .into();
         assert_eq!(problems, expected, "{report}");
-        assert_eq!(report["counts"]["ok"], actors.len() - 4, "{report}");
+        assert_eq!(report["counts"]["ok"], actors.len() - 5, "{report}");
+
+        // An actor that moved on is reported, not a mismatch: verify of it alone exits 0.
+        let alone = output(&mut verify_cmd(&ts.url, &["--actor", resumed.as_str()]))?;
+        assert!(alone.status.success(), "a moved-on actor alone: {}", String::from_utf8_lossy(&alone.stderr));
+        let alone: Value = serde_json::from_slice(&alone.stdout)?;
+        assert_eq!(alone["counts"]["v2_moved_on"], 1, "{alone}");
         assert_eq!(report["checked"], actors.len(), "{report}");
 
         // Selecting only sound actors is clean again.

@@ -692,13 +692,20 @@ pub fn confirm_verify(campaign: &str, migrated: u64, v: &Viewer<'_>) -> String {
 pub fn verified(campaign: &str, r: &crate::verify::VerifyReport) -> String {
     let verdict = if r.checked == 0 {
         "<p class=\"warn\" id=\"result\">Nothing to verify: the campaign has no migrated actor.</p>".to_string()
+    } else if r.clean() && r.moved_on() > 0 {
+        format!(
+            "<p class=\"ok\" id=\"result\">No mismatch in <b>{}</b> actors: v2 matches v1 and the migration, but \
+             for {} that have written v2 since their migration (not compared).</p>",
+            r.checked,
+            r.moved_on()
+        )
     } else if r.clean() {
         format!(
             "<p class=\"ok\" id=\"result\">All <b>{}</b> actors verified: v2 matches v1 and the migration.</p>",
             r.checked
         )
     } else {
-        format!("<p class=\"err\" id=\"result\">{} of {} actors do not match.</p>", r.problems.len(), r.checked)
+        format!("<p class=\"err\" id=\"result\">{} of {} actors do not match.</p>", r.mismatches(), r.checked)
     };
     let mut out = format!(
         "<h1>Verified {}</h1><div class=\"card\">{verdict}<table><tr><th>verdict</th><th class=\"n\">actors</th></tr>",

@@ -5,8 +5,9 @@
 //! Invariants: every job ends in exactly one disposition (ack, retry later, dead-letter); a
 //! dead letter's audit record and its triage index record (`triage::index`, fleet and embedded
 //! alike) are durable before the disposition is returned, and never replace the outcome of an
-//! actor whose head says its migration settled (checked in the letter's transaction); a requeued job runs only while its
-//! ticket is current (`triage::ticket`); a job's fate is decided by [`Cause::fate`], never by error text.
+//! actor whose head says its migration settled (checked in the letter's transaction); a
+//! requeued job runs only while its ticket is current (`triage::ticket`); a job's fate is
+//! decided by [`Cause::fate`], never by error text.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tracing::{Instrument, info, warn};
 use crate::budget::MemoryBudget;
 use crate::keys;
 use crate::metrics as m;
-use crate::migrate::{Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request};
+use crate::migrate::{AuditRecord, Cause, Fate, MigrateError, Migrator, Outcome, OutcomeKind, Phase, Request, audit};
 use crate::reason::DeadLetterReason;
 use crate::store::{StoreError, Txn};
 use crate::triage::index;
@@ -80,15 +81,22 @@ pub enum Disposition {
 enum Recorded {
     /// The letter, its audit and its index record are durable.
     Letter,
-    /// Nothing written: the actor's head says migrated (or native), an outcome the letter must
-    /// not replace.
-    Settled,
+    /// Nothing written: the actor's head (this one) says migrated or native, an outcome the
+    /// letter must not replace; the skip that head makes.
+    Settled(DBHead, OutcomeKind),
 }
 
-/// Whether a v2 head ends the actor's migration: migrated from v1, or native. A head that does
-/// not decode is not settled (its own dead letter, `corrupt_v2_meta`, stands).
-fn is_settled(raw: &[u8]) -> bool {
-    DBHead::decode(raw).is_ok_and(|h| h.origin != Origin::MigratingFromV1)
+/// The head and the skip it makes, if it ends the actor's migration: migrated from v1, or
+/// native. A head that does not decode is not settled (its own dead letter, `corrupt_v2_meta`,
+/// stands), nor is a migration in progress.
+fn settled_head(raw: &[u8]) -> Option<(DBHead, OutcomeKind)> {
+    let head = DBHead::decode(raw).ok()?;
+    let kind = match head.origin {
+        Origin::Native => OutcomeKind::SkippedNativeV2,
+        Origin::MigratedFromV1 => OutcomeKind::SkippedAlreadyMigrated,
+        Origin::MigratingFromV1 => return None,
+    };
+    Some((head, kind))
 }
 
 /// Runs jobs against one store.
@@ -178,7 +186,7 @@ impl JobRunner {
         let dead = self.letter(&job, DeadLetterReason::DeliveryLimit, "deliver", error, attempts, None);
         match self.record(&job, &dead).await {
             Ok(Recorded::Letter) => {}
-            Ok(Recorded::Settled) => return self.settled(&job, attempts).await,
+            Ok(Recorded::Settled(head, kind)) => return self.settled(&job, (head, kind), attempts, false).await,
             Err(e) => {
                 return Disposition::Retry {
                     delay: self.retry.delay(attempts),
@@ -269,6 +277,7 @@ impl JobRunner {
         }
     }
 
+    /// The migration `job` asks for, on its `attempts`-th delivery.
     fn request(job: &Job, attempts: u32) -> Request {
         Request {
             actor: job.actor_id.clone(),
@@ -359,15 +368,12 @@ impl JobRunner {
             }
             Fate::Retry => DeadLetterReason::RetriesExhausted,
         };
-        if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
-            metrics::counter!(m::JOURNALS_REJECTED).increment(1);
-        }
         let dead = self.letter(job, reason, e.phase.as_str(), e.to_string(), attempts, e.files.clone());
         // The triage index is where every dead letter is found: none is given up before it is
         // there, whatever the reason (a store that is down is waited for).
         match self.record(job, &dead).await {
             Ok(Recorded::Letter) => {}
-            Ok(Recorded::Settled) => return self.settled(job, attempts).await,
+            Ok(Recorded::Settled(head, kind)) => return self.settled(job, (head, kind), attempts, true).await,
             Err(err) => {
                 let delay = self.retry.delay(attempts);
                 return Disposition::Retry {
@@ -376,6 +382,9 @@ impl JobRunner {
                     uses_attempt: true,
                 };
             }
+        }
+        if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
+            metrics::counter!(m::JOURNALS_REJECTED).increment(1);
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);
@@ -392,8 +401,8 @@ impl JobRunner {
         let store = self.migrator.store();
         let meta = v2keys::meta(&job.actor_id);
         let head = store.get(&meta).await?;
-        if head.as_deref().is_some_and(is_settled) {
-            return Ok(Recorded::Settled);
+        if let Some((settled, kind)) = head.as_deref().and_then(settled_head) {
+            return Ok(Recorded::Settled(settled, kind));
         }
         let old = index::current(&**store, dead).await?;
         // The letter carries the job's campaign and recovery.
@@ -410,20 +419,33 @@ impl JobRunner {
 
     /// The job of an actor whose migration settled while the job failed (a duplicate delivery
     /// whose other copy finalized, a commit that landed though its connection was lost): its
-    /// outcome is the skip a new run records (`skipped_already_migrated`, keeping the
-    /// migration's fields, or `skipped_native_v2`), never a dead letter over the audit.
-    async fn settled(&self, job: &Job, attempts: u32) -> Disposition {
-        info!("the actor's migration settled while its job failed; recording the skip, not a dead letter");
-        let _first = self.budget.reserve(MemoryBudget::first_read_footprint()).await;
-        match self.migrator.migrate(&Self::request(job, attempts)).await {
-            Ok(outcome) => {
-                metrics::counter!(m::OUTCOMES, "outcome" => outcome.kind().as_str()).increment(1);
-                Disposition::Ack(outcome)
+    /// outcome is the skip the head says (`skipped_already_migrated`, keeping the migration's
+    /// audit fields, or `skipped_native_v2`), recorded from the head `record` read, never a dead
+    /// letter over the audit. Nothing else is read: not v1, which may be gone by now.
+    /// `uses_attempt`: whether a failure to record it counts toward the retry budget (as the
+    /// letter's own failure would on this path).
+    async fn settled(
+        &self,
+        job: &Job,
+        (head, kind): (DBHead, OutcomeKind),
+        attempts: u32,
+        uses_attempt: bool,
+    ) -> Disposition {
+        info!(outcome = %kind, "the actor's migration settled while its job failed; recording the skip, not a dead letter");
+        let now = self.migrator.now_ms();
+        let worker = &self.migrator.config().worker_id;
+        let mut skip = AuditRecord::skipped(&job.actor_id, &job.campaign, kind, Some(&head), worker, (now, now));
+        skip.attempts = Some(attempts);
+        let clears = job.ticket.as_ref().map(|_| ticket::key(&job.actor_id));
+        match audit::record_skip(&**self.migrator.store(), skip, clears.as_deref()).await {
+            Ok(audit) => {
+                metrics::counter!(m::OUTCOMES, "outcome" => kind.as_str()).increment(1);
+                Disposition::Ack(Outcome { audit, bytes_written: 0, timings: Default::default() })
             }
             Err(e) => Disposition::Retry {
                 delay: self.retry.delay(attempts),
                 error: format!("recording the skip of a settled actor: {e}"),
-                uses_attempt: true,
+                uses_attempt,
             },
         }
     }
