@@ -15,6 +15,7 @@ use ferry::budget::MemoryBudget;
 use ferry::clock::SystemClock;
 use ferry::jobs::{DeadLetter, Disposition, Job, JobRunner, RetryPolicy};
 use ferry::migrate::AuditRecord;
+use ferry::migrate::lease::Lease;
 use ferry::migrate::{MigrateConfig, Migrator, OutcomeKind};
 use ferry::store::{DynStore, KeyRange, KeyValue, Read, ReadResult, Store, StoreError, Txn};
 use ferry::synth::sqlite::{DbSpec, database, hot_journal};
@@ -54,6 +55,41 @@ impl Store for BatchedReadsDown {
     }
     async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
         self.inner.commit_many(txns).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A store that commits `twin` (another copy's finalize) just before the first commit it is
+/// asked for: between a dead letter's read of the head and its commit.
+struct TwinFinalizesFirst {
+    inner: DynStore,
+    twin: tokio::sync::Mutex<Option<Txn>>,
+}
+
+#[async_trait]
+impl Store for TwinFinalizesFirst {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    fn layout(&self) -> ferry::layout::Layout {
+        self.inner.layout()
+    }
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.scan(range, limit).await
+    }
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.first_key(range).await
+    }
+    async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        self.inner.read_many(reads).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        if let Some(twin) = self.twin.lock().await.take() {
+            self.inner.commit(twin).await?;
+        }
+        self.inner.commit(txn).await
     }
     fn describe(&self) -> String {
         self.inner.describe()
@@ -258,6 +294,41 @@ async fn delivery_limit_of_a_native_actor_is_acked_as_skipped_native(backend: Ba
     Ok(())
 }
 
+async fn a_twin_finalize_between_the_letters_head_read_and_its_commit_fails_the_letter_not_the_migration(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("twin");
+    write_v1(&*store, &actor, &plain()?).await?;
+    // A twin copy is staging: its head and its live lease.
+    let staging = DBHead::staging(1, 1, 1);
+    let far = ferry::clock::Clock::now_ms(&SystemClock) + 3_600_000;
+    let lease = Lease { holder: "twin#1".into(), generation: 1, expires_at_ms: far };
+    let mut txn = Txn::new();
+    txn.set(ferry::v2::keys::meta(&actor), staging.encode());
+    txn.set(keys::lease(&actor), lease.encode());
+    store.commit(txn).await?;
+    // Its finalize lands after this copy's letter read the staging head.
+    let migrated = DBHead { origin: Origin::MigratedFromV1, head_txid: 1, next_txid: 2, ..staging };
+    let mut twin = Txn::new();
+    twin.set(ferry::v2::keys::meta(&actor), migrated.encode());
+    twin.clear(keys::lease(&actor));
+    let hooked: DynStore =
+        Arc::new(TwinFinalizesFirst { inner: store.clone(), twin: tokio::sync::Mutex::new(Some(twin)) });
+    let r = runner(&hooked);
+    // The last attempt finds the twin in progress: its fate would be retries_exhausted.
+    let d = r.run(&body(&actor), r.retry.max_attempts).await;
+    assert!(matches!(d, Disposition::Retry { .. }), "the letter raced the finalize: {d:?}");
+    assert!(store.get(&keys::audit(&actor)).await?.is_none(), "a letter's audit was written");
+    assert!(index::get(&*store, &LetterId::Actor(actor.clone())).await?.is_none(), "dead-lettered");
+    // The next delivery finds the actor migrated and skips it.
+    let again = runner(&store).run(&body(&actor), r.retry.max_attempts + 1).await;
+    let Disposition::Ack(outcome) = again else { anyhow::bail!("not acked: {again:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::SkippedAlreadyMigrated);
+    Ok(())
+}
+
 async fn retries_exhausted_of_an_unsettled_actor_is_dead_lettered(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
@@ -300,5 +371,6 @@ per_backend!(
         retries_exhausted_of_an_unsettled_actor_is_dead_lettered,
         delivery_limit_of_a_requeued_actor_migrated_meanwhile_whose_v1_is_gone_is_acked_as_already_migrated_and_clears_its_ticket,
         delivery_limit_of_a_native_actor_is_acked_as_skipped_native,
+        a_twin_finalize_between_the_letters_head_read_and_its_commit_fails_the_letter_not_the_migration,
     ],
 );
