@@ -26,50 +26,29 @@ use ferry::triage::ticket::{self, Ticket};
 use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason, keys};
 
-/// A store whose batched reads fail as an outage would; every other call goes through. Run
-/// against an actor migrated already, its last attempt fails transiently on a settled actor,
-/// as a job does whose commit landed though its connection was lost.
-struct BatchedReadsDown {
+/// The test's store with one fault or race: `batched_reads_down` fails every batched read as
+/// an outage would (run against an actor migrated already, its last attempt fails
+/// transiently on a settled actor, as a job does whose commit landed though its connection was
+/// lost); `twin`, if set, is committed just before the first commit asked for (another copy's
+/// finalize landing between a dead letter's read of the head and its commit).
+struct Faulty {
     inner: DynStore,
-}
-
-#[async_trait]
-impl Store for BatchedReadsDown {
-    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key).await
-    }
-    fn layout(&self) -> ferry::layout::Layout {
-        self.inner.layout()
-    }
-    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
-        self.inner.scan(range, limit).await
-    }
-    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.first_key(range).await
-    }
-    async fn read_many(&self, _: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
-        Err(StoreError::Unavailable { backend: "test", message: "connection lost".into() })
-    }
-    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        self.inner.commit(txn).await
-    }
-    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
-        self.inner.commit_many(txns).await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
-/// A store that commits `twin` (another copy's finalize) just before the first commit it is
-/// asked for: between a dead letter's read of the head and its commit.
-struct TwinFinalizesFirst {
-    inner: DynStore,
+    batched_reads_down: bool,
     twin: tokio::sync::Mutex<Option<Txn>>,
 }
 
+impl Faulty {
+    fn reads_down(inner: &DynStore) -> DynStore {
+        Arc::new(Faulty { inner: inner.clone(), batched_reads_down: true, twin: Default::default() })
+    }
+
+    fn twin_first(inner: &DynStore, twin: Txn) -> DynStore {
+        Arc::new(Faulty { inner: inner.clone(), batched_reads_down: false, twin: tokio::sync::Mutex::new(Some(twin)) })
+    }
+}
+
 #[async_trait]
-impl Store for TwinFinalizesFirst {
+impl Store for Faulty {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get(key).await
     }
@@ -83,6 +62,9 @@ impl Store for TwinFinalizesFirst {
         self.inner.first_key(range).await
     }
     async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
+        if self.batched_reads_down {
+            return Err(StoreError::Unavailable { backend: "test", message: "connection lost".into() });
+        }
         self.inner.read_many(reads).await
     }
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
@@ -90,6 +72,9 @@ impl Store for TwinFinalizesFirst {
             self.inner.commit(twin).await?;
         }
         self.inner.commit(txn).await
+    }
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        self.inner.commit_many(txns).await
     }
     fn describe(&self) -> String {
         self.inner.describe()
@@ -251,7 +236,7 @@ async fn retries_exhausted_after_the_commit_landed_is_acked_as_already_migrated_
     let store = ts.store();
     let actor = ts.actor("exhausted-settled");
     let first = migrated(&store, &actor).await?;
-    let flaky: DynStore = Arc::new(BatchedReadsDown { inner: store.clone() });
+    let flaky = Faulty::reads_down(&store);
     let r = runner(&flaky);
     // The last attempt's read fails as an outage: its fate would be retries_exhausted.
     let d = r.run(&body(&actor), r.retry.max_attempts).await;
@@ -314,8 +299,7 @@ async fn a_twin_finalize_between_the_letters_head_read_and_its_commit_fails_the_
     let mut twin = Txn::new();
     twin.set(ferry::v2::keys::meta(&actor), migrated.encode());
     twin.clear(keys::lease(&actor));
-    let hooked: DynStore =
-        Arc::new(TwinFinalizesFirst { inner: store.clone(), twin: tokio::sync::Mutex::new(Some(twin)) });
+    let hooked = Faulty::twin_first(&store, twin);
     let r = runner(&hooked);
     // The last attempt finds the twin in progress: its fate would be retries_exhausted.
     let d = r.run(&body(&actor), r.retry.max_attempts).await;
@@ -334,7 +318,7 @@ async fn retries_exhausted_of_an_unsettled_actor_is_dead_lettered(backend: Backe
     let store = ts.store();
     let actor = ts.actor("exhausted-open");
     write_v1(&*store, &actor, &plain()?).await?;
-    let flaky: DynStore = Arc::new(BatchedReadsDown { inner: store.clone() });
+    let flaky = Faulty::reads_down(&store);
     let r = runner(&flaky);
     let d = r.run(&body(&actor), r.retry.max_attempts).await;
     let Disposition::DeadLetter(dead) = d else { anyhow::bail!("not dead-lettered: {d:?}") };
