@@ -156,12 +156,8 @@ pub async fn verify_actor(store: &dyn Store, actor: &ActorId, audit: Option<&Aud
             Some(format!("checksum {checksum} differs from the migration's {expected}")),
         );
     }
-    let mut copy = v2.file.clone();
-    let checked = tokio::task::spawn_blocking(move || crate::v1::check::quick_check(&mut copy)).await;
-    match checked {
-        Ok(Ok(())) => {}
-        Ok(Err(problem)) => return verdict(Verdict::V2Corrupt, Some(problem.to_string())),
-        Err(e) => return verdict(Verdict::V2Corrupt, Some(format!("quick_check task: {e}"))),
+    if let Err(problem) = quick_checked(v2.file.clone()).await {
+        return verdict(Verdict::V2Corrupt, Some(problem));
     }
     // A migration that replayed a journal or WAL is compared with v1 replayed the same way.
     let recovery = audit.and_then(|a| a.recovery);
@@ -196,11 +192,18 @@ async fn moved_on(store: &dyn Store, actor: &ActorId, head_txid: u64, migrated: 
         Ok(v2) => v2,
         Err(e) => return (Verdict::V2MovedOn, format!("{since}; not rebuilt, its layout is the runtime's ({e})")),
     };
-    let mut file = v2.file;
+    match quick_checked(v2.file).await {
+        Ok(()) => (Verdict::V2MovedOn, format!("{since}; it passes quick_check")),
+        Err(problem) => (Verdict::V2Corrupt, format!("{since}, and it fails quick_check: {problem}")),
+    }
+}
+
+/// quick_check of a rebuilt file, off the async threads; what it found, or why it could not run.
+async fn quick_checked(mut file: Vec<u8>) -> Result<(), String> {
     match tokio::task::spawn_blocking(move || crate::v1::check::quick_check(&mut file)).await {
-        Ok(Ok(())) => (Verdict::V2MovedOn, format!("{since}; it passes quick_check")),
-        Ok(Err(problem)) => (Verdict::V2Corrupt, format!("{since}, and it fails quick_check: {problem}")),
-        Err(e) => (Verdict::V2Corrupt, format!("{since}; quick_check task: {e}")),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(problem)) => Err(problem.to_string()),
+        Err(e) => Err(format!("quick_check task: {e}")),
     }
 }
 

@@ -284,8 +284,13 @@ impl JobRunner {
             campaign: job.campaign.clone(),
             recovery: job.recovery,
             attempts,
-            clears: job.ticket.as_ref().map(|_| ticket::key(&job.actor_id)),
+            clears: Self::clears(job),
         }
+    }
+
+    /// The key `job`'s outcome clears with it: its requeue ticket, when it has one.
+    fn clears(job: &Job) -> Option<Vec<u8>> {
+        job.ticket.as_ref().map(|_| ticket::key(&job.actor_id))
     }
 
     /// Reserves the job's memory and migrates. A job without a recovery first reserves what one
@@ -436,8 +441,7 @@ impl JobRunner {
         let worker = &self.migrator.config().worker_id;
         let mut skip = AuditRecord::skipped(&job.actor_id, &job.campaign, kind, Some(&head), worker, (now, now));
         skip.attempts = Some(attempts);
-        let clears = job.ticket.as_ref().map(|_| ticket::key(&job.actor_id));
-        match audit::record_skip(&**self.migrator.store(), skip, clears.as_deref()).await {
+        match audit::record_skip(&**self.migrator.store(), skip, Self::clears(job).as_deref()).await {
             Ok(audit) => {
                 metrics::counter!(m::OUTCOMES, "outcome" => kind.as_str()).increment(1);
                 Disposition::Ack(Outcome { audit, bytes_written: 0, timings: Default::default() })
