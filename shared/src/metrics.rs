@@ -59,7 +59,7 @@ pub const JOB_STEPS: [&str; 6] = ["read", "validate", "encode", "write", "finali
 pub const SETTLE_STEP: &str = "settle";
 
 /// Messages the dead-letter inbox settled, by `kind` (`queue::dead_inbox::Settled`):
-/// `indexed_skip`, `admitted`, `duplicate`.
+/// `indexed_skip`, `admitted`, `duplicate`, `actor_settled`.
 pub const DEAD_INBOX: &str = "ferry_dead_inbox_total";
 
 /// Buckets of [`MIGRATION_SECONDS`]: from 1 ms, as most small actors migrate in a few.
@@ -133,7 +133,8 @@ pub fn register() {
     describe_counter!(
         DEAD_INBOX,
         "Messages of the dead-letter queue settled by the inbox, by kind (indexed_skip: ferry's own, already indexed; \
-         admitted: written to the store index; duplicate: its record already held a letter)."
+         admitted: written to the store index; duplicate: its record already held a letter; actor_settled: its \
+         actor is migrated or native already, not listed)."
     );
 
     for outcome in OutcomeKind::ALL {

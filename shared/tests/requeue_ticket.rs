@@ -2,7 +2,8 @@
 //! store backend and layout: a ticketed job runs only while its ticket is current, its outcome clears
 //! the ticket, a job handed back to its delivery limit is dead-lettered into the index, and a job
 //! that fails after its actor's migration settled is acked as the skip a new run records, its
-//! migration's audit kept.
+//! migration's audit kept, and a migration takes its actor's dead letter out of the index, also
+//! one written while it commits.
 
 #[macro_use]
 mod common;
@@ -17,7 +18,7 @@ use ferry::jobs::{DeadLetter, Disposition, Job, JobRunner, RetryPolicy};
 use ferry::migrate::AuditRecord;
 use ferry::migrate::lease::Lease;
 use ferry::migrate::{MigrateConfig, Migrator, OutcomeKind};
-use ferry::store::{DynStore, KeyRange, KeyValue, Read, ReadResult, Store, StoreError, Txn};
+use ferry::store::{DynStore, KeyRange, KeyValue, Mutation, Read, ReadResult, Store, StoreError, Txn};
 use ferry::synth::sqlite::{DbSpec, database, hot_journal};
 use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
@@ -29,8 +30,9 @@ use ferry::{ActorId, DeadLetterReason, keys};
 /// The test's store with one fault or race: `batched_reads_down` fails every batched read as
 /// an outage would (run against an actor migrated already, its last attempt fails
 /// transiently on a settled actor, as a job does whose commit landed though its connection was
-/// lost); `twin`, if set, is committed just before the first commit asked for (another copy's
-/// finalize landing between a dead letter's read of the head and its commit).
+/// lost); `twin`, if set, is committed just before the first commit asked for that writes an
+/// audit record (another copy's finalize landing between a dead letter's read of the head and
+/// its commit, or another copy's dead letter landing just before a finalize).
 struct Faulty {
     inner: DynStore,
     batched_reads_down: bool,
@@ -68,7 +70,9 @@ impl Store for Faulty {
         self.inner.read_many(reads).await
     }
     async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
-        if let Some(twin) = self.twin.lock().await.take() {
+        let writes_audit =
+            txn.mutations.iter().any(|m| matches!(m, Mutation::Set { key, .. } if key.starts_with(keys::AUDIT_PREFIX)));
+        if writes_audit && let Some(twin) = self.twin.lock().await.take() {
             self.inner.commit(twin).await?;
         }
         self.inner.commit(txn).await
@@ -82,11 +86,15 @@ impl Store for Faulty {
 }
 
 fn runner(store: &DynStore) -> JobRunner {
+    runner_with(store, MigrateConfig::default())
+}
+
+fn runner_with(store: &DynStore, cfg: MigrateConfig) -> JobRunner {
     JobRunner {
         migrator: Migrator::new(
             store.clone(),
             Arc::new(SystemClock),
-            MigrateConfig { worker_id: "test-worker".into(), ..MigrateConfig::default() },
+            MigrateConfig { worker_id: "test-worker".into(), ..cfg },
         ),
         retry: RetryPolicy { max_attempts: 3, ..RetryPolicy::default() },
         budget: MemoryBudget::new(1 << 30),
@@ -342,6 +350,69 @@ async fn bad_message_is_indexed_once_however_often_it_is_delivered(backend: Back
     Ok(())
 }
 
+/// How a migration commits: in one shot (a small actor), or begun, staged and finalized.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    OneShot,
+    Staged,
+}
+
+impl Path {
+    fn config(self) -> MigrateConfig {
+        match self {
+            Path::OneShot => MigrateConfig::default(),
+            Path::Staged => MigrateConfig { one_shot_max_pages: 0, ..MigrateConfig::default() },
+        }
+    }
+}
+
+/// `letter` as the transaction that lists it in the index (nothing listed before).
+fn listing(letter: &DeadLetter) -> Txn {
+    let mut txn = Txn::new();
+    index::put(&mut txn, None, letter);
+    txn
+}
+
+/// Runs `actor`'s job through `store` on `path`: it must end migrated, with no dead letter
+/// of the actor left in the index, nor in its summary.
+async fn assert_migrated_and_unlisted(store: &DynStore, check: &DynStore, actor: &ActorId, path: Path) -> Result<()> {
+    let d = runner_with(store, path.config()).run(&body(actor), 1).await;
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not migrated ({path:?}): {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::Migrated, "{path:?}");
+    assert_eq!(audit(check, actor).await?.outcome, OutcomeKind::Migrated, "{path:?}");
+    assert!(index::get(&**check, &LetterId::Actor(actor.clone())).await?.is_none(), "still listed ({path:?})");
+    let summary = index::summary(&**check).await?;
+    assert!(summary.is_empty(), "the index still counts it ({path:?}): {summary:?}");
+    Ok(())
+}
+
+async fn a_migration_takes_its_actors_dead_letter_out_of_the_index(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    for path in [Path::OneShot, Path::Staged] {
+        let actor = ts.actor(&format!("listed-{path:?}"));
+        write_v1(&*store, &actor, &plain()?).await?;
+        // An earlier campaign's letter, the v1 file fixed since.
+        store.commit(listing(&letter(&actor, DeadLetterReason::IntegrityCheckFailed))).await?;
+        assert_migrated_and_unlisted(&store, &store, &actor, path).await?;
+    }
+    Ok(())
+}
+
+async fn a_dead_letter_listed_while_the_migration_commits_is_taken_out_by_its_finalize(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    for path in [Path::OneShot, Path::Staged] {
+        let actor = ts.actor(&format!("raced-{path:?}"));
+        write_v1(&*store, &actor, &plain()?).await?;
+        // A twin's last attempt gives up (in progress elsewhere: this migration) and lists
+        // the actor after the migration read its dead letter, before its finalize commits.
+        let hooked = Faulty::twin_first(&store, listing(&letter(&actor, DeadLetterReason::RetriesExhausted)));
+        assert_migrated_and_unlisted(&hooked, &store, &actor, path).await?;
+    }
+    Ok(())
+}
+
 per_backend!(
     backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
     tests: [
@@ -356,5 +427,7 @@ per_backend!(
         delivery_limit_of_a_requeued_actor_migrated_meanwhile_whose_v1_is_gone_is_acked_as_already_migrated_and_clears_its_ticket,
         delivery_limit_of_a_native_actor_is_acked_as_skipped_native,
         a_twin_finalize_between_the_letters_head_read_and_its_commit_fails_the_letter_not_the_migration,
+        a_migration_takes_its_actors_dead_letter_out_of_the_index,
+        a_dead_letter_listed_while_the_migration_commits_is_taken_out_by_its_finalize,
     ],
 );

@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use ferry::jobs::{DeadLetter, Job};
 use ferry::store::{DynStore, KeyRange, KeyValue, Store, StoreError, Txn};
-use ferry::triage::index::{self, LetterId, Selection};
+use ferry::triage::index::{self, Admitted, LetterId, Selection};
 use ferry::triage::{self, Ticket};
 use ferry::v1::V1Files;
+use ferry::v2::keys as v2keys;
+use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason};
 
 macro_rules! contract {
@@ -61,6 +63,7 @@ contract!(
     summary_counts_match_the_letters_per_reason_and_campaign,
     selected_and_record_walks_visit_every_letter_once,
     admit_writes_a_letter_only_when_its_record_is_empty,
+    admit_does_not_list_an_actor_whose_head_is_settled,
     triage_summary_counts_the_letters_and_the_pending_requeue_tickets,
 );
 
@@ -501,11 +504,38 @@ async fn admit_writes_a_letter_only_when_its_record_is_empty(store: DynStore) {
     write(&*store, &indexed).await.unwrap();
     // The broker's copy of a letter the worker indexed first changes nothing.
     let copy = letter("a-1", "camp", DeadLetterReason::DeliveryLimit, 2_000, 0);
-    assert!(!index::admit(&*store, &copy).await.unwrap());
+    assert_eq!(index::admit(&*store, &copy).await.unwrap(), Admitted::AlreadyListed);
     let fresh = letter("b-1", "camp", DeadLetterReason::DeliveryLimit, 3_000, 0);
-    assert!(index::admit(&*store, &fresh).await.unwrap());
-    assert!(!index::admit(&*store, &fresh).await.unwrap(), "a second copy is not written again");
+    assert_eq!(index::admit(&*store, &fresh).await.unwrap(), Admitted::Listed);
+    assert_eq!(
+        index::admit(&*store, &fresh).await.unwrap(),
+        Admitted::AlreadyListed,
+        "a second copy is not written again"
+    );
     assert_index_holds(&*store, &[&indexed, &fresh]).await;
+}
+
+async fn admit_does_not_list_an_actor_whose_head_is_settled(store: DynStore) {
+    // The broker dead-lettered a job at its delivery limit while a twin migrated the actor;
+    // a native actor likewise. A migration in progress does not settle it. (Heads are v2
+    // keys: the actors must be the layout's own.)
+    let mut listed = Vec::new();
+    for (name, origin, admitted) in [
+        ("m-1", Origin::MigratedFromV1, Admitted::ActorSettled),
+        ("n-1", Origin::Native, Admitted::ActorSettled),
+        ("s-1", Origin::MigratingFromV1, Admitted::Listed),
+    ] {
+        let actor = ferry::testing::actor_for(store.layout(), name);
+        let mut txn = Txn::new();
+        txn.set(v2keys::meta(&actor), DBHead { origin, ..DBHead::staging(1, 1, 1) }.encode());
+        store.commit(txn).await.unwrap();
+        let d = letter(&actor.to_string(), "camp", DeadLetterReason::DeliveryLimit, 1_000, 0);
+        assert_eq!(index::admit(&*store, &d).await.unwrap(), admitted, "{origin:?}");
+        if admitted == Admitted::Listed {
+            listed.push(d);
+        }
+    }
+    assert_index_holds(&*store, &listed.iter().collect::<Vec<_>>()).await;
 }
 
 async fn triage_summary_counts_the_letters_and_the_pending_requeue_tickets(store: DynStore) {

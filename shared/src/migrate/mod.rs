@@ -14,13 +14,16 @@
 //!   stage and finalize check that the head (generation) and lease are exactly ours, and
 //!   finalize checks the digest of v1's SQLite keys, so a stale copy never commits;
 //! - until finalize commits, nothing marks the actor migrated, and finalize writes the PIDX
-//!   rows, the head, the audit record and drops the lease in that one transaction;
+//!   rows, the head, the audit record and drops the lease in that one transaction, which also
+//!   takes the actor's dead letter out of the triage index, checking it is the one it read
+//!   ([`crate::triage::index::clear_on_migration`]): a migrated actor is never listed as dead;
 //! - nothing under `v1/` is ever in a mutation built here.
 //!
-//! A small actor costs one batched read ([`Migrator::prefetch`]: its SQLite range, head and
-//! lease in one [`Store::read_many`](crate::store::Store::read_many)) and one transaction, which
-//! commits in a group with other actors' ([`crate::store::group`]), its checks its own. An actor
-//! whose transaction raced another writer is inspected again and commits alone.
+//! A small actor costs one batched read ([`Migrator::prefetch`]: its SQLite range, head, lease
+//! and dead letter in one [`Store::read_many`](crate::store::Store::read_many)) and one
+//! transaction, which commits in a group with other actors' ([`crate::store::group`]), its
+//! checks its own. An actor whose transaction raced another writer is inspected again and
+//! commits alone.
 
 pub mod audit;
 pub mod error;
@@ -38,6 +41,7 @@ use crate::metrics as m;
 use crate::recovery::Recovery;
 use crate::store::group::{Entered, GroupCommitter, GroupConfig};
 use crate::store::{DynStore, Read, StoreError, Txn};
+use crate::triage::index;
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
 use crate::v2::keys as v2keys;
@@ -186,11 +190,12 @@ struct Encoded {
 }
 
 /// What one batched read found for an actor ([`Migrator::prefetch`]): the first batch of its
-/// SQLite range (all of it for a small actor), its v2 head and its lease.
+/// SQLite range (all of it for a small actor), its v2 head, its lease and its dead letter.
 pub struct Prefetched {
     first: v1::read::FirstBatch,
     head: Option<Vec<u8>>,
     lease: Option<Vec<u8>>,
+    dead: Option<Vec<u8>>,
 }
 
 impl Prefetched {
@@ -220,9 +225,15 @@ impl Migrator {
         Migrator { store, clock, cfg: Arc::new(cfg), group }
     }
 
-    /// The actor's first SQLite batch, head and lease, in one call to the store.
+    /// The actor's first SQLite batch, head, lease and dead letter (which a finalize removes),
+    /// in one call to the store.
     pub async fn prefetch(&self, actor: &ActorId) -> Result<Prefetched, MigrateError> {
-        let reads = [v1::read::first_batch_read(actor), Read::Get(v2keys::meta(actor)), Read::Get(keys::lease(actor))];
+        let reads = [
+            v1::read::first_batch_read(actor),
+            Read::Get(v2keys::meta(actor)),
+            Read::Get(keys::lease(actor)),
+            Read::Get(keys::dead(actor)),
+        ];
         let read = self.store.read_many(&reads).await.map_err(|e| MigrateError {
             actor: actor.clone(),
             phase: Phase::Inspect,
@@ -232,7 +243,7 @@ impl Migrator {
         let mut read = read.into_iter();
         let mut next = || read.next().unwrap_or(crate::store::ReadResult::Value(None));
         let first = v1::read::FirstBatch::from_rows(next().into_rows());
-        Ok(Prefetched { first, head: next().into_value(), lease: next().into_value() })
+        Ok(Prefetched { first, head: next().into_value(), lease: next().into_value(), dead: next().into_value() })
     }
 
     pub fn store(&self) -> &DynStore {
@@ -276,12 +287,13 @@ impl Migrator {
             cause,
             files,
         };
-        let (first, mut read_at_start) = match prefetched {
-            Some(p) => (p.first, Some((p.head, p.lease))),
+        let (first, mut read_at_start, mut dead_at_start) = match prefetched {
+            Some(p) => (p.first, Some((p.head, p.lease)), Some(p.dead)),
             None => (
                 v1::read::first_batch(&*self.store, &req.actor)
                     .await
                     .map_err(|e| fail(Phase::Inspect, e.into(), None))?,
+                None,
                 None,
             ),
         };
@@ -327,7 +339,15 @@ impl Migrator {
             };
             let files = Some(image.files.clone());
             if image.pages <= self.cfg.one_shot_limit() {
-                let prev = Previous { head_raw: previous_raw.as_deref(), lease_raw: lease_raw.as_deref() };
+                let dead_raw = match dead_at_start.take() {
+                    Some(read) => read,
+                    None => self.dead_letter(&req.actor).await.map_err(|c| fail(Phase::Finalize, c, files.clone()))?,
+                };
+                let prev = Previous {
+                    head_raw: previous_raw.as_deref(),
+                    lease_raw: lease_raw.as_deref(),
+                    dead_raw: dead_raw.as_deref(),
+                };
                 // The first try commits in a group; after a race the actor commits alone.
                 let grouped = attempt == 0;
                 if !grouped {
@@ -372,6 +392,11 @@ impl Migrator {
             Cause::InProgressElsewhere { holder: "concurrent begin".into(), expires_at_ms: 0 },
             None,
         ))
+    }
+
+    /// The actor's dead letter as stored (its finalize takes it out of the triage index).
+    async fn dead_letter(&self, actor: &ActorId) -> Result<Option<Vec<u8>>, Cause> {
+        Ok(self.store.get(&keys::dead(actor)).await?)
     }
 
     async fn inspect(&self, actor: &ActorId) -> Result<V2State, Cause> {
@@ -582,18 +607,36 @@ impl Migrator {
         if let Some(key) = &req.clears {
             txn.clear(key.clone());
         }
-        match self.store.commit(txn).await {
-            Ok(()) => {}
-            // Checks 0 and 1 are the fence; 2 is the v1 digest.
-            Err(StoreError::Conflict { index: 2, .. }) => {
-                return Err(self.abandon(&staging, Phase::Finalize, Cause::V1Changed).await);
-            }
-            Err(StoreError::Conflict { .. }) => return Err((Phase::Finalize, Cause::Fenced)),
-            Err(e) => return Err(self.abandon(&staging, Phase::Finalize, e.into()).await),
-        }
+        self.commit_finalize(&staging, txn).await?;
         timings.finalize = finalize_started.elapsed();
         record_success(started, self.clock.now_ms(), image.pages, staged.main.len() as u64, staged.delta_bytes);
         Ok(Outcome { audit, bytes_written: staged.delta_bytes, timings })
+    }
+
+    /// Commits a staged migration's finalize `txn` with what takes the actor's dead letter out
+    /// of the triage index, read just before. A letter written since that read fails only its
+    /// own check (3; the fence is 0 and 1, the v1 digest 2): it is read again and the finalize
+    /// retried, a few times at most.
+    async fn commit_finalize(&self, staging: &Staging, txn: Txn) -> Result<(), (Phase, Cause)> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let dead = match self.dead_letter(&staging.actor).await {
+                Ok(dead) => dead,
+                Err(cause) => return Err(self.abandon(staging, Phase::Finalize, cause).await),
+            };
+            let mut attempt = txn.clone();
+            index::clear_on_migration(&mut attempt, &staging.actor, dead.as_deref());
+            return match self.store.commit(attempt).await {
+                Ok(()) => Ok(()),
+                Err(StoreError::Conflict { index: 2, .. }) => {
+                    Err(self.abandon(staging, Phase::Finalize, Cause::V1Changed).await)
+                }
+                Err(StoreError::Conflict { index: 3, .. }) if tries < FINALIZE_TRIES => continue,
+                Err(StoreError::Conflict { index: 0 | 1, .. }) => Err((Phase::Finalize, Cause::Fenced)),
+                Err(e) => Err(self.abandon(staging, Phase::Finalize, e.into()).await),
+            };
+        }
     }
 
     fn migrated_audit(
@@ -693,11 +736,14 @@ impl Migrator {
         if let Some(key) = &req.clears {
             txn.clear(key.clone());
         }
+        // Check 3: the dead letter read with the head is still what it was.
+        index::clear_on_migration(&mut txn, actor, prev.dead_raw);
         let finalize_started = std::time::Instant::now();
         let committed = if grouped { self.group.commit(txn).await } else { self.store.commit(txn).await };
         match committed {
             Ok(()) => {}
-            // Checks 0 and 1 are the head and lease read at inspect; 2 is the v1 digest.
+            // Checks 0 and 1 are the head and lease read at inspect; 2 is the v1 digest; 3 the
+            // dead letter (a conflict there, like one on 0 or 1, is a race: inspect again).
             Err(StoreError::Conflict { index: 2, .. }) => {
                 return Err(OneShotError::Failed(Phase::Finalize, Cause::V1Changed));
             }
@@ -761,11 +807,17 @@ impl Migrator {
 /// and PIDX rows stay far under the transaction limit even when nothing compresses.
 pub const ONE_SHOT_MAX_PAGES: u32 = 1024;
 
+/// Most commits of one staged finalize: each but the last may fail on a dead letter written
+/// since it was read ([`Migrator::commit_finalize`]).
+const FINALIZE_TRIES: u32 = 3;
+
 /// What inspect read: the head and lease a migration's first transaction checks.
 #[derive(Clone, Copy)]
 struct Previous<'a> {
     head_raw: Option<&'a [u8]>,
     lease_raw: Option<&'a [u8]>,
+    /// The actor's dead letter (read with the head, or just before the one-shot commit).
+    dead_raw: Option<&'a [u8]>,
 }
 
 enum OneShotError {

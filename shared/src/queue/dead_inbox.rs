@@ -9,7 +9,8 @@
 //!   or purged);
 //! - everything else: a job the work queue dead-lettered at its delivery limit, or a dead
 //!   letter published before workers marked theirs. The inbox admits it
-//!   ([`index::admit`]: written unless its record already holds a letter) and then acks it.
+//!   ([`index::admit`]: written unless its record already holds a letter or its actor is
+//!   migrated or native already) and then acks it.
 //!
 //! Invariant: a message leaves the inbox only once its dead letter is in the index (admitted
 //! now, already there, or ferry's own), and it is never handed back (no reject, no nack): every
@@ -62,16 +63,19 @@ pub enum Settled {
     /// Its record already held a dead letter (a copy published twice, or a letter indexed
     /// first by a worker).
     Duplicate,
+    /// Its actor is migrated (or native) already: not listed ([`index::Admitted::ActorSettled`]).
+    ActorSettled,
 }
 
 impl Settled {
-    pub const ALL: [Settled; 3] = [Settled::IndexedSkip, Settled::Admitted, Settled::Duplicate];
+    pub const ALL: [Settled; 4] = [Settled::IndexedSkip, Settled::Admitted, Settled::Duplicate, Settled::ActorSettled];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Settled::IndexedSkip => "indexed_skip",
             Settled::Admitted => "admitted",
             Settled::Duplicate => "duplicate",
+            Settled::ActorSettled => "actor_settled",
         }
     }
 }
@@ -200,8 +204,9 @@ async fn admit_retrying(
     let mut backoff = amqp::reconnect_backoff();
     loop {
         let error = match index::admit(store, letter).await {
-            Ok(true) => return Some(Settled::Admitted),
-            Ok(false) => return Some(Settled::Duplicate),
+            Ok(index::Admitted::Listed) => return Some(Settled::Admitted),
+            Ok(index::Admitted::AlreadyListed) => return Some(Settled::Duplicate),
+            Ok(index::Admitted::ActorSettled) => return Some(Settled::ActorSettled),
             Err(e) => e,
         };
         let delay = backoff.next().unwrap_or(Duration::from_secs(10));
@@ -268,6 +273,6 @@ mod tests {
     #[test]
     fn settled_kinds_are_the_metric_labels() {
         let kinds: Vec<&str> = Settled::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(kinds, ["indexed_skip", "admitted", "duplicate"]);
+        assert_eq!(kinds, ["indexed_skip", "admitted", "duplicate", "actor_settled"]);
     }
 }

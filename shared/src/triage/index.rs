@@ -24,6 +24,8 @@ use crate::jobs::message::valid_campaign;
 use crate::keys::{self, DEAD_PREFIX};
 use crate::reason::DeadLetterReason;
 use crate::store::{KeyRange, Store, StoreError, Txn, for_each_row};
+use crate::v2::head::DBHead;
+use crate::v2::keys as v2keys;
 
 /// Dead letters of messages that name no valid actor.
 pub const DEAD_BAD_PREFIX: &[u8] = b"ferry/dead-bad/";
@@ -128,6 +130,26 @@ pub fn remove(txn: &mut Txn, raw: &[u8], d: &DeadLetter) {
     txn.check_value(key.clone(), Some(raw.to_vec()));
     txn.clear(key);
     clear_entries(txn, d);
+}
+
+/// Adds to `txn`, the transaction that makes `actor` migrated, what takes its dead letter out
+/// of the index: `raw` is its record as read before (`None`: there was none), and the
+/// transaction checks it is unchanged (exactly one check, whatever was read). So a migrated
+/// actor never stays listed as dead: a letter written between the read and the commit (a
+/// twin's last attempt giving up while this migration staged) fails the commit, and the next
+/// try reads the letter and removes it.
+pub fn clear_on_migration(txn: &mut Txn, actor: &ActorId, raw: Option<&[u8]>) {
+    let key = keys::dead(actor);
+    let Some(raw) = raw else {
+        txn.check_value(key, None);
+        return;
+    };
+    txn.check_value(key.clone(), Some(raw.to_vec()));
+    txn.clear(key);
+    // A record that does not decode, or names another letter, has no entries of this actor's.
+    if let Some(d) = DeadLetter::decode(raw).filter(|d| LetterId::of(d) == LetterId::Actor(actor.clone())) {
+        clear_entries(txn, &d);
+    }
 }
 
 fn clear_entries(txn: &mut Txn, d: &DeadLetter) {
@@ -368,19 +390,54 @@ pub async fn summary(store: &dyn Store) -> Result<Vec<Group>, StoreError> {
     Ok(groups)
 }
 
-/// Writes `d` unless its record already holds a dead letter (the broker's copy of a letter
-/// ferry indexed first, or a second copy of one): returns whether it wrote. For dead letters
-/// that reach the index from the broker rather than from a worker's audit transaction.
-pub async fn admit(store: &dyn Store, d: &DeadLetter) -> Result<bool, StoreError> {
-    if current(store, d).await?.is_some() {
-        return Ok(false);
-    }
-    let mut txn = Txn::new();
-    put(&mut txn, None, d);
-    match store.commit(txn).await {
-        Ok(()) => Ok(true),
-        // Written by someone else since the read: it is indexed.
-        Err(StoreError::Conflict { .. }) => Ok(false),
-        Err(e) => Err(e),
+/// What [`admit`] did with a dead letter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Written to the index.
+    Listed,
+    /// Its record already held a dead letter (the broker's copy of a letter ferry indexed
+    /// first, or a second copy of one): nothing written.
+    AlreadyListed,
+    /// Its actor's v2 head is settled (migrated, or native): the migration or the runtime is
+    /// the actor's outcome, and a letter would list a migrated actor as dead. Nothing written.
+    ActorSettled,
+}
+
+/// Most tries of [`admit`] whose head check fails (a migration committing meanwhile).
+const ADMIT_TRIES: u32 = 4;
+
+/// Writes `d` unless its record already holds a dead letter or its actor's v2 head is settled
+/// (checked in the same transaction: a finalize landing meanwhile makes it look again). For
+/// dead letters that reach the index from the broker rather than from a worker's audit
+/// transaction.
+pub async fn admit(store: &dyn Store, d: &DeadLetter) -> Result<Admitted, StoreError> {
+    let head_key = match LetterId::of(d) {
+        LetterId::Actor(actor) => Some(v2keys::meta(&actor)),
+        LetterId::Bad(_) => None,
+    };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        if current(store, d).await?.is_some() {
+            return Ok(Admitted::AlreadyListed);
+        }
+        let mut txn = Txn::new();
+        // Check 0: the record is still empty.
+        put(&mut txn, None, d);
+        if let Some(key) = &head_key {
+            let head = store.get(key).await?;
+            if head.as_deref().and_then(|raw| DBHead::decode(raw).ok()).is_some_and(|h| h.is_settled()) {
+                return Ok(Admitted::ActorSettled);
+            }
+            // Check 1: the head is still the unsettled one read.
+            txn.check_value(key.clone(), head);
+        }
+        match store.commit(txn).await {
+            Ok(()) => return Ok(Admitted::Listed),
+            Err(StoreError::Conflict { index: 1, .. }) if tries < ADMIT_TRIES => continue,
+            // Written by someone else since the read: it is indexed.
+            Err(StoreError::Conflict { index: 0, .. }) => return Ok(Admitted::AlreadyListed),
+            Err(e) => return Err(e),
+        }
     }
 }

@@ -14,14 +14,14 @@ use std::sync::Arc;
 use lapin::Channel;
 use lapin::types::FieldTable;
 
-use super::index::{self, Stored};
+use super::index::{self, LetterId, Stored};
 use super::ticket::{self, Ticket};
 use super::{Filter, MOVE_BATCH, Source, TriageError, check_requeue, page_stored};
 use crate::actor::ActorId;
 use crate::budget::MemoryBudget;
 use crate::clock::{Clock, SystemClock};
 use crate::jobs::{Disposition, Job, JobRunner, RetryPolicy};
-use crate::migrate::{MigrateConfig, Migrator};
+use crate::migrate::{MigrateConfig, Migrator, OutcomeKind};
 use crate::queue::Topology;
 use crate::queue::amqp;
 use crate::queue::topology::WORK_KEY;
@@ -238,10 +238,18 @@ async fn rerun(
             }
             Disposition::Retry { error, .. } => return Ok(format!("still failing: {error}")),
             Disposition::Ack(o) => {
-                // The job succeeded: its old dead letter goes, if nobody replaced it.
+                // The job succeeded: its old dead letter goes, if nobody replaced it. A
+                // migration's finalize took it out already (`index::clear_on_migration`).
                 let mut txn = Txn::new();
                 index::remove(&mut txn, &before.raw, &before.letter);
-                if store.commit(txn).await.is_ok() {
+                let removed = match store.commit(txn).await {
+                    Ok(()) => true,
+                    Err(_) if o.kind() == OutcomeKind::Migrated => {
+                        store.get(&LetterId::of(&before.letter).record_key()).await?.is_none()
+                    }
+                    Err(_) => false,
+                };
+                if removed {
                     out.dead_letters_removed += 1;
                 }
                 return Ok(o.kind().as_str().to_string());

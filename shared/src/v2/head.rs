@@ -94,6 +94,15 @@ impl DBHead {
 
     /// Decodes a head. A legacy head of the eleven fields before `origin` existed is a native
     /// head, as rivet's `decode_db_head` reads it.
+    /// Whether this head ends the actor's v1 migration for good: migrated from v1, or native
+    /// (a migration in progress does not).
+    pub fn is_settled(&self) -> bool {
+        match self.origin {
+            Origin::Native | Origin::MigratedFromV1 => true,
+            Origin::MigratingFromV1 => false,
+        }
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<DBHead, CorruptHead> {
         match decode_exact::<DBHead>(bytes) {
             Ok(head) => Ok(head),
