@@ -2,8 +2,9 @@
 //! exact store work per actor, at the worker's concurrency, and commits each job alone.
 //!
 //! Per job, as ferry does it for a small actor: one batch of reads (the actor's SQLite range,
-//! its v2 head and its lease; one call on SQLite, one pipelined round trip on PostgreSQL), then
-//! one transaction that checks the head and lease (absent) and the digest of the range it read,
+//! its v2 head, its lease and its dead letter; one call on SQLite, one pipelined round trip on
+//! PostgreSQL), then one transaction that checks the head, lease and dead letter (absent) and
+//! the digest of the range it read,
 //! and writes a DELTA blob, a PIDX row per page, the head and the audit record, and clears the
 //! lease. The rows go under `bench-raw/` (cleared after), so the store the fleet runs on next
 //! is unchanged. No LZ4, quick_check, broker or serialization: only the store's work.
@@ -72,9 +73,10 @@ pub async fn raw_store(store: &TestStore, actors: &[ActorId], concurrency: usize
     Ok(RawStore { rate, postgres_cpu })
 }
 
-/// The parameters of the three reads of a job.
+/// The parameters of the four reads of a job.
 type ParamSets<'a> = (
     [&'a (dyn tokio_postgres::types::ToSql + Sync); 3],
+    [&'a (dyn tokio_postgres::types::ToSql + Sync); 1],
     [&'a (dyn tokio_postgres::types::ToSql + Sync); 1],
     [&'a (dyn tokio_postgres::types::ToSql + Sync); 1],
 );
@@ -114,16 +116,18 @@ async fn postgres(
             while let Some(actor) = next(&actors) {
                 let range = ferry::v1::keys::sqlite_range(&actor);
                 let (head_key, lease_key) = (ferry::v2::keys::meta(&actor), ferry::keys::lease(&actor));
+                let dead_key = ferry::keys::dead(&actor);
                 let limit = ferry::v1::read::SCAN_BATCH as i64;
                 // The batch of reads, pipelined.
-                let (scan_params, head_params, lease_params): ParamSets<'_> =
-                    ([&range.start, &range.end, &limit], [&head_key], [&lease_key]);
-                let (rows, head, lease) = futures::try_join!(
+                let (scan_params, head_params, lease_params, dead_params): ParamSets<'_> =
+                    ([&range.start, &range.end, &limit], [&head_key], [&lease_key], [&dead_key]);
+                let (rows, head, lease, dead) = futures::try_join!(
                     client.query(&scan, &scan_params),
                     client.query_opt(&get, &head_params),
                     client.query_opt(&get, &lease_params),
+                    client.query_opt(&get, &dead_params),
                 )?;
-                ensure!(head.is_none() && lease.is_none(), "{actor} is not fresh");
+                ensure!(head.is_none() && lease.is_none() && dead.is_none(), "{actor} is not fresh");
                 let mut digest = RangeDigest::new();
                 for r in &rows {
                     digest.update(r.get::<_, &[u8]>(0), r.get::<_, &[u8]>(1));
@@ -171,9 +175,12 @@ async fn commit_once(
     let range_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&range.start, &range.end];
     let head_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&head_key];
     let lease_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&lease_key];
-    let (h, l, range_now) = futures::try_join!(
+    let dead_key = ferry::keys::dead(actor);
+    let dead_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&dead_key];
+    let (h, l, d, range_now) = futures::try_join!(
         tx.query_opt(sql.get, &head_params),
         tx.query_opt(sql.get, &lease_params),
+        tx.query_opt(sql.get, &dead_params),
         tx.query(sql.range_rows, &range_params),
     )?;
     let mut now = RangeDigest::new();
@@ -181,7 +188,7 @@ async fn commit_once(
         now.update(r.get::<_, &[u8]>(0), r.get::<_, &[u8]>(1));
     }
     // The actor is this client's alone: the checks hold (a failure is a bug of the harness).
-    assert!(h.is_none() && l.is_none() && now.finish() == expected, "{actor} changed");
+    assert!(h.is_none() && l.is_none() && d.is_none() && now.finish() == expected, "{actor} changed");
     let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = writes(actor, pages).into_iter().unzip();
     tx.execute(sql.upsert, &[&keys, &values]).await?;
     tx.execute(sql.delete, &[&vec![lease_key]]).await?;
@@ -225,18 +232,22 @@ async fn sqlite(store: &TestStore, actors: Arc<Mutex<Vec<ActorId>>>, concurrency
             while let Some(actor) = next(&actors) {
                 let range = ferry::v1::keys::sqlite_range(&actor);
                 let (head_key, lease_key) = (ferry::v2::keys::meta(&actor), ferry::keys::lease(&actor));
+                let dead_key = ferry::keys::dead(&actor);
                 // The batch of reads: one read transaction.
                 let tx = reader.unchecked_transaction()?;
                 let rows = scan_rows(&tx, &range, ferry::v1::read::SCAN_BATCH as i64)?;
-                let (head, lease) = (get(&tx, &head_key)?, get(&tx, &lease_key)?);
+                let (head, lease, dead) = (get(&tx, &head_key)?, get(&tx, &lease_key)?, get(&tx, &dead_key)?);
                 tx.commit()?;
-                ensure!(head.is_none() && lease.is_none(), "{actor} is not fresh");
+                ensure!(head.is_none() && lease.is_none() && dead.is_none(), "{actor} is not fresh");
                 let expected = digest(&rows);
                 let mut w = writer.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                 let tx = w.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let now = scan_rows(&tx, &range, i64::MAX)?;
                 ensure!(
-                    get(&tx, &head_key)?.is_none() && get(&tx, &lease_key)?.is_none() && digest(&now) == expected,
+                    get(&tx, &head_key)?.is_none()
+                        && get(&tx, &lease_key)?.is_none()
+                        && get(&tx, &dead_key)?.is_none()
+                        && digest(&now) == expected,
                     "{actor} changed"
                 );
                 for (k, v) in writes(&actor, rows.len()) {
