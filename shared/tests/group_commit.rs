@@ -1,8 +1,8 @@
 //! Group commit of small actors (`store::group`, `migrate` one-shot path), on both backends
 //! and the rivet layout (one universaldb transaction per group):
 //! actors ready together commit in one store transaction, each with its own checks; a conflict
-//! injected into one actor of the group fails only that actor, which is inspected again and
-//! commits alone; each job's disposition follows its own actor's durable outcome.
+//! injected into one actor of the group (its head, its v1 rows, its dead letter) fails only
+//! that actor, which is inspected again and commits alone (or retries, for v1); each job's disposition follows its own actor's durable outcome.
 
 #[macro_use]
 mod common;
@@ -115,6 +115,23 @@ fn job(actor: &ActorId) -> Job {
     }
 }
 
+/// The dead letter a twin's last attempt writes for `actor` (in progress elsewhere).
+fn dead_letter(actor: &ActorId) -> ferry::jobs::DeadLetter {
+    ferry::jobs::DeadLetter {
+        actor_id: actor.to_string(),
+        campaign: "grouped".into(),
+        reason: ferry::DeadLetterReason::RetriesExhausted,
+        phase: "begin".into(),
+        error: "in progress elsewhere".into(),
+        attempts: 8,
+        worker: "twin".into(),
+        at_ms: START_MS,
+        v1_files: None,
+        recovery: None,
+        message: String::new(),
+    }
+}
+
 async fn audit(store: &DynStore, actor: &ActorId) -> Option<AuditRecord> {
     store.get(&keys::audit(actor)).await.unwrap().as_deref().and_then(AuditRecord::decode)
 }
@@ -134,11 +151,13 @@ async fn a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor(bac
         actors.push(actor);
         mains.push(main);
     }
-    let (raced, changed) = (actors[2].clone(), actors[4].clone());
+    let (raced, changed, listed) = (actors[2].clone(), actors[4].clone(), actors[0].clone());
     // Between the reads and the group's commit: another ferry migration's stale stage (its
-    // lease expired) appears on `raced` (its head check fails), and v1 of `changed` is
-    // rewritten (its digest check fails).
+    // lease expired) appears on `raced` (its head check fails), v1 of `changed` is rewritten
+    // (its digest check fails), and a twin's last attempt lists `listed` as dead (its dead
+    // letter check fails).
     let mut conflict = Txn::new();
+    ferry::triage::index::put(&mut conflict, None, &dead_letter(&listed));
     conflict.set(ferry::v2::keys::meta(&raced), DBHead::staging(7, 3, START_MS).encode());
     let expired = Lease { holder: "crashed#1".into(), generation: 7, expires_at_ms: START_MS - 1 };
     conflict.set(keys::lease(&raced), expired.encode());
@@ -168,7 +187,14 @@ async fn a_conflict_injected_into_one_actor_of_a_group_fails_only_that_actor(bac
     assert_eq!(store.groups.lock().unwrap()[0], 6, "the six actors commit as one group first");
     assert_eq!(store.groups.lock().unwrap().len(), 1, "{:?}", store.groups.lock().unwrap());
     assert_eq!(*store.batched_reads.lock().unwrap(), 6, "one batched read per job");
-    assert_eq!(*store.alone.lock().unwrap(), vec![keys::audit(&raced)], "only the raced actor commits again, alone");
+    let mut alone = store.alone.lock().unwrap().clone();
+    alone.sort();
+    let mut want = vec![keys::audit(&raced), keys::audit(&listed)];
+    want.sort();
+    assert_eq!(alone, want, "only the raced and the listed actor commit again, alone");
+    assert!(ts.store.get(&keys::dead(&listed)).await.unwrap().is_none(), "a migrated actor is still listed");
+    let summary = ferry::triage::index::summary(&*ts.store).await.unwrap();
+    assert!(summary.is_empty(), "{summary:?}");
     for ((actor, main), disposition) in actors.iter().zip(&mains).zip(&outcomes) {
         if *actor == changed {
             match disposition {

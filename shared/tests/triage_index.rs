@@ -9,6 +9,7 @@
 //! layout fails here and not only in a reader.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
@@ -64,6 +65,7 @@ contract!(
     selected_and_record_walks_visit_every_letter_once,
     admit_writes_a_letter_only_when_its_record_is_empty,
     admit_does_not_list_an_actor_whose_head_is_settled,
+    admit_does_not_list_an_actor_whose_migration_finalizes_while_it_admits,
     triage_summary_counts_the_letters_and_the_pending_requeue_tickets,
 );
 
@@ -536,6 +538,54 @@ async fn admit_does_not_list_an_actor_whose_head_is_settled(store: DynStore) {
         }
     }
     assert_index_holds(&*store, &listed.iter().collect::<Vec<_>>()).await;
+}
+
+/// A store that commits `first` (once) just before the next commit asked of it: another
+/// writer landing between a reader's reads and its commit.
+struct CommitsFirst {
+    inner: DynStore,
+    first: tokio::sync::Mutex<Option<Txn>>,
+}
+
+#[async_trait]
+impl Store for CommitsFirst {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+    fn layout(&self) -> ferry::layout::Layout {
+        self.inner.layout()
+    }
+    async fn scan(&self, range: &KeyRange, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.scan(range, limit).await
+    }
+    async fn first_key(&self, range: &KeyRange) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.first_key(range).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<(), StoreError> {
+        if let Some(first) = self.first.lock().await.take() {
+            self.inner.commit(first).await?;
+        }
+        self.inner.commit(txn).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+async fn admit_does_not_list_an_actor_whose_migration_finalizes_while_it_admits(store: DynStore) {
+    let actor = ferry::testing::actor_for(store.layout(), "f-1");
+    let staging = DBHead::staging(1, 1, 1);
+    let mut txn = Txn::new();
+    txn.set(v2keys::meta(&actor), staging.encode());
+    store.commit(txn).await.unwrap();
+    // The twin's finalize lands after admit read the staging head, before admit commits.
+    let mut finalize = Txn::new();
+    finalize.set(v2keys::meta(&actor), DBHead { origin: Origin::MigratedFromV1, ..staging }.encode());
+    let racing: DynStore =
+        Arc::new(CommitsFirst { inner: store.clone(), first: tokio::sync::Mutex::new(Some(finalize)) });
+    let d = letter(&actor.to_string(), "camp", DeadLetterReason::DeliveryLimit, 1_000, 0);
+    assert_eq!(index::admit(&*racing, &d).await.unwrap(), Admitted::ActorSettled);
+    assert_index_holds(&*store, &[]).await;
 }
 
 async fn triage_summary_counts_the_letters_and_the_pending_requeue_tickets(store: DynStore) {

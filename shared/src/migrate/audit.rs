@@ -7,7 +7,8 @@ use crate::actor::ActorId;
 use crate::keys;
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
-use crate::store::{Store, StoreError, Txn};
+use crate::store::{Read, ReadResult, Store, StoreError, Txn};
+use crate::triage::index;
 use crate::v1::V1Files;
 use crate::v2::head::DBHead;
 
@@ -152,8 +153,10 @@ pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
 /// Writes the audit of a skip and returns what was written. A skip of an already-migrated
 /// actor keeps the fields of the migration it found (DESIGN.md section 2), checked to be
 /// still the record it read, so a concurrent write (another skip, a purge note) is never
-/// overwritten with stale fields; any other skip is written as given. `clears` is a key the
-/// same transaction clears (a requeued job's ticket).
+/// overwritten with stale fields, and takes the actor's dead letter out of the triage index
+/// as a finalize does (one listed by an older ferry, or before rivet's own migration finished
+/// the actor); any other skip is written as given. `clears` is a key the same transaction
+/// clears (a requeued job's ticket).
 pub async fn record_skip(
     store: &dyn Store,
     skip: AuditRecord,
@@ -171,7 +174,10 @@ pub async fn record_skip(
     }
     let mut attempts = 0;
     loop {
-        let previous = store.get(&key).await?;
+        // One call for both: the record the skip keeps fields of, and the letter it removes.
+        let reads = [Read::Get(key.clone()), Read::Get(keys::dead(&skip.actor_id))];
+        let mut read = store.read_many(&reads).await?.into_iter().map(ReadResult::into_value);
+        let (previous, dead) = (read.next().flatten(), read.next().flatten());
         let audit = match previous.as_deref().and_then(AuditRecord::decode) {
             Some(prev) if matches!(prev.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated) => {
                 prev.as_skip(&skip.campaign, &skip.worker, skip.started_at_ms, skip.finished_at_ms)
@@ -180,6 +186,7 @@ pub async fn record_skip(
         };
         let mut txn = Txn::new();
         txn.check_value(key.clone(), previous).set(key.clone(), audit.encode());
+        index::clear_on_migration(&mut txn, &skip.actor_id, dead.as_deref());
         clear(&mut txn);
         match store.commit(txn).await {
             Ok(()) => return Ok(audit),

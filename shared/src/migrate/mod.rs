@@ -671,8 +671,8 @@ impl Migrator {
     }
 
     /// Begin, stage and finalize as one transaction, for a database whose whole blob fits in
-    /// one: the same checks (the head and lease read at inspect, the v1 digest), the same end
-    /// state, and no MigratingFromV1 head ever visible. `grouped`: committed in a group with
+    /// one: the same checks (the head and lease read at inspect, the v1 digest, the dead letter
+    /// it removes), the same end state, and no MigratingFromV1 head ever visible. `grouped`: committed in a group with
     /// other actors' transactions (its checks still its own), else alone.
     #[allow(clippy::too_many_arguments)]
     async fn one_shot(

@@ -14,9 +14,11 @@
 //! Invariants: a record and its index entries are written and cleared in one transaction that
 //! checks the record it replaces ([`put`], [`remove`]), so an index entry without its record
 //! or a record without its entries is never committed; a reader that meets an entry whose
-//! record changed under it (a race with a requeue or purge) skips it. Reads cost what they
-//! return: pages and `show` go through the index and point reads, `summary` reads only the
-//! index's 16-byte values.
+//! record changed under it (a race with a requeue or purge) skips it. A migration's finalize
+//! and the skip of a migrated actor take its letter out ([`clear_on_migration`]), and
+//! [`admit`] lists none over a settled head, so an actor ferry migrated is not left listed.
+//! Reads cost what they return: pages and `show` go through the index and point reads,
+//! `summary` reads only the index's 16-byte values.
 
 use crate::actor::ActorId;
 use crate::jobs::DeadLetter;

@@ -239,15 +239,16 @@ async fn rerun(
             Disposition::Retry { error, .. } => return Ok(format!("still failing: {error}")),
             Disposition::Ack(o) => {
                 // The job succeeded: its old dead letter goes, if nobody replaced it. A
-                // migration's finalize took it out already (`index::clear_on_migration`).
-                let mut txn = Txn::new();
-                index::remove(&mut txn, &before.raw, &before.letter);
-                let removed = match store.commit(txn).await {
-                    Ok(()) => true,
-                    Err(_) if o.kind() == OutcomeKind::Migrated => {
-                        store.get(&LetterId::of(&before.letter).record_key()).await?.is_none()
-                    }
-                    Err(_) => false,
+                // migration (or the skip of a migrated actor) took it out already
+                // (`index::clear_on_migration`).
+                let removed = if matches!(o.kind(), OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated) {
+                    let key = LetterId::of(&before.letter).record_key();
+                    // Unknown (the store failing now) is not counted.
+                    matches!(store.get(&key).await, Ok(None))
+                } else {
+                    let mut txn = Txn::new();
+                    index::remove(&mut txn, &before.raw, &before.letter);
+                    store.commit(txn).await.is_ok()
                 };
                 if removed {
                     out.dead_letters_removed += 1;

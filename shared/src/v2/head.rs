@@ -92,8 +92,6 @@ impl DBHead {
         serde_bare::to_vec(self).expect("DBHead always encodes")
     }
 
-    /// Decodes a head. A legacy head of the eleven fields before `origin` existed is a native
-    /// head, as rivet's `decode_db_head` reads it.
     /// Whether this head ends the actor's v1 migration for good: migrated from v1, or native
     /// (a migration in progress does not).
     pub fn is_settled(&self) -> bool {
@@ -103,6 +101,8 @@ impl DBHead {
         }
     }
 
+    /// Decodes a head. A legacy head of the eleven fields before `origin` existed is a native
+    /// head, as rivet's `decode_db_head` reads it.
     pub fn decode(bytes: &[u8]) -> Result<DBHead, CorruptHead> {
         match decode_exact::<DBHead>(bytes) {
             Ok(head) => Ok(head),
