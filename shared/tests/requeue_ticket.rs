@@ -28,9 +28,9 @@ use ferry::v2::{DBHead, Origin};
 use ferry::{ActorId, DeadLetterReason, keys};
 
 /// The test's store with one fault or race: `batched_reads_down` fails every batched read of a
-/// migration (one with a range scan) as an outage would (run against an actor migrated already, its last attempt fails
-/// transiently on a settled actor, as a job does whose commit landed though its connection was
-/// lost); `twin`, if set, is committed just before the first commit asked for that writes an
+/// migration (one with a range scan) as an outage would (run against an actor migrated
+/// already, its last attempt fails transiently on a settled actor, as a job does whose commit
+/// landed though its connection was lost); `twin`, if set, is committed just before the first commit asked for that writes an
 /// audit record (another copy's finalize landing between a dead letter's read of the head and
 /// its commit, or another copy's dead letter landing just before a finalize).
 struct Faulty {

@@ -40,7 +40,7 @@ use crate::keys;
 use crate::metrics as m;
 use crate::recovery::Recovery;
 use crate::store::group::{Entered, GroupCommitter, GroupConfig};
-use crate::store::{DynStore, Read, StoreError, Txn};
+use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
 use crate::triage::index;
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
@@ -241,7 +241,7 @@ impl Migrator {
             files: None,
         })?;
         let mut read = read.into_iter();
-        let mut next = || read.next().unwrap_or(crate::store::ReadResult::Value(None));
+        let mut next = || read.next().unwrap_or(ReadResult::Value(None));
         let first = v1::read::FirstBatch::from_rows(next().into_rows());
         Ok(Prefetched { first, head: next().into_value(), lease: next().into_value(), dead: next().into_value() })
     }
@@ -287,13 +287,12 @@ impl Migrator {
             cause,
             files,
         };
-        let (first, mut read_at_start, mut dead_at_start) = match prefetched {
-            Some(p) => (p.first, Some((p.head, p.lease)), Some(p.dead)),
+        let (first, mut read_at_start) = match prefetched {
+            Some(p) => (p.first, Some((p.head, p.lease, p.dead))),
             None => (
                 v1::read::first_batch(&*self.store, &req.actor)
                     .await
                     .map_err(|e| fail(Phase::Inspect, e.into(), None))?,
-                None,
                 None,
             ),
         };
@@ -304,11 +303,13 @@ impl Migrator {
         let mut first = Some(first);
         let mut validated: Option<Validated> = None;
         for attempt in 0..BEGIN_ATTEMPTS {
-            let state = match read_at_start.take() {
-                Some((head, lease)) => self.inspect_read(head, || async move { Ok(lease) }).await,
+            let inspected = match read_at_start.take() {
+                Some((head, lease, dead)) => {
+                    self.inspect_read(head, || async move { Ok(lease) }).await.map(|s| (s, dead))
+                }
                 None => self.inspect(&req.actor).await,
             };
-            let state = state.map_err(|c| fail(Phase::Inspect, c, None))?;
+            let (state, dead_raw) = inspected.map_err(|c| fail(Phase::Inspect, c, None))?;
             let (previous_raw, lease_raw, generation, txid) = match state {
                 V2State::Native => {
                     entered.take();
@@ -339,10 +340,6 @@ impl Migrator {
             };
             let files = Some(image.files.clone());
             if image.pages <= self.cfg.one_shot_limit() {
-                let dead_raw = match dead_at_start.take() {
-                    Some(read) => read,
-                    None => self.dead_letter(&req.actor).await.map_err(|c| fail(Phase::Finalize, c, files.clone()))?,
-                };
                 let prev = Previous {
                     head_raw: previous_raw.as_deref(),
                     lease_raw: lease_raw.as_deref(),
@@ -394,14 +391,19 @@ impl Migrator {
         ))
     }
 
-    /// The actor's dead letter as stored (its finalize takes it out of the triage index).
+    /// The actor's dead letter as stored (a staged finalize takes it out of the triage index).
     async fn dead_letter(&self, actor: &ActorId) -> Result<Option<Vec<u8>>, Cause> {
         Ok(self.store.get(&keys::dead(actor)).await?)
     }
 
-    async fn inspect(&self, actor: &ActorId) -> Result<V2State, Cause> {
-        let head = self.store.get(&v2keys::meta(actor)).await?;
-        self.inspect_read(head, || async { self.store.get(&keys::lease(actor)).await }).await
+    /// Inspect, from the head and the dead letter (which a one-shot commit removes) read in one
+    /// call; the state, and the letter as read.
+    async fn inspect(&self, actor: &ActorId) -> Result<(V2State, Option<Vec<u8>>), Cause> {
+        let reads = [Read::Get(v2keys::meta(actor)), Read::Get(keys::dead(actor))];
+        let mut read = self.store.read_many(&reads).await?.into_iter().map(ReadResult::into_value);
+        let (head, dead) = (read.next().flatten(), read.next().flatten());
+        let state = self.inspect_read(head, || async { self.store.get(&keys::lease(actor)).await }).await?;
+        Ok((state, dead))
     }
 
     /// Inspect from the head read, reading the lease with `lease` only if the head needs it.
@@ -672,8 +674,9 @@ impl Migrator {
 
     /// Begin, stage and finalize as one transaction, for a database whose whole blob fits in
     /// one: the same checks (the head and lease read at inspect, the v1 digest, the dead letter
-    /// it removes), the same end state, and no MigratingFromV1 head ever visible. `grouped`: committed in a group with
-    /// other actors' transactions (its checks still its own), else alone.
+    /// it removes), the same end state, and no MigratingFromV1 head ever visible. `grouped`:
+    /// committed in a group with other actors' transactions (its checks still its own), else
+    /// alone.
     #[allow(clippy::too_many_arguments)]
     async fn one_shot(
         &self,
@@ -816,7 +819,7 @@ const FINALIZE_TRIES: u32 = 3;
 struct Previous<'a> {
     head_raw: Option<&'a [u8]>,
     lease_raw: Option<&'a [u8]>,
-    /// The actor's dead letter (read with the head, or just before the one-shot commit).
+    /// The actor's dead letter, read with the head.
     dead_raw: Option<&'a [u8]>,
 }
 

@@ -25,7 +25,7 @@ use crate::jobs::DeadLetter;
 use crate::jobs::message::valid_campaign;
 use crate::keys::{self, DEAD_PREFIX};
 use crate::reason::DeadLetterReason;
-use crate::store::{KeyRange, Store, StoreError, Txn, for_each_row};
+use crate::store::{KeyRange, Read, ReadResult, Store, StoreError, Txn, for_each_row};
 use crate::v2::head::DBHead;
 use crate::v2::keys as v2keys;
 
@@ -417,17 +417,21 @@ pub async fn admit(store: &dyn Store, d: &DeadLetter) -> Result<Admitted, StoreE
         LetterId::Actor(actor) => Some(v2keys::meta(&actor)),
         LetterId::Bad(_) => None,
     };
+    let mut reads = vec![Read::Get(LetterId::of(d).record_key())];
+    reads.extend(head_key.iter().map(|k| Read::Get(k.clone())));
     let mut tries = 0;
     loop {
         tries += 1;
-        if current(store, d).await?.is_some() {
+        // The record and the head in one call.
+        let mut read = store.read_many(&reads).await?.into_iter().map(ReadResult::into_value);
+        if read.next().flatten().is_some() {
             return Ok(Admitted::AlreadyListed);
         }
         let mut txn = Txn::new();
         // Check 0: the record is still empty.
         put(&mut txn, None, d);
         if let Some(key) = &head_key {
-            let head = store.get(key).await?;
+            let head = read.next().flatten();
             if head.as_deref().and_then(|raw| DBHead::decode(raw).ok()).is_some_and(|h| h.is_settled()) {
                 return Ok(Admitted::ActorSettled);
             }
