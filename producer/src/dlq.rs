@@ -1,4 +1,4 @@
-//! `dlq`: dead-letter triage (summary, list, show, requeue with a recovery, export, purge) on
+//! `dlq`: dead-letter triage (summary, list, show, requeue with a recovery, export, purge, sweep) on
 //! the store's triage index; only a fleet requeue talks to the broker. The library does the
 //! reading and the moving, this file the flags and the printing.
 
@@ -108,6 +108,19 @@ pub enum DlqCommand {
         #[arg(long, env = "FERRY_DLQ_YES")]
         yes: bool,
     },
+    /// Take out the dead letters of actors whose v2 head is now settled (migrated, by ferry or
+    /// by rivet, or native), recording each one's skip as a job would; letters of any other
+    /// actor are left (exit 4 when none was removed).
+    Sweep {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Count what would be removed; write nothing.
+        #[arg(long, env = "FERRY_DLQ_DRY_RUN")]
+        dry_run: bool,
+        /// Print the counts as JSON.
+        #[arg(long, env = "FERRY_JSON")]
+        json: bool,
+    },
 }
 
 pub fn dlq_filter(f: &DlqFilter, actors: Vec<String>) -> anyhow::Result<Filter> {
@@ -216,6 +229,11 @@ pub async fn dlq_cmd(args: DlqArgs) -> anyhow::Result<ExitCode> {
             let n = triage::purge(&store, &dlq_filter(&filter, vec![])?).await?;
             println!("purged {n} dead letters (noted in each actor's audit record)");
         }
+        DlqCommand::Sweep { filter, dry_run, json } => {
+            let worker = ferry::telemetry::default_worker_id();
+            let swept = triage::sweep(&store, &dlq_filter(&filter, vec![])?, dry_run, &worker).await?;
+            return print_swept(&swept, json);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -277,6 +295,28 @@ fn print_requeued(done: &triage::Requeued, json: bool) -> anyhow::Result<ExitCod
         } else {
             format!("every matching dead letter was skipped ({}): nothing requeued", done.skipped.len())
         }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_swept(swept: &triage::Swept, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(swept)?);
+    } else {
+        let verb = if swept.dry_run { "would remove" } else { "removed" };
+        println!(
+            "checked {} dead letters: {verb} {} of settled actors ({} migrated, {} native)",
+            swept.checked,
+            swept.removed(),
+            swept.migrated,
+            swept.native
+        );
+        if swept.changed > 0 {
+            println!("left {} that changed while the sweep read them (run it again to look at them)", swept.changed);
+        }
+    }
+    if swept.removed() == 0 {
+        return Ok(crate::exit::nothing("no dead letter of a settled actor matched: nothing removed"));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -12,8 +12,8 @@ pub const USAGE: u8 = 2;
 /// `verify` found actors that do not match.
 pub const MISMATCH: u8 = 3;
 /// Nothing matched, so nothing was done: `dlq show` of an actor with no dead letter, `status`
-/// of an unknown campaign, a `dlq requeue` that requeued nothing, `verify` that selected no
-/// actor.
+/// of an unknown campaign, a `dlq requeue` that requeued nothing, a `dlq sweep` that removed
+/// nothing, `verify` that selected no actor.
 pub const NOTHING: u8 = 4;
 /// `import` skipped some files (the rest were imported).
 pub const PARTIAL: u8 = 5;
@@ -28,7 +28,8 @@ Exit codes:
   2    usage error
   3    verify: some actors do not match
   4    nothing matched, nothing done (dlq show of an actor with no dead letter, status of an
-       unknown campaign, a dlq requeue that requeued nothing, verify that selected no actor)
+       unknown campaign, a dlq requeue that requeued nothing, a dlq sweep that removed
+       nothing, verify that selected no actor)
   5    import: some files were skipped
   130  interrupted: run again to resume";
 

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use ferry::jobs::{DeadLetter, Job};
+use ferry::keys;
+use ferry::migrate::{AuditRecord, OutcomeKind};
 use ferry::store::{DynStore, KeyRange, KeyValue, Store, StoreError, Txn};
 use ferry::triage::index::{self, Admitted, LetterId, Selection};
 use ferry::triage::{self, Ticket};
@@ -67,6 +69,8 @@ contract!(
     admit_does_not_list_an_actor_whose_head_is_settled,
     admit_does_not_list_an_actor_whose_migration_finalizes_while_it_admits,
     triage_summary_counts_the_letters_and_the_pending_requeue_tickets,
+    sweep_removes_only_the_letters_of_settled_actors_and_records_their_skips,
+    sweep_leaves_a_letter_requeued_while_it_sweeps_and_removes_the_others_of_its_commit,
 );
 
 fn id(s: &str) -> ActorId {
@@ -567,6 +571,14 @@ impl Store for CommitsFirst {
         }
         self.inner.commit(txn).await
     }
+    async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+        if let Some(first) = self.first.lock().await.take()
+            && let Err(e) = self.inner.commit(first).await
+        {
+            return txns.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.inner.commit_many(txns).await
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -616,4 +628,118 @@ async fn triage_summary_counts_the_letters_and_the_pending_requeue_tickets(store
     }
     let state = triage::show(&store, &id(&letters[3].actor_id)).await.unwrap();
     assert_eq!((state.dead_letters, state.requeue), (vec![letters[3].clone()], None));
+}
+
+/// Sets `actor`'s v2 head to one of `origin` and returns it.
+async fn set_head(store: &dyn Store, actor: &ActorId, origin: Origin) -> DBHead {
+    let head = DBHead { origin, ..DBHead::staging(3, 7, 1) };
+    let mut txn = Txn::new();
+    txn.set(v2keys::meta(actor), head.encode());
+    store.commit(txn).await.unwrap();
+    head
+}
+
+/// Writes `audit` as `actor`'s audit record and returns its bytes.
+async fn set_audit(store: &dyn Store, audit: &AuditRecord) -> Vec<u8> {
+    let mut txn = Txn::new();
+    txn.set(keys::audit(&audit.actor_id), audit.encode());
+    store.commit(txn).await.unwrap();
+    audit.encode()
+}
+
+async fn audit_of(store: &dyn Store, actor: &ActorId) -> Option<AuditRecord> {
+    store.get(&keys::audit(actor)).await.unwrap().and_then(|raw| AuditRecord::decode(&raw))
+}
+
+async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skips(store: DynStore) {
+    let actor = |name| ferry::testing::actor_for(store.layout(), name);
+    let (gave_up, migrated, native, staging, none) =
+        (actor("r-1"), actor("k-1"), actor("n-1"), actor("s-1"), actor("x-1"));
+    let letters: Vec<DeadLetter> = [&gave_up, &migrated, &native, &staging, &none]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| letter(&a.to_string(), "camp", DeadLetterReason::JournalSidecar, 1_000 + i as i64, 4096))
+        .collect();
+    write_all(&*store, &letters).await;
+    // r-1: ferry gave up on it, then rivet's own migration finished it (its audit says dead);
+    // k-1: an older ferry left a twin's letter beside the migration its audit records;
+    // n-1: native; s-1: a migration in progress; x-1: no v2 at all.
+    let rivet_head = set_head(&*store, &gave_up, Origin::MigratedFromV1).await;
+    set_audit(&*store, &letters[0].audit(&gave_up, 1_000)).await;
+    let ferry_head = set_head(&*store, &migrated, Origin::MigratedFromV1).await;
+    let migration = AuditRecord::skipped(&migrated, "camp", OutcomeKind::Migrated, Some(&ferry_head), "w", (5, 9));
+    let migration_raw = set_audit(&*store, &migration).await;
+    set_head(&*store, &native, Origin::Native).await;
+    set_head(&*store, &staging, Origin::MigratingFromV1).await;
+    let staging_audit = set_audit(&*store, &letters[3].audit(&staging, 1_003)).await;
+
+    let dry = triage::sweep(&store, &triage::Filter::default(), true, "sweeper").await.unwrap();
+    assert_eq!(
+        dry,
+        triage::Swept { checked: 5, migrated: 2, native: 1, changed: 0, dry_run: true },
+        "a dry run counts what it would remove"
+    );
+    assert_index_holds(&*store, &letters.iter().collect::<Vec<_>>()).await;
+    assert_eq!(audit_of(&*store, &gave_up).await.map(|a| a.outcome), Some(OutcomeKind::DeadLettered), "dry: unwritten");
+
+    let swept = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
+    assert_eq!(swept, triage::Swept { checked: 5, migrated: 2, native: 1, changed: 0, dry_run: false });
+    assert_index_holds(&*store, &[&letters[3], &letters[4]]).await;
+    let skip = audit_of(&*store, &gave_up).await.expect("r-1's audit");
+    assert_eq!(
+        (skip.outcome, skip.generation, skip.pages, skip.worker.as_str(), skip.campaign.as_str()),
+        (
+            OutcomeKind::SkippedAlreadyMigrated,
+            Some(rivet_head.generation),
+            Some(rivet_head.db_size_pages),
+            "sweeper",
+            "camp"
+        ),
+        "the skip a job would record, from the head"
+    );
+    assert_eq!(
+        store.get(&keys::audit(&migrated)).await.unwrap(),
+        Some(migration_raw),
+        "the migration's own audit is kept as it is"
+    );
+    assert_eq!(audit_of(&*store, &native).await.map(|a| a.outcome), Some(OutcomeKind::SkippedNativeV2));
+    assert_eq!(store.get(&keys::audit(&staging)).await.unwrap(), Some(staging_audit), "s-1 untouched");
+    assert_eq!(audit_of(&*store, &none).await, None, "x-1 untouched");
+
+    let again = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
+    assert_eq!((again.checked, again.removed()), (2, 0), "nothing left to remove");
+    // A filter selects as the other moves do: nothing of another campaign.
+    let other = triage::Filter { campaign: Some("other".into()), ..triage::Filter::default() };
+    assert_eq!(triage::sweep(&store, &other, false, "sweeper").await.unwrap().checked, 0);
+}
+
+async fn sweep_leaves_a_letter_requeued_while_it_sweeps_and_removes_the_others_of_its_commit(store: DynStore) {
+    let actor = |name| ferry::testing::actor_for(store.layout(), name);
+    let actors = [actor("q-1"), actor("q-2"), actor("q-3")];
+    let letters: Vec<DeadLetter> =
+        actors.iter().map(|a| letter(&a.to_string(), "camp", DeadLetterReason::DeliveryLimit, 2_000, 0)).collect();
+    write_all(&*store, &letters).await;
+    for a in &actors {
+        set_head(&*store, a, Origin::MigratedFromV1).await;
+    }
+    // An operator's requeue of q-2 lands after the sweep read its letter, before it commits.
+    let stored = index::get(&*store, &LetterId::of(&letters[1])).await.unwrap().unwrap();
+    let mut requeue = Txn::new();
+    index::remove(&mut requeue, &stored.raw, &stored.letter);
+    let ticket = Ticket::new(letters[1].clone(), None, 5);
+    requeue.set(triage::ticket::key(&actors[1]), ticket.encode());
+    let racing: DynStore =
+        Arc::new(CommitsFirst { inner: store.clone(), first: tokio::sync::Mutex::new(Some(requeue)) });
+    let swept = triage::sweep(&racing, &triage::Filter::default(), false, "sweeper").await.unwrap();
+    assert_eq!(swept, triage::Swept { checked: 3, migrated: 2, native: 0, changed: 1, dry_run: false });
+    assert_index_holds(&*store, &[]).await;
+    assert_eq!(
+        store.get(&triage::ticket::key(&actors[1])).await.unwrap(),
+        Some(ticket.encode()),
+        "the requeue's ticket stands"
+    );
+    assert_eq!(audit_of(&*store, &actors[1]).await, None, "q-2's audit is its requeue's to write");
+    for a in [&actors[0], &actors[2]] {
+        assert_eq!(audit_of(&*store, a).await.map(|r| r.outcome), Some(OutcomeKind::SkippedAlreadyMigrated), "{a}");
+    }
 }

@@ -17,7 +17,8 @@
 //! - `verify` finds a clean campaign clean, planted v1 drift as `v1_drift`, planted v2
 //!   damage as `v2_corrupt`, and an actor whose runtime committed to v2 since as `v2_moved_on`;
 //! - `dlq export --format csv` and `dlq purge` (refused without `--yes`, audited with it), in
-//!   either mode, with no broker.
+//!   either mode, with no broker; `dlq sweep` takes out only the letter of an actor migrated
+//!   since (a dry run first counts it) and records its skip.
 //!
 //! Broker tests need RabbitMQ at `ferry::testing::amqp_url()` and fail when it is down. Each
 //! uses its own queue prefix, deleted at the end (also on failure). The issue-15 scenarios
@@ -123,9 +124,14 @@ fn run_json(cmd: &mut Command) -> Result<Value> {
     serde_json::from_str(&stdout).with_context(|| format!("stdout of {cmd:?} is not JSON: {stdout}"))
 }
 
-/// Runs a command that did nothing: it exits 4 ("nothing matched") and still prints its JSON
+/// Runs a requeue that did nothing: it exits 4 ("nothing matched") and still prints its JSON
 /// report.
 fn run_json_nothing(cmd: &mut Command) -> Result<Value> {
+    run_json_did_nothing(cmd, "nothing requeued")
+}
+
+/// Runs a command that did nothing: exit 4, `why` on stderr, its JSON report on stdout.
+fn run_json_did_nothing(cmd: &mut Command, why: &str) -> Result<Value> {
     let out = output(cmd)?;
     ensure!(
         out.status.code() == Some(4),
@@ -133,7 +139,7 @@ fn run_json_nothing(cmd: &mut Command) -> Result<Value> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(String::from_utf8_lossy(&out.stderr).contains("nothing requeued"), "{cmd:?} does not say why");
+    ensure!(String::from_utf8_lossy(&out.stderr).contains(why), "{cmd:?} does not say why");
     serde_json::from_slice(&out.stdout).with_context(|| format!("stdout of {cmd:?} is not JSON"))
 }
 
@@ -1060,6 +1066,55 @@ async fn embedded_export_csv_has_one_row_per_dead_letter_and_purge_needs_yes_and
         }
         let after = run_ok(&mut dlq(&ts.url, &Dlq::Embedded, &["export", "--format", "csv"]))?;
         assert_eq!(parse_csv(&after).len(), 1 + 3, "{after}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_removes_the_letter_of_an_actor_migrated_since_and_records_its_skip_with_v1_untouched() -> Result<()> {
+    bounded(Duration::from_secs(120), async {
+        let ts = TestStore::new(Backend::Sqlite).await;
+        let store = ts.store();
+        let journal =
+            fixtures::hot_journal(&DbSpec { rows: 10, payload: 80, page_size: 4096, seed: 71 }, 100).map_err(msg)?;
+        let actors: Vec<ActorId> = (0..3).map(|i| id(&format!("sj-{i}"))).collect();
+        for a in &actors {
+            write(&store, a, &journal).await?;
+        }
+        run_json(&mut local_run(&ts.url))?;
+        assert_eq!(snapshot(&store, keys::DEAD_PREFIX).await?.len(), 3, "three journal_sidecar letters");
+        // The actor's runtime opened sj-0 since, rolled its journal back and migrated it
+        // itself (rivet's own migration): its head is settled, its letter stale.
+        let mut txn = Txn::new();
+        let settled = DBHead { origin: Origin::MigratedFromV1, ..DBHead::staging(2, 3, 1) };
+        txn.set(ferry::v2::keys::meta(&actors[0]), settled.encode());
+        store.commit(txn).await?;
+        let v1_before = snapshot(&store, b"v1/").await?;
+
+        let dry = run_json(&mut dlq(&ts.url, &Dlq::Store, &["sweep", "--dry-run", "--json"]))?;
+        assert_eq!(
+            (dry["checked"].as_u64(), dry["migrated"].as_u64(), dry["native"].as_u64(), dry["dry_run"].as_bool()),
+            (Some(3), Some(1), Some(0), Some(true)),
+            "{dry}"
+        );
+        assert_eq!(snapshot(&store, keys::DEAD_PREFIX).await?.len(), 3, "a dry run removes nothing");
+
+        let text = run_ok(&mut dlq(&ts.url, &Dlq::Store, &["sweep"]))?;
+        assert!(text.contains("removed 1 of settled actors (1 migrated, 0 native)"), "{text}");
+        assert!(store.get(&keys::dead(&actors[0])).await?.is_none(), "sj-0's letter is gone");
+        let skip = audit(&store, &actors[0]).await?;
+        assert_eq!((skip.outcome, skip.generation), (OutcomeKind::SkippedAlreadyMigrated, Some(settled.generation)));
+        for a in &actors[1..] {
+            assert!(store.get(&keys::dead(a)).await?.is_some(), "{a}: still dead, still listed");
+            assert_eq!(audit(&store, a).await?.outcome, OutcomeKind::DeadLettered, "{a}");
+        }
+        assert_eq!(snapshot(&store, b"v1/").await?, v1_before, "v1 untouched");
+        let summary = run_json(&mut dlq(&ts.url, &Dlq::Store, &["summary", "--json"]))?;
+        assert_eq!(summary["dead_letters"].as_u64(), Some(2), "{summary}");
+
+        let again = run_json_did_nothing(&mut dlq(&ts.url, &Dlq::Store, &["sweep", "--json"]), "nothing removed")?;
+        assert_eq!((again["checked"].as_u64(), again["migrated"].as_u64()), (Some(2), Some(0)), "{again}");
         Ok(())
     })
     .await

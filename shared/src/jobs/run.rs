@@ -89,7 +89,7 @@ enum Recorded {
 /// The head and the skip it makes, if it ends the actor's migration: migrated from v1, or
 /// native. A head that does not decode is not settled (its own dead letter, `corrupt_v2_meta`,
 /// stands), nor is a migration in progress.
-fn settled_head(raw: &[u8]) -> Option<(DBHead, OutcomeKind)> {
+pub(crate) fn settled_head(raw: &[u8]) -> Option<(DBHead, OutcomeKind)> {
     let head = DBHead::decode(raw).ok()?;
     let kind = match head.origin {
         Origin::Native => OutcomeKind::SkippedNativeV2,

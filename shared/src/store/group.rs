@@ -205,7 +205,7 @@ async fn commit_group(store: &dyn Store, group: Vec<Pending>) {
 
 /// Whether an error of a grouped transaction may be the group's, not its own: everything but
 /// its own failed check and its own limit.
-fn fails_the_group(e: &StoreError) -> bool {
+pub(crate) fn fails_the_group(e: &StoreError) -> bool {
     match e {
         StoreError::Conflict { .. }
         | StoreError::ValueTooLarge { .. }

@@ -16,7 +16,9 @@
 //! or a record without its entries is never committed; a reader that meets an entry whose
 //! record changed under it (a race with a requeue or purge) skips it. A migration's finalize
 //! and the skip of a migrated actor take its letter out ([`clear_on_migration`]), and
-//! [`admit`] lists none over a settled head, so an actor ferry migrated is not left listed.
+//! [`admit`] lists none over a settled head, so an actor ferry migrated is not left listed;
+//! `dlq sweep` (`sweep.rs`) takes out letters listed before that, or before rivet migrated
+//! their actor.
 //! Reads cost what they return: pages and `show` go through the index and point reads,
 //! `summary` reads only the index's 16-byte values.
 

@@ -14,6 +14,7 @@
 
 pub mod index;
 mod requeue;
+mod sweep;
 pub mod ticket;
 
 use lapin::BasicProperties;
@@ -32,6 +33,7 @@ use crate::store::{DynStore, StoreError, Txn};
 
 pub use self::index::{Group, LetterId, Page, Selection, Stored, StoredPage};
 pub use self::requeue::{Requeued, requeue};
+pub use self::sweep::{Swept, sweep};
 pub use self::ticket::Ticket;
 
 /// Where requeued jobs go.
