@@ -653,9 +653,9 @@ async fn audit_of(store: &dyn Store, actor: &ActorId) -> Option<AuditRecord> {
 
 async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skips(store: DynStore) {
     let actor = |name| ferry::testing::actor_for(store.layout(), name);
-    let (gave_up, migrated, native, staging, none) =
-        (actor("r-1"), actor("k-1"), actor("n-1"), actor("s-1"), actor("x-1"));
-    let letters: Vec<DeadLetter> = [&gave_up, &migrated, &native, &staging, &none]
+    let (gave_up, migrated, native, staging, none, skipped) =
+        (actor("r-1"), actor("k-1"), actor("n-1"), actor("s-1"), actor("x-1"), actor("n-2"));
+    let letters: Vec<DeadLetter> = [&gave_up, &migrated, &native, &staging, &none, &skipped]
         .iter()
         .enumerate()
         .map(|(i, a)| letter(&a.to_string(), "camp", DeadLetterReason::JournalSidecar, 1_000 + i as i64, 4096))
@@ -663,7 +663,8 @@ async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skip
     write_all(&*store, &letters).await;
     // r-1: ferry gave up on it, then rivet's own migration finished it (its audit says dead);
     // k-1: an older ferry left a twin's letter beside the migration its audit records;
-    // n-1: native; s-1: a migration in progress; x-1: no v2 at all.
+    // n-1: native; s-1: a migration in progress; x-1: no v2 at all; n-2: native, its skip
+    // already recorded by a job that did not take the letter out.
     let rivet_head = set_head(&*store, &gave_up, Origin::MigratedFromV1).await;
     set_audit(&*store, &letters[0].audit(&gave_up, 1_000)).await;
     let ferry_head = set_head(&*store, &migrated, Origin::MigratedFromV1).await;
@@ -672,18 +673,22 @@ async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skip
     set_head(&*store, &native, Origin::Native).await;
     set_head(&*store, &staging, Origin::MigratingFromV1).await;
     let staging_audit = set_audit(&*store, &letters[3].audit(&staging, 1_003)).await;
+    let native_head = set_head(&*store, &skipped, Origin::Native).await;
+    let native_skip =
+        AuditRecord::skipped(&skipped, "camp", OutcomeKind::SkippedNativeV2, Some(&native_head), "w", (6, 7));
+    let native_skip_raw = set_audit(&*store, &native_skip).await;
 
     let dry = triage::sweep(&store, &triage::Filter::default(), true, "sweeper").await.unwrap();
     assert_eq!(
         dry,
-        triage::Swept { checked: 5, migrated: 2, native: 1, changed: 0, dry_run: true },
+        triage::Swept { checked: 6, migrated: 2, native: 2, changed: 0, dry_run: true },
         "a dry run counts what it would remove"
     );
     assert_index_holds(&*store, &letters.iter().collect::<Vec<_>>()).await;
     assert_eq!(audit_of(&*store, &gave_up).await.map(|a| a.outcome), Some(OutcomeKind::DeadLettered), "dry: unwritten");
 
     let swept = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
-    assert_eq!(swept, triage::Swept { checked: 5, migrated: 2, native: 1, changed: 0, dry_run: false });
+    assert_eq!(swept, triage::Swept { checked: 6, migrated: 2, native: 2, changed: 0, dry_run: false });
     assert_index_holds(&*store, &[&letters[3], &letters[4]]).await;
     let skip = audit_of(&*store, &gave_up).await.expect("r-1's audit");
     assert_eq!(
@@ -703,6 +708,7 @@ async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skip
         "the migration's own audit is kept as it is"
     );
     assert_eq!(audit_of(&*store, &native).await.map(|a| a.outcome), Some(OutcomeKind::SkippedNativeV2));
+    assert_eq!(store.get(&keys::audit(&skipped)).await.unwrap(), Some(native_skip_raw), "n-2's skip kept");
     assert_eq!(store.get(&keys::audit(&staging)).await.unwrap(), Some(staging_audit), "s-1 untouched");
     assert_eq!(audit_of(&*store, &none).await, None, "x-1 untouched");
 

@@ -9,9 +9,9 @@
 //!   record are still what the sweep read, so a letter requeued, replaced or purged meanwhile,
 //!   or an actor whose head or audit moved, is left as it is now (counted `changed`; a rerun
 //!   looks again);
-//! - an actor whose audit holds its migration keeps that audit (its outcome is the migration);
-//!   any other's audit becomes the skip its head makes, as a job would record it
-//!   (`skipped_already_migrated` or `skipped_native_v2`), so the audit never says dead for an
+//! - an actor whose audit already holds what its head says (the migration, or a native skip)
+//!   keeps that audit; any other's audit becomes the skip its head makes, as a job would record
+//!   it (`skipped_already_migrated` or `skipped_native_v2`), so the audit never says dead for an
 //!   actor the index no longer lists;
 //! - a letter whose actor is not settled (no head, a migration in progress, a head that does
 //!   not decode) and a bad message are never touched; v1 is never read or written;
@@ -100,7 +100,7 @@ async fn removals(store: &DynStore, stored: &[Stored], worker: &str) -> Result<V
         index::remove(&mut txn, &s.raw, &s.letter);
         txn.check_value(v2keys::meta(&actor), head.clone());
         txn.check_value(keys::audit(&actor), audit.clone());
-        if !holds_migration(audit.as_deref()) {
+        if !already_records(audit.as_deref(), kind) {
             let skip = AuditRecord::skipped(&actor, &s.letter.campaign, kind, Some(&decoded), worker, (now, now));
             txn.set(keys::audit(&actor), skip.encode());
         }
@@ -109,10 +109,15 @@ async fn removals(store: &DynStore, stored: &[Stored], worker: &str) -> Result<V
     Ok(out)
 }
 
-/// Whether an audit record holds the actor's migration (its fields are the outcome to keep).
-fn holds_migration(raw: Option<&[u8]>) -> bool {
-    raw.and_then(AuditRecord::decode)
-        .is_some_and(|a| matches!(a.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated))
+/// Whether an audit record already holds the outcome a head that makes the skip `kind` stands
+/// for: the migration (its fields are the outcome to keep), or a native actor's skip.
+fn already_records(raw: Option<&[u8]>, kind: OutcomeKind) -> bool {
+    raw.and_then(AuditRecord::decode).is_some_and(|a| match kind {
+        OutcomeKind::SkippedAlreadyMigrated => {
+            matches!(a.outcome, OutcomeKind::Migrated | OutcomeKind::SkippedAlreadyMigrated)
+        }
+        other => a.outcome == other,
+    })
 }
 
 /// Commits a page's removals together; one that fails as its group's, not its own, is
