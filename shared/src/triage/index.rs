@@ -19,8 +19,8 @@
 //! [`admit`] lists none over a settled head, so an actor ferry migrated is not left listed;
 //! `dlq sweep` (`sweep.rs`) takes out letters listed before that, or before rivet migrated
 //! their actor.
-//! Reads cost what they return: pages and `show` go through the index and point reads,
-//! `summary` reads only the index's 16-byte values.
+//! Reads cost what they return: pages and `show` go through the index and point reads (a
+//! page's records in one batched read), `summary` reads only the index's 16-byte values.
 
 use crate::actor::ActorId;
 use crate::jobs::DeadLetter;
@@ -233,7 +233,7 @@ pub struct Page {
 }
 
 /// Up to `limit` dead letters of `sel`, after the cursor `after` (a page's `next`): one index
-/// scan and one point read per letter, whatever the backlog.
+/// scan and one batched read of the records it names, whatever the backlog.
 pub async fn page(store: &dyn Store, sel: &Selection, limit: usize, after: Option<&str>) -> Result<Page, StoreError> {
     Ok(page_stored(store, sel, limit, after).await?.into_page())
 }
@@ -268,13 +268,7 @@ pub async fn page_stored(
         let want = (limit - out.stored.len()).min(BATCH);
         let keys = store.scan_keys(&range, want).await?;
         let full = keys.len() == want;
-        for key in &keys {
-            if let Some(stored) = letter_of_index_key(store, key).await?
-                && sel.matches(&stored.letter)
-            {
-                out.stored.push(stored);
-            }
-        }
+        out.stored.extend(letters_of_index_keys(store, &keys).await?.into_iter().filter(|s| sel.matches(&s.letter)));
         let Some(last) = keys.last() else { break };
         range = range.after(last);
         // A cursor is the key relative to the selection's prefix: ASCII names and slashes.
@@ -290,16 +284,34 @@ pub async fn page_stored(
     Ok(out)
 }
 
-/// The dead letter an index key points at, while it is still the letter indexed there: an
-/// entry scanned just before its letter was replaced by one of another reason or campaign
-/// points at a letter that is no longer under it, and is skipped (the new letter is read at
-/// its own entry), so a read never returns a letter out of index order or twice.
-async fn letter_of_index_key(store: &dyn Store, key: &[u8]) -> Result<Option<Stored>, StoreError> {
-    let name = key.rsplit(|b| *b == b'/').next().unwrap_or_default();
-    let Some(id) = LetterId::from_index_name(name) else { return Ok(None) };
-    Ok(get(store, &id)
-        .await?
-        .filter(|s| reason_key(&s.letter) == key || campaign_key(&s.letter).is_some_and(|k| k == key)))
+/// The dead letters index keys point at, in their order, each while it is still the letter
+/// indexed there: an entry scanned just before its letter was replaced by one of another
+/// reason or campaign points at a letter that is no longer under it, and is skipped (the new
+/// letter is read at its own entry), so a read never returns a letter out of index order or
+/// twice. Every record in one batched read.
+async fn letters_of_index_keys(store: &dyn Store, keys: &[Vec<u8>]) -> Result<Vec<Stored>, StoreError> {
+    let named: Vec<(&Vec<u8>, LetterId)> = keys
+        .iter()
+        .filter_map(|key| {
+            let name = key.rsplit(|b| *b == b'/').next().unwrap_or_default();
+            LetterId::from_index_name(name).map(|id| (key, id))
+        })
+        .collect();
+    if named.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reads: Vec<Read> = named.iter().map(|(_, id)| Read::Get(id.record_key())).collect();
+    let records = store.read_many(&reads).await?.into_iter().map(ReadResult::into_value);
+    Ok(named
+        .into_iter()
+        .zip(records)
+        .filter_map(|((key, _), raw)| {
+            let raw = raw?;
+            let letter = DeadLetter::decode(&raw)?;
+            let indexed_here = reason_key(&letter) == *key || campaign_key(&letter).is_some_and(|k| k == *key);
+            indexed_here.then_some(Stored { raw, letter })
+        })
+        .collect())
 }
 
 /// Calls `visit` on every dead letter of `sel`, in index order, one batch in memory at a time:
@@ -312,10 +324,8 @@ pub async fn each_selected(
     let mut range = sel.range();
     loop {
         let keys = store.scan_keys(&range, BATCH).await?;
-        for key in &keys {
-            if let Some(stored) = letter_of_index_key(store, key).await?
-                && sel.matches(&stored.letter)
-            {
+        for stored in letters_of_index_keys(store, &keys).await? {
+            if sel.matches(&stored.letter) {
                 visit(stored).await?;
             }
         }
