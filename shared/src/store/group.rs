@@ -190,22 +190,32 @@ async fn commit_group(store: &dyn Store, group: Vec<Pending>) {
         }
         return;
     }
-    // Kept for a retry alone, should the group's store transaction fail as a whole.
-    let copies = txns.clone();
-    let results = store.commit_many(txns).await;
-    for ((result, reply), txn) in results.into_iter().zip(replies).zip(copies) {
-        let result = match result {
-            Err(e) if fails_the_group(&e) => store.commit(txn).await,
-            own => own,
-        };
+    for (result, reply) in commit_each(store, txns).await.into_iter().zip(replies) {
         // A caller that went away (its job aborted) needs no answer.
         let _ = reply.send(result);
     }
 }
 
+/// Commits `txns` together ([`Store::commit_many`]) and commits again alone each one whose
+/// error may be its group's, not its own ([`fails_the_group`]), so one bad transaction fails
+/// only itself. Result `i` is transaction `i`'s.
+pub async fn commit_each(store: &dyn Store, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {
+    // Kept for a retry alone, should the group's store transaction fail as a whole.
+    let copies = txns.clone();
+    let results = store.commit_many(txns).await;
+    let mut out = Vec::with_capacity(results.len());
+    for (result, txn) in results.into_iter().zip(copies) {
+        out.push(match result {
+            Err(e) if fails_the_group(&e) => store.commit(txn).await,
+            own => own,
+        });
+    }
+    out
+}
+
 /// Whether an error of a grouped transaction may be the group's, not its own: everything but
 /// its own failed check and its own limit.
-pub(crate) fn fails_the_group(e: &StoreError) -> bool {
+fn fails_the_group(e: &StoreError) -> bool {
     match e {
         StoreError::Conflict { .. }
         | StoreError::ValueTooLarge { .. }

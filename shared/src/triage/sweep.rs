@@ -21,7 +21,7 @@ use crate::actor::ActorId;
 use crate::jobs::run::settled_head;
 use crate::keys;
 use crate::migrate::{AuditRecord, OutcomeKind};
-use crate::store::group::fails_the_group;
+use crate::store::group::commit_each;
 use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
 use crate::v2::keys as v2keys;
 
@@ -127,13 +127,7 @@ async fn commit(store: &DynStore, removals: Vec<Removal>, swept: &mut Swept) -> 
         return Ok(());
     }
     let (kinds, txns): (Vec<OutcomeKind>, Vec<Txn>) = removals.into_iter().map(|r| (r.kind, r.txn)).unzip();
-    let copies = txns.clone();
-    let results = store.commit_many(txns).await;
-    for ((result, kind), txn) in results.into_iter().zip(kinds).zip(copies) {
-        let result = match result {
-            Err(e) if fails_the_group(&e) => store.commit(txn).await,
-            own => own,
-        };
+    for (result, kind) in commit_each(&**store, txns).await.into_iter().zip(kinds) {
         match result {
             Ok(()) => count(swept, kind),
             Err(StoreError::Conflict { .. }) => swept.changed += 1,
