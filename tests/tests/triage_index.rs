@@ -11,8 +11,8 @@
 //! - a `dlq requeue` SIGKILLed at random points and run again leaves every actor dead or
 //!   requeued (never both, never neither), and with a worker every requeued job runs once:
 //!   each actor migrated or dead-lettered again exactly once, every ticket consumed;
-//! - `dlq summary|list|show|export` need no broker (none given, or an unreachable one in the
-//!   environment) and, on PostgreSQL, only SELECT on the store's table;
+//! - `dlq summary|list|show|export` and `sweep --dry-run` need no broker (none given, or an
+//!   unreachable one in the environment) and, on PostgreSQL, only SELECT on the store's table;
 //! - 25 rounds of every read leave the broker's queues as they were: message counts and the
 //!   management API's delivery and get counters do not move.
 //!
@@ -794,6 +794,13 @@ async fn read_only_triage_needs_no_broker(backend: Backend) -> Result<()> {
             letters.push(dead_letter(&format!("ro-w{i:02}"), "ro-b", DeadLetterReason::WalSidecar, 100 + i));
         }
         index_as_worker(&store, &letters).await?;
+        // One of them migrated since (rivet's own migration): a dry sweep counts it, and it is
+        // a read like the others.
+        let mut settle = ferry::store::Txn::new();
+        let head =
+            ferry::v2::DBHead { origin: ferry::v2::Origin::MigratedFromV1, ..ferry::v2::DBHead::staging(1, 1, 1) };
+        settle.set(ferry::v2::keys::meta(&id("ro-j00")), head.encode());
+        store.commit(settle).await?;
         let rows = index_rows(&store).await?;
         let reads: Vec<Vec<&str>> = vec![
             vec!["summary"],
@@ -807,6 +814,7 @@ async fn read_only_triage_needs_no_broker(backend: Backend) -> Result<()> {
             vec!["show", "ro-j03"],
             vec!["export"],
             vec!["export", "--format", "csv"],
+            vec!["sweep", "--dry-run", "--json"],
         ];
         // An unreachable broker: a read that tried it would fail or wait for its timeout.
         let bogus = "amqp://ferry:nope@10.255.255.1:5672/%2f";
@@ -850,6 +858,8 @@ async fn read_only_triage_needs_no_broker(backend: Backend) -> Result<()> {
         assert_eq!(listed_ids(&all)?.len(), letters.len(), "{all}");
         let page = serde_json::from_str::<Value>(&no_broker[7].1)?;
         assert_eq!(listed_ids(&page)?, ["ro-j05", "ro-j06", "ro-j07", "ro-j08", "ro-j09"], "{page}");
+        let dry = serde_json::from_str::<Value>(&no_broker[11].1)?;
+        assert_eq!((dry["checked"].as_u64(), dry["migrated"].as_u64()), (Some(17), Some(1)), "{dry}");
         assert!(index_rows(&store).await? == rows, "a read changed the index");
 
         // A requeue is the one command that needs the broker: refused before it moves anything.
@@ -952,6 +962,7 @@ async fn reading_dead_letters_leaves_the_broker_untouched(backend: Backend) -> R
             vec!["show", "uj-3"],
             vec!["export"],
             vec!["export", "--format", "csv"],
+            vec!["sweep", "--dry-run", "--json"],
         ];
         let rows = index_rows(&store).await?;
         for round in 0..25 {
