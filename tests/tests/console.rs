@@ -13,7 +13,9 @@
 //!   needs a token, refuses requests without it (401), takes it as a bearer header or through
 //!   the login form (an HttpOnly, SameSite=Strict cookie) and never logs it; a POST without the
 //!   CSRF token is refused (403), with the form's token it works; an open console refuses a
-//!   Host that is not this machine's.
+//!   Host that is not this machine's;
+//! - a sweep from the page confirms with a dry run's count and removes only the letter of an
+//!   actor migrated since, its skip in the audit.
 //!
 //! Needs /usr/bin/chromium and /usr/bin/chromedriver (`apt-get install chromium
 //! chromium-driver`, done by .ci/run) and fails, never skips, without them.
@@ -599,6 +601,52 @@ async fn read_only_token_and_csrf_refuse_what_they_must() -> Result<()> {
                 bail!("{} logged the token", p.name);
             }
         }
+        browser.close().await?;
+        Ok(())
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sweep
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_from_the_page_removes_only_the_letter_of_an_actor_migrated_since() -> Result<()> {
+    bounded(Duration::from_secs(240), async {
+        let logs = tempfile::tempdir()?;
+        let ts = TestStore::new(Backend::Sqlite).await;
+        let store = ts.store();
+        for i in 0..3 {
+            plant_letter(&store, &letter(&format!("sw-{i}"), "sweep", DeadLetterReason::JournalSidecar, "planted", i))
+                .await?;
+        }
+        // rivet's own migration finished sw-1 after ferry gave up on it.
+        let head =
+            ferry::v2::DBHead { origin: ferry::v2::Origin::MigratedFromV1, ..ferry::v2::DBHead::staging(4, 2, 1) };
+        let mut txn = Txn::new();
+        txn.set(ferry::v2::keys::meta(&id("sw-1")), head.encode());
+        store.commit(txn).await?;
+        let browser = Browser::start(logs.path()).await?;
+        let (mut console, addr) =
+            start_console("sweep", console_command("127.0.0.1:0", &ts.url, None, &[]), logs.path()).await?;
+
+        browser.goto(&format!("http://{addr}/dead")).await?;
+        browser.click("a#sweep").await?;
+        assert_eq!(browser.text("#count").await?, "1", "{}", browser.text("main").await?);
+        assert_eq!(dead_count(&store).await?, 3, "the confirmation is a dry run");
+        browser.click("button#do").await?;
+        let result = browser.text("#result").await?;
+        assert!(result.contains("Removed 1 of 3"), "{result}");
+        assert_eq!(dead_count(&store).await?, 2);
+        assert!(store.get(&keys::dead(&id("sw-1"))).await?.is_none(), "sw-1's letter is gone");
+        let audit = store
+            .get(&keys::audit(&id("sw-1")))
+            .await?
+            .and_then(|r| AuditRecord::decode(&r))
+            .context("sw-1's audit")?;
+        assert_eq!((audit.outcome, audit.generation), (OutcomeKind::SkippedAlreadyMigrated, Some(head.generation)));
+
+        console.stop(Duration::from_secs(10)).await?;
         browser.close().await?;
         Ok(())
     })

@@ -347,6 +347,7 @@ pub fn dead_letters(
         format!(
             "<p><a class=\"button\" id=\"requeue\" href=\"/actions/requeue{q}\">Requeue these…</a>\
              <a class=\"button\" id=\"purge\" href=\"/actions/purge{q}\">Purge these…</a>\
+             <a class=\"button\" id=\"sweep\" href=\"/actions/sweep{q}\">Sweep settled actors…</a>\
              <span class=\"muted\">(every dead letter of this filter, not only this page; each asks to confirm)</span></p>",
             q = attr(&filter_query(filter, &[]))
         )
@@ -673,6 +674,46 @@ pub fn purged(n: u64) -> String {
     format!(
         "<h1>Purged</h1><div class=\"card\"><p class=\"ok\" id=\"result\">Purged <b>{n}</b> dead letters \
          (noted in each actor's audit record).</p><p><a class=\"button\" href=\"/dead\">Back to the dead letters</a></p></div>"
+    )
+}
+
+pub fn confirm_sweep(filter: &Filter, dry: &triage::Swept, v: &Viewer<'_>) -> String {
+    format!(
+        "<h1>Sweep dead letters of settled actors</h1><div class=\"card\"><p>Selected: {what}, {checked} now; \
+         <b id=\"count\">{count}</b> of them belong to actors whose v2 head is settled since ({migrated} migrated, {native} \
+         native). Sweeping takes them out and records each actor's skip in its audit record, as a job reaching \
+         it would, and as <code>ferry-producer dlq sweep</code> does; every other dead letter stays.</p>\
+         <form method=\"post\" action=\"/actions/sweep\" id=\"confirm\">{csrf}{hidden}\
+         <button type=\"submit\" id=\"do\">Sweep {count} dead letters</button> \
+         <a class=\"button\" href=\"/dead{back}\">Cancel</a></form></div>",
+        what = describe(filter),
+        checked = dry.checked,
+        count = dry.removed(),
+        migrated = dry.migrated,
+        native = dry.native,
+        csrf = csrf_field(v),
+        hidden = filter_hidden(filter),
+        back = attr(&filter_query(filter, &[])),
+    )
+}
+
+pub fn swept(s: &triage::Swept) -> String {
+    let changed = if s.changed > 0 {
+        format!(
+            "<p class=\"warn\" id=\"changed\">{} changed while the sweep read them and were left: sweep again to look at them.</p>",
+            s.changed
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "<h1>Swept</h1><div class=\"card\"><p class=\"ok\" id=\"result\">Removed <b>{removed}</b> of {checked} dead letters \
+         ({migrated} migrated, {native} native; each actor's skip is in its audit record).</p>{changed}\
+         <p><a class=\"button\" href=\"/dead\">Back to the dead letters</a></p></div>",
+        removed = s.removed(),
+        checked = s.checked,
+        migrated = s.migrated,
+        native = s.native,
     )
 }
 

@@ -41,6 +41,7 @@ pub(crate) fn router(state: App) -> Router {
         .route("/dead/actor/{actor}", get(actor_page))
         .route("/actions/requeue", get(confirm_requeue).post(requeue))
         .route("/actions/purge", get(confirm_purge).post(purge))
+        .route("/actions/sweep", get(confirm_sweep).post(sweep))
         .route("/actions/verify", get(confirm_verify).post(verify))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -414,6 +415,43 @@ async fn purge(
     let n = triage::purge(&state.store, &filter).await.map_err(|e| store_error(&state, e))?;
     tracing::info!(purged = n, "console: purged dead letters");
     Ok(state.html(StatusCode::OK, "Purged", Tab::DeadLetters, &pages::purged(n)))
+}
+
+/// `dlq sweep`: the confirmation shows what a dry run of the same filter counts.
+async fn confirm_sweep(
+    Shared(state): Shared<App>,
+    Extension(who): Extension<Identity>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Html, Html> {
+    state.actions_allowed()?;
+    let filter = filter_of(&state, &q)?;
+    let dry = triage::sweep(&state.store, &filter, true, &crate::telemetry::default_worker_id())
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    let csrf = state.keys.csrf(&who);
+    let v = state.viewer(&who, &csrf);
+    Ok(state.html(StatusCode::OK, "Sweep", Tab::DeadLetters, &pages::confirm_sweep(&filter, &dry, &v)))
+}
+
+async fn sweep(
+    Shared(state): Shared<App>,
+    Extension(who): Extension<Identity>,
+    Form(form): Form<HashMap<String, String>>,
+) -> Result<Html, Html> {
+    state.admit_post(&who, &form)?;
+    let filter = filter_of(&state, &form)?;
+    let Ok(_running) = state.action.try_lock() else { return Err(busy(&state)) };
+    let swept = triage::sweep(&state.store, &filter, false, &crate::telemetry::default_worker_id())
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    tracing::info!(
+        checked = swept.checked,
+        migrated = swept.migrated,
+        native = swept.native,
+        changed = swept.changed,
+        "console: swept the dead letters of settled actors"
+    );
+    Ok(state.html(StatusCode::OK, "Swept", Tab::DeadLetters, &pages::swept(&swept)))
 }
 
 fn campaign_of(state: &State, q: &HashMap<String, String>) -> Result<String, Html> {
