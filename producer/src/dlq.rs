@@ -109,8 +109,9 @@ pub enum DlqCommand {
         yes: bool,
     },
     /// Take out the dead letters of actors whose v2 head is now settled (migrated, by ferry or
-    /// by rivet, or native), recording each one's skip as a job would; letters of any other
-    /// actor are left (exit 4 when none was removed).
+    /// by rivet, or native), recording each one's skip in its audit unless the audit already
+    /// records the migration (or the native skip); letters of any other actor are left (exit 4
+    /// when none was removed and none changed meanwhile).
     Sweep {
         #[command(flatten)]
         filter: DlqFilter,
@@ -315,7 +316,7 @@ fn print_swept(swept: &triage::Swept, json: bool) -> anyhow::Result<ExitCode> {
             println!("left {} that changed while the sweep read them (run it again to look at them)", swept.changed);
         }
     }
-    if swept.removed() == 0 {
+    if swept.removed() == 0 && swept.changed == 0 {
         return Ok(crate::exit::nothing("no dead letter of a settled actor matched: nothing removed"));
     }
     Ok(ExitCode::SUCCESS)

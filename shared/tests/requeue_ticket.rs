@@ -417,6 +417,25 @@ async fn the_skip_of_a_migrated_actor_takes_its_dead_letter_out_of_the_index(bac
     Ok(())
 }
 
+async fn the_skip_of_a_native_actor_takes_its_dead_letter_out_of_the_index(backend: Backend) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("listed-native");
+    write_v1(&*store, &actor, &plain()?).await?;
+    // Listed by an earlier job; the actor was reset to a native v2 database since.
+    store.commit(listing(&letter(&actor, DeadLetterReason::JournalSidecar))).await?;
+    let mut txn = Txn::new();
+    txn.set(ferry::v2::keys::meta(&actor), DBHead { origin: Origin::Native, ..DBHead::staging(2, 5, 1) }.encode());
+    store.commit(txn).await?;
+    let d = runner(&store).run(&body(&actor), 1).await;
+    let Disposition::Ack(outcome) = d else { anyhow::bail!("not acked: {d:?}") };
+    assert_eq!(outcome.kind(), OutcomeKind::SkippedNativeV2);
+    assert_eq!(audit(&store, &actor).await?.outcome, OutcomeKind::SkippedNativeV2);
+    assert!(index::get(&*store, &LetterId::Actor(actor.clone())).await?.is_none(), "still listed");
+    assert!(index::summary(&*store).await?.is_empty(), "the index still counts it");
+    Ok(())
+}
+
 async fn a_dead_letter_listed_while_the_migration_commits_is_taken_out_by_its_finalize(backend: Backend) -> Result<()> {
     let ts = TestStore::new(backend).await;
     let store = ts.store();
@@ -447,6 +466,7 @@ per_backend!(
         a_twin_finalize_between_the_letters_head_read_and_its_commit_fails_the_letter_not_the_migration,
         a_migration_takes_its_actors_dead_letter_out_of_the_index,
         the_skip_of_a_migrated_actor_takes_its_dead_letter_out_of_the_index,
+        the_skip_of_a_native_actor_takes_its_dead_letter_out_of_the_index,
         a_dead_letter_listed_while_the_migration_commits_is_taken_out_by_its_finalize,
     ],
 );

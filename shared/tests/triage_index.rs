@@ -70,7 +70,8 @@ contract!(
     admit_does_not_list_an_actor_whose_migration_finalizes_while_it_admits,
     triage_summary_counts_the_letters_and_the_pending_requeue_tickets,
     sweep_removes_only_the_letters_of_settled_actors_and_records_their_skips,
-    sweep_leaves_a_letter_requeued_while_it_sweeps_and_removes_the_others_of_its_commit,
+    sweep_leaves_a_letter_whose_letter_head_or_audit_changed_while_it_sweeps_and_removes_the_others,
+    sweep_walks_every_page_and_touches_no_actor_unsettled_or_with_a_head_that_does_not_decode,
 );
 
 fn id(s: &str) -> ActorId {
@@ -664,7 +665,7 @@ async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skip
     // r-1: ferry gave up on it, then rivet's own migration finished it (its audit says dead);
     // k-1: an older ferry left a twin's letter beside the migration its audit records;
     // n-1: native; s-1: a migration in progress; x-1: no v2 at all; n-2: native, its skip
-    // already recorded by a job that did not take the letter out.
+    // already recorded by an older ferry's job that did not take the letter out.
     let rivet_head = set_head(&*store, &gave_up, Origin::MigratedFromV1).await;
     set_audit(&*store, &letters[0].audit(&gave_up, 1_000)).await;
     let ferry_head = set_head(&*store, &migrated, Origin::MigratedFromV1).await;
@@ -719,33 +720,76 @@ async fn sweep_removes_only_the_letters_of_settled_actors_and_records_their_skip
     assert_eq!(triage::sweep(&store, &other, false, "sweeper").await.unwrap().checked, 0);
 }
 
-async fn sweep_leaves_a_letter_requeued_while_it_sweeps_and_removes_the_others_of_its_commit(store: DynStore) {
+async fn sweep_leaves_a_letter_whose_letter_head_or_audit_changed_while_it_sweeps_and_removes_the_others(
+    store: DynStore,
+) {
     let actor = |name| ferry::testing::actor_for(store.layout(), name);
-    let actors = [actor("q-1"), actor("q-2"), actor("q-3")];
+    let actors = [actor("q-1"), actor("q-2"), actor("q-3"), actor("q-4"), actor("q-5")];
     let letters: Vec<DeadLetter> =
         actors.iter().map(|a| letter(&a.to_string(), "camp", DeadLetterReason::DeliveryLimit, 2_000, 0)).collect();
     write_all(&*store, &letters).await;
     for a in &actors {
         set_head(&*store, a, Origin::MigratedFromV1).await;
     }
-    // An operator's requeue of q-2 lands after the sweep read its letter, before it commits.
+    // After the sweep read them, before it commits: an operator's requeue moves q-2's letter
+    // to a ticket (check 0), q-3's head is rewritten as a migration in progress (check 1), and
+    // a job records q-4's skip (check 2).
     let stored = index::get(&*store, &LetterId::of(&letters[1])).await.unwrap().unwrap();
-    let mut requeue = Txn::new();
-    index::remove(&mut requeue, &stored.raw, &stored.letter);
+    let mut meanwhile = Txn::new();
+    index::remove(&mut meanwhile, &stored.raw, &stored.letter);
     let ticket = Ticket::new(letters[1].clone(), None, 5);
-    requeue.set(triage::ticket::key(&actors[1]), ticket.encode());
+    meanwhile.set(triage::ticket::key(&actors[1]), ticket.encode());
+    let restaged = DBHead { origin: Origin::MigratingFromV1, ..DBHead::staging(9, 9, 2) };
+    meanwhile.set(v2keys::meta(&actors[2]), restaged.encode());
+    let job_skip = AuditRecord::skipped(&actors[3], "camp", OutcomeKind::SkippedAlreadyMigrated, None, "job", (8, 9));
+    meanwhile.set(keys::audit(&actors[3]), job_skip.encode());
     let racing: DynStore =
-        Arc::new(CommitsFirst { inner: store.clone(), first: tokio::sync::Mutex::new(Some(requeue)) });
+        Arc::new(CommitsFirst { inner: store.clone(), first: tokio::sync::Mutex::new(Some(meanwhile)) });
     let swept = triage::sweep(&racing, &triage::Filter::default(), false, "sweeper").await.unwrap();
-    assert_eq!(swept, triage::Swept { checked: 3, migrated: 2, native: 0, changed: 1, dry_run: false });
-    assert_index_holds(&*store, &[]).await;
+    assert_eq!(swept, triage::Swept { checked: 5, migrated: 2, native: 0, changed: 3, dry_run: false });
+    assert_index_holds(&*store, &[&letters[2], &letters[3]]).await;
     assert_eq!(
         store.get(&triage::ticket::key(&actors[1])).await.unwrap(),
         Some(ticket.encode()),
         "the requeue's ticket stands"
     );
     assert_eq!(audit_of(&*store, &actors[1]).await, None, "q-2's audit is its requeue's to write");
-    for a in [&actors[0], &actors[2]] {
+    assert_eq!(audit_of(&*store, &actors[2]).await, None, "q-3: the migration in progress is left alone");
+    assert_eq!(audit_of(&*store, &actors[3]).await, Some(job_skip), "q-4: the job's audit stands");
+    for a in [&actors[0], &actors[4]] {
         assert_eq!(audit_of(&*store, a).await.map(|r| r.outcome), Some(OutcomeKind::SkippedAlreadyMigrated), "{a}");
     }
+}
+
+async fn sweep_walks_every_page_and_touches_no_actor_unsettled_or_with_a_head_that_does_not_decode(store: DynStore) {
+    // More letters than one page of a move (500), every third actor settled, every seventh
+    // of the others with a head that does not decode (its own dead letter stands).
+    let n = 1_100;
+    let actors: Vec<ActorId> =
+        (0..n).map(|i| ferry::testing::actor_for(store.layout(), &format!("p-{i:04}"))).collect();
+    let letters: Vec<DeadLetter> = actors
+        .iter()
+        .enumerate()
+        .map(|(i, a)| letter(&a.to_string(), "camp", DeadLetterReason::JournalSidecar, 3_000 + i as i64, 0))
+        .collect();
+    write_all(&*store, &letters).await;
+    let settled = DBHead { origin: Origin::MigratedFromV1, ..DBHead::staging(1, 1, 1) };
+    for chunk in actors.iter().enumerate().collect::<Vec<_>>().chunks(100) {
+        let mut txn = Txn::new();
+        for (i, a) in chunk {
+            if i % 3 == 0 {
+                txn.set(v2keys::meta(a), settled.encode());
+            } else if i % 7 == 0 {
+                txn.set(v2keys::meta(a), b"not a head".to_vec());
+            }
+        }
+        store.commit(txn).await.unwrap();
+    }
+    let swept = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
+    let removed = (0..n).filter(|i| i % 3 == 0).count() as u64;
+    assert_eq!(swept, triage::Swept { checked: n as u64, migrated: removed, native: 0, changed: 0, dry_run: false });
+    let left: Vec<&DeadLetter> = letters.iter().enumerate().filter(|(i, _)| i % 3 != 0).map(|(_, d)| d).collect();
+    assert_index_holds(&*store, &left).await;
+    let again = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
+    assert_eq!((again.checked, again.removed()), (left.len() as u64, 0));
 }

@@ -155,7 +155,8 @@ pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
 /// still the record it read, so a concurrent write (another skip, a purge note) is never
 /// overwritten with stale fields, and takes the actor's dead letter out of the triage index
 /// as a finalize does (one listed by an older ferry, or before rivet's own migration finished
-/// the actor); any other skip is written as given. `clears` is a key the same transaction
+/// the actor); the skip of a native actor takes its letter out too; any other skip is written
+/// as given. `clears` is a key the same transaction
 /// clears (a requeued job's ticket).
 pub async fn record_skip(
     store: &dyn Store,
@@ -168,9 +169,13 @@ pub async fn record_skip(
             txn.clear(k.to_vec());
         }
     };
-    if skip.outcome != OutcomeKind::SkippedAlreadyMigrated {
-        store.commit(skip_txn(&skip, clears)).await?;
-        return Ok(skip);
+    match skip.outcome {
+        OutcomeKind::SkippedAlreadyMigrated => {}
+        OutcomeKind::SkippedNativeV2 => return record_native_skip(store, skip, clears).await,
+        OutcomeKind::Migrated | OutcomeKind::SkippedNoV1 | OutcomeKind::DeadLettered => {
+            store.commit(skip_txn(&skip, clears)).await?;
+            return Ok(skip);
+        }
     }
     let mut attempts = 0;
     loop {
@@ -191,6 +196,28 @@ pub async fn record_skip(
         match store.commit(txn).await {
             Ok(()) => return Ok(audit),
             // Raced another writer of the record: read it again, a few times at most.
+            Err(StoreError::Conflict { .. }) if attempts < SKIP_ATTEMPTS => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The skip of a native actor: written as given, and the actor's dead letter (if an earlier
+/// job listed one) taken out in the same transaction, checked to be the letter read, so a
+/// settled actor is not left listed as dead.
+async fn record_native_skip(
+    store: &dyn Store,
+    skip: AuditRecord,
+    clears: Option<&[u8]>,
+) -> Result<AuditRecord, StoreError> {
+    let mut attempts = 0;
+    loop {
+        let dead = store.get(&keys::dead(&skip.actor_id)).await?;
+        let mut txn = skip_txn(&skip, clears);
+        index::clear_on_migration(&mut txn, &skip.actor_id, dead.as_deref());
+        match store.commit(txn).await {
+            Ok(()) => return Ok(skip),
+            // A letter listed or changed since the read: read it again, a few times at most.
             Err(StoreError::Conflict { .. }) if attempts < SKIP_ATTEMPTS => attempts += 1,
             Err(e) => return Err(e),
         }

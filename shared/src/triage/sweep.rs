@@ -1,8 +1,9 @@
 //! `dlq sweep`: takes out of the triage index the dead letters of actors whose v2 head is now
 //! settled (migrated from v1, by ferry or by rivet's own migration, or native). Such letters
 //! were listed by an older ferry beside a migration that landed, or before the actor's runtime
-//! migrated it; a job reaching the actor would record its skip and take the letter out, and the
-//! sweep does the same without the round trip through the queue.
+//! migrated it; a job reaching the actor records its skip and takes the letter out, and the
+//! sweep does so without the round trip through the queue (keeping an audit that already
+//! records what the head says, where a job would write its skip again).
 //!
 //! Invariants:
 //! - a letter is removed only by a transaction that checks the letter, the head and the audit
@@ -21,7 +22,7 @@ use crate::actor::ActorId;
 use crate::jobs::run::settled_head;
 use crate::keys;
 use crate::migrate::{AuditRecord, OutcomeKind};
-use crate::store::group::commit_each;
+use crate::store::group::{DEFAULT_GROUP_MAX, commit_each};
 use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
 use crate::v2::keys as v2keys;
 
@@ -127,11 +128,15 @@ async fn commit(store: &DynStore, removals: Vec<Removal>, swept: &mut Swept) -> 
         return Ok(());
     }
     let (kinds, txns): (Vec<OutcomeKind>, Vec<Txn>) = removals.into_iter().map(|r| (r.kind, r.txn)).unzip();
-    for (result, kind) in commit_each(&**store, txns).await.into_iter().zip(kinds) {
-        match result {
-            Ok(()) => count(swept, kind),
-            Err(StoreError::Conflict { .. }) => swept.changed += 1,
-            Err(e) => return Err(e),
+    // In groups the size the group committer allows, so one conflicting actor re-runs (on
+    // rivet's layout) or sends alone (after a failure of the whole) a few dozen, not a page.
+    for (txns, kinds) in txns.chunks(DEFAULT_GROUP_MAX).zip(kinds.chunks(DEFAULT_GROUP_MAX)) {
+        for (result, kind) in commit_each(&**store, txns.to_vec()).await.into_iter().zip(kinds) {
+            match result {
+                Ok(()) => count(swept, *kind),
+                Err(StoreError::Conflict { .. }) => swept.changed += 1,
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
