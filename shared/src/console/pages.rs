@@ -681,8 +681,9 @@ pub fn confirm_sweep(filter: &Filter, dry: &triage::Swept, v: &Viewer<'_>) -> St
     format!(
         "<h1>Sweep dead letters of settled actors</h1><div class=\"card\"><p>Selected: {what}, {checked} now; \
          <b id=\"count\">{count}</b> of them belong to actors whose v2 head is settled since ({migrated} migrated, {native} \
-         native). Sweeping takes them out and records each actor's skip in its audit record, as a job reaching \
-         it would, and as <code>ferry-producer dlq sweep</code> does; every other dead letter stays.</p>\
+         native). Sweeping takes them out and records each actor's skip in its audit record (an audit that \
+         already records the migration is kept), as <code>ferry-producer dlq sweep</code> does; every other \
+         dead letter stays.</p>\
          <form method=\"post\" action=\"/actions/sweep\" id=\"confirm\">{csrf}{hidden}\
          <button type=\"submit\" id=\"do\">Sweep {count} dead letters</button> \
          <a class=\"button\" href=\"/dead{back}\">Cancel</a></form></div>",
