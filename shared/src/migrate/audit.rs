@@ -156,8 +156,7 @@ pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
 /// overwritten with stale fields, and takes the actor's dead letter out of the triage index
 /// as a finalize does (one listed by an older ferry, or before rivet's own migration finished
 /// the actor); the skip of a native actor takes its letter out too; any other skip is written
-/// as given. `clears` is a key the same transaction
-/// clears (a requeued job's ticket).
+/// as given. `clears` is a key the same transaction clears (a requeued job's ticket).
 pub async fn record_skip(
     store: &dyn Store,
     skip: AuditRecord,
