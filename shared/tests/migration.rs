@@ -138,7 +138,7 @@ fn migrator_on(store: DynStore, clock: Arc<ManualClock>, worker: &str) -> Migrat
 }
 
 fn req(actor: &ActorId) -> Request {
-    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts: 1, clears: None }
+    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts: 1, ticket: None }
 }
 
 fn req_with(actor: &ActorId, recovery: Recovery) -> Request {

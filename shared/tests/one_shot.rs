@@ -69,7 +69,7 @@ fn migrator(store: DynStore, clock: Arc<ManualClock>, worker: &str) -> Migrator 
 }
 
 fn req(actor: &ActorId) -> Request {
-    Request { actor: actor.clone(), campaign: "one-shot".into(), recovery: None, attempts: 1, clears: None }
+    Request { actor: actor.clone(), campaign: "one-shot".into(), recovery: None, attempts: 1, ticket: None }
 }
 
 async fn seeded(backend: Backend, id: &str) -> (TestStore, ActorId, Vec<u8>) {

@@ -8,6 +8,8 @@
 #[macro_use]
 mod common;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -32,27 +34,50 @@ use ferry::{ActorId, DeadLetterReason, keys};
 /// already, its last attempt fails transiently on a settled actor, as a job does whose commit
 /// landed though its connection was lost); `twin`, if set, is committed just before the first commit asked for that writes an
 /// audit record (another copy's finalize landing between a dead letter's read of the head and
-/// its commit, or another copy's dead letter landing just before a finalize).
+/// its commit, or another copy's dead letter landing just before a finalize); `after_claim`, if
+/// set, runs once right after the first read of a requeue ticket (another copy of the job
+/// running to its outcome after this one claimed the ticket).
 struct Faulty {
     inner: DynStore,
     batched_reads_down: bool,
     twin: tokio::sync::Mutex<Option<Txn>>,
+    after_claim: tokio::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
 
 impl Faulty {
     fn reads_down(inner: &DynStore) -> DynStore {
-        Arc::new(Faulty { inner: inner.clone(), batched_reads_down: true, twin: Default::default() })
+        Arc::new(Faulty { batched_reads_down: true, ..Faulty::transparent(inner) })
     }
 
     fn twin_first(inner: &DynStore, twin: Txn) -> DynStore {
-        Arc::new(Faulty { inner: inner.clone(), batched_reads_down: false, twin: tokio::sync::Mutex::new(Some(twin)) })
+        Arc::new(Faulty { twin: tokio::sync::Mutex::new(Some(twin)), ..Faulty::transparent(inner) })
+    }
+
+    fn other_copy_after_claim(inner: &DynStore, other: impl Future<Output = ()> + Send + 'static) -> DynStore {
+        Arc::new(Faulty { after_claim: tokio::sync::Mutex::new(Some(Box::pin(other))), ..Faulty::transparent(inner) })
+    }
+
+    fn transparent(inner: &DynStore) -> Faulty {
+        Faulty {
+            inner: inner.clone(),
+            batched_reads_down: false,
+            twin: Default::default(),
+            after_claim: Default::default(),
+        }
     }
 }
 
 #[async_trait]
 impl Store for Faulty {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key).await
+        let value = self.inner.get(key).await?;
+        if key.starts_with(ticket::REQUEUE_PREFIX) {
+            let other = self.after_claim.lock().await.take();
+            if let Some(other) = other {
+                other.await;
+            }
+        }
+        Ok(value)
     }
     fn layout(&self) -> ferry::layout::Layout {
         self.inner.layout()
@@ -162,6 +187,36 @@ async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend
     // A second copy of the same requeue now finds no ticket: it does not run again.
     let again = runner(&store).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
     assert!(matches!(again, Disposition::Superseded), "{again:?}");
+    Ok(())
+}
+
+async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_retried_then_acked_unrun_and_keeps_the_migration(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("twins-1");
+    let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
+    // Two copies of one requeue delivered at once: this one claims the ticket, then the other
+    // runs to its migration (clearing the ticket) before this one reads the actor.
+    let (inner, other_actor, token) = (store.clone(), actor.clone(), t.token.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let other = async move {
+        let d = runner(&inner).run_delivery_in_current_span(&body(&other_actor), 1, Some(&token)).await;
+        let _ = tx.send(d);
+    };
+    let hooked = Faulty::other_copy_after_claim(&store, other);
+    let d = runner(&hooked).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
+    let Disposition::Ack(other) = rx.await.context("the other copy did not run")? else {
+        anyhow::bail!("the other copy did not migrate")
+    };
+    assert_eq!(other.kind(), OutcomeKind::Migrated);
+    assert!(matches!(d, Disposition::Retry { uses_attempt: true, .. }), "a second outcome: {d:?}");
+    assert_eq!(audit(&store, &actor).await?, other.audit, "the other copy's migration is the actor's outcome");
+    // Its redelivery finds the ticket gone: acked without running, the audit as it was.
+    let again = runner(&store).run_delivery_in_current_span(&body(&actor), 2, Some(&t.token)).await;
+    assert!(matches!(again, Disposition::Superseded), "{again:?}");
+    assert_eq!(audit(&store, &actor).await?, other.audit);
     Ok(())
 }
 
@@ -455,6 +510,7 @@ per_backend!(
     tests: [
         stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
         current_requeue_runs_and_its_outcome_clears_the_ticket,
+        a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_retried_then_acked_unrun_and_keeps_the_migration,
         requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
         delivery_limit_is_dead_lettered_into_the_index_without_running,
         bad_message_is_indexed_once_however_often_it_is_delivered,

@@ -43,7 +43,7 @@ fn migrator(store: DynStore, clock: Arc<ManualClock>, staged: bool) -> Migrator 
 }
 
 fn req(actor: &ActorId) -> Request {
-    Request { actor: actor.clone(), campaign: "occ".into(), recovery: None, attempts: 1, clears: None }
+    Request { actor: actor.clone(), campaign: "occ".into(), recovery: None, attempts: 1, ticket: None }
 }
 
 /// The physical row of a logical v2 key.

@@ -72,7 +72,7 @@ async fn bounded(test: impl std::future::Future<Output = Result<()>>) -> Result<
 }
 
 fn req(actor: &ActorId, attempts: u32) -> Request {
-    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts, clears: None }
+    Request { actor: actor.clone(), campaign: CAMPAIGN.into(), recovery: None, attempts, ticket: None }
 }
 
 fn v2_prefix(actor: &ActorId) -> Vec<u8> {

@@ -129,7 +129,7 @@ impl JobRunner {
             Ok(job) => job,
             Err(ended) => return ended,
         };
-        // The ticket is cleared in the transaction of the job's outcome (`Request::clears`,
+        // The ticket is cleared in the transaction of the job's outcome (`Request::ticket`,
         // or the dead letter's record below).
         self.run_job_in_current_span(&job, attempts).await
     }
@@ -188,11 +188,7 @@ impl JobRunner {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(&job, (head, kind), attempts, false).await,
             Err(e) => {
-                return Disposition::Retry {
-                    delay: self.retry.delay(attempts),
-                    error: format!("recording dead letter: {e}"),
-                    uses_attempt: false,
-                };
+                return self.retry_later(attempts, format!("recording dead letter: {e}"), false);
             }
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::DeliveryLimit.as_str()).increment(1);
@@ -284,13 +280,8 @@ impl JobRunner {
             campaign: job.campaign.clone(),
             recovery: job.recovery,
             attempts,
-            clears: Self::clears(job),
+            ticket: job.ticket.clone(),
         }
-    }
-
-    /// The key `job`'s outcome clears with it: its requeue ticket, when it has one.
-    fn clears(job: &Job) -> Option<Vec<u8>> {
-        job.ticket.as_ref().map(|_| ticket::key(&job.actor_id))
     }
 
     /// Reserves the job's memory and migrates. A job without a recovery first reserves what one
@@ -366,10 +357,8 @@ impl JobRunner {
             }
             Fate::DeadLetter(reason) => reason,
             Fate::Retry if attempts < self.retry.max_attempts => {
-                let delay = self.retry.delay(attempts);
-                metrics::counter!(m::RETRIES).increment(1);
-                info!(attempts, ?delay, error = %e, "transient failure; retrying later");
-                return Disposition::Retry { delay, error: e.to_string(), uses_attempt: true };
+                info!(attempts, delay = ?self.retry.delay(attempts), error = %e, "transient failure; retrying later");
+                return self.retry_later(attempts, e.to_string(), true);
             }
             Fate::Retry => DeadLetterReason::RetriesExhausted,
         };
@@ -379,14 +368,7 @@ impl JobRunner {
         match self.record(job, &dead).await {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(job, (head, kind), attempts, true).await,
-            Err(err) => {
-                let delay = self.retry.delay(attempts);
-                return Disposition::Retry {
-                    delay,
-                    error: format!("recording dead letter: {err}"),
-                    uses_attempt: true,
-                };
-            }
+            Err(err) => return self.retry_later(attempts, format!("recording dead letter: {err}"), true),
         }
         if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
             metrics::counter!(m::JOURNALS_REJECTED).increment(1);
@@ -441,17 +423,21 @@ impl JobRunner {
         let worker = &self.migrator.config().worker_id;
         let mut skip = AuditRecord::skipped(&job.actor_id, &job.campaign, kind, Some(&head), worker, (now, now));
         skip.attempts = Some(attempts);
-        match audit::record_skip(&**self.migrator.store(), skip, Self::clears(job).as_deref()).await {
+        match audit::record_skip(&**self.migrator.store(), skip, job.ticket.as_deref()).await {
             Ok(audit) => {
                 metrics::counter!(m::OUTCOMES, "outcome" => kind.as_str()).increment(1);
                 Disposition::Ack(Outcome { audit, bytes_written: 0, timings: Default::default() })
             }
-            Err(e) => Disposition::Retry {
-                delay: self.retry.delay(attempts),
-                error: format!("recording the skip of a settled actor: {e}"),
-                uses_attempt,
-            },
+            Err(e) => self.retry_later(attempts, format!("recording the skip of a settled actor: {e}"), uses_attempt),
         }
+    }
+
+    /// The job's retry after a transient failure (`error`, on its `attempts`-th delivery),
+    /// counted: every retry the runner hands back is one, whichever step failed. `uses_attempt`:
+    /// whether it counts toward the retry budget.
+    fn retry_later(&self, attempts: u32, error: String, uses_attempt: bool) -> Disposition {
+        metrics::counter!(m::RETRIES).increment(1);
+        Disposition::Retry { delay: self.retry.delay(attempts), error, uses_attempt }
     }
 
     /// A message that is not a job: dead-lettered (in the index, by the hash of its body) and
@@ -479,11 +465,7 @@ impl JobRunner {
             store.commit(txn).await
         };
         if let Err(e) = written.await {
-            return Disposition::Retry {
-                delay: self.retry.delay(attempts),
-                error: format!("recording a bad message's dead letter: {e}"),
-                uses_attempt: true,
-            };
+            return self.retry_later(attempts, format!("recording a bad message's dead letter: {e}"), true);
         }
         metrics::counter!(m::DEAD_LETTERS, "reason" => DeadLetterReason::BadMessage.as_str()).increment(1);
         metrics::counter!(m::OUTCOMES, "outcome" => OutcomeKind::DeadLettered.as_str()).increment(1);

@@ -8,7 +8,7 @@ use crate::keys;
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
 use crate::store::{Read, ReadResult, Store, StoreError, Txn};
-use crate::triage::index;
+use crate::triage::{index, ticket};
 use crate::v1::V1Files;
 use crate::v2::head::DBHead;
 
@@ -140,14 +140,22 @@ impl AuditRecord {
 }
 
 /// The transaction of a skip that keeps nothing of an earlier record (every skip but
-/// `skipped_already_migrated`): the audit, and the key the job's outcome clears.
-pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
+/// `skipped_already_migrated`): the audit, and the settling of the job's requeue ticket
+/// `ticket` (checked unchanged, then cleared) when it was requeued.
+pub fn skip_txn(skip: &AuditRecord, ticket: Option<&[u8]>) -> Txn {
     let mut txn = Txn::new();
     txn.set(keys::audit(&skip.actor_id), skip.encode());
-    if let Some(k) = clears {
-        txn.clear(k.to_vec());
-    }
+    settle_ticket(&mut txn, &skip.actor_id, ticket);
     txn
+}
+
+/// Adds the settling of a requeued job's claimed `ticket` to the transaction of its skip: a
+/// second copy of the job that claimed the ticket too, before the first copy's outcome cleared
+/// it, fails on it (a conflict) instead of writing a second outcome over the first.
+fn settle_ticket(txn: &mut Txn, actor: &ActorId, ticket: Option<&[u8]>) {
+    if let Some(raw) = ticket {
+        ticket::settle(txn, actor, raw);
+    }
 }
 
 /// Writes the audit of a skip and returns what was written. A skip of an already-migrated
@@ -156,23 +164,19 @@ pub fn skip_txn(skip: &AuditRecord, clears: Option<&[u8]>) -> Txn {
 /// overwritten with stale fields, and takes the actor's dead letter out of the triage index
 /// as a finalize does (one listed by an older ferry, or before rivet's own migration finished
 /// the actor); the skip of a native actor takes its letter out too; any other skip is written
-/// as given. `clears` is a key the same transaction clears (a requeued job's ticket).
+/// as given. `ticket` is the requeue ticket the job claimed, settled in the same transaction
+/// ([`skip_txn`]): one another copy's outcome cleared meanwhile fails the skip (a conflict).
 pub async fn record_skip(
     store: &dyn Store,
     skip: AuditRecord,
-    clears: Option<&[u8]>,
+    ticket: Option<&[u8]>,
 ) -> Result<AuditRecord, StoreError> {
     let key = keys::audit(&skip.actor_id);
-    let clear = |txn: &mut Txn| {
-        if let Some(k) = clears {
-            txn.clear(k.to_vec());
-        }
-    };
     match skip.outcome {
         OutcomeKind::SkippedAlreadyMigrated => {}
-        OutcomeKind::SkippedNativeV2 => return record_native_skip(store, skip, clears).await,
+        OutcomeKind::SkippedNativeV2 => return record_native_skip(store, skip, ticket).await,
         OutcomeKind::Migrated | OutcomeKind::SkippedNoV1 | OutcomeKind::DeadLettered => {
-            store.commit(skip_txn(&skip, clears)).await?;
+            store.commit(skip_txn(&skip, ticket)).await?;
             return Ok(skip);
         }
     }
@@ -191,7 +195,7 @@ pub async fn record_skip(
         let mut txn = Txn::new();
         txn.check_value(key.clone(), previous).set(key.clone(), audit.encode());
         index::clear_on_migration(&mut txn, &skip.actor_id, dead.as_deref());
-        clear(&mut txn);
+        settle_ticket(&mut txn, &skip.actor_id, ticket);
         match store.commit(txn).await {
             Ok(()) => return Ok(audit),
             // Raced another writer of the record: read it again, a few times at most.
@@ -207,12 +211,12 @@ pub async fn record_skip(
 async fn record_native_skip(
     store: &dyn Store,
     skip: AuditRecord,
-    clears: Option<&[u8]>,
+    ticket: Option<&[u8]>,
 ) -> Result<AuditRecord, StoreError> {
     let mut attempts = 0;
     loop {
         let dead = store.get(&keys::dead(&skip.actor_id)).await?;
-        let mut txn = skip_txn(&skip, clears);
+        let mut txn = skip_txn(&skip, ticket);
         index::clear_on_migration(&mut txn, &skip.actor_id, dead.as_deref());
         match store.commit(txn).await {
             Ok(()) => return Ok(skip),

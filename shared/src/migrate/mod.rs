@@ -41,7 +41,7 @@ use crate::metrics as m;
 use crate::recovery::Recovery;
 use crate::store::group::{Entered, GroupCommitter, GroupConfig};
 use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
-use crate::triage::index;
+use crate::triage::{index, ticket};
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
 use crate::v2::keys as v2keys;
@@ -110,10 +110,13 @@ pub struct Request {
     pub recovery: Option<Recovery>,
     /// 1 on the first delivery.
     pub attempts: u32,
-    /// A key the transaction of the outcome (finalize, or a skip's audit) clears too: the
-    /// requeue ticket of a requeued job, so the job's outcome and the end of its requeue are
-    /// one commit and no second copy of the job can run in between.
-    pub clears: Option<Vec<u8>>,
+    /// The requeue ticket of a requeued job, as its worker claimed it (`triage::ticket`): the
+    /// transaction of the job's outcome clears it, so the outcome and the end of the requeue
+    /// are one commit. A finalize clears it whatever it is now (a migration wins over a twin's
+    /// dead letter, as it takes the letter out); a skip checks it unchanged, so a second copy
+    /// that claimed it before the first copy's outcome landed records nothing over that outcome
+    /// (a conflict: retried, and then acked unrun as stale).
+    pub ticket: Option<Vec<u8>>,
 }
 
 /// A completed migration or skip; its audit record is already durable.
@@ -606,8 +609,8 @@ impl Migrator {
         txn.set(v2keys::meta(&req.actor), quota::with_usage(self.store.layout(), &req.actor, &head, usage).1);
         txn.set(keys::audit(&req.actor), audit.encode());
         txn.clear(keys::lease(&req.actor));
-        if let Some(key) = &req.clears {
-            txn.clear(key.clone());
+        if req.ticket.is_some() {
+            txn.clear(ticket::key(&req.actor));
         }
         self.commit_finalize(&staging, txn).await?;
         timings.finalize = finalize_started.elapsed();
@@ -736,8 +739,8 @@ impl Migrator {
         if prev.lease_raw.is_some() {
             txn.clear(keys::lease(actor));
         }
-        if let Some(key) = &req.clears {
-            txn.clear(key.clone());
+        if req.ticket.is_some() {
+            txn.clear(ticket::key(&req.actor));
         }
         // Check 3: the dead letter read with the head is still what it was.
         index::clear_on_migration(&mut txn, actor, prev.dead_raw);
@@ -795,7 +798,7 @@ impl Migrator {
         let mut skip =
             AuditRecord::skipped(&req.actor, &req.campaign, kind, head.as_ref(), &self.cfg.worker_id, (started, now));
         skip.attempts = Some(req.attempts);
-        let audit = audit::record_skip(&*self.store, skip, req.clears.as_deref()).await.map_err(|e| MigrateError {
+        let audit = audit::record_skip(&*self.store, skip, req.ticket.as_deref()).await.map_err(|e| MigrateError {
             actor: req.actor.clone(),
             phase: Phase::Inspect,
             cause: e.into(),

@@ -689,7 +689,7 @@ async fn large(report: &mut Report, backend: Backend, sizes: &[u64], dbs: &[(u64
         write_v1(&*store.store, &actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await?;
         let raw = raw_copy(&store.store, &actor).await?;
         let migrator = Migrator::new(store.store(), Arc::new(SystemClock), MigrateConfig::default());
-        let req = Request { actor: actor.clone(), campaign: "bench".into(), recovery: None, attempts: 1, clears: None };
+        let req = Request { actor: actor.clone(), campaign: "bench".into(), recovery: None, attempts: 1, ticket: None };
         let started = Instant::now();
         let outcome = migrator.migrate(&req).await?;
         let secs = started.elapsed().as_secs_f64();

@@ -40,7 +40,7 @@ async fn tiny_rate(backend: Backend, n: u64, concurrency: usize) -> Result<f64> 
         .map(|actor| {
             let migrator = Arc::clone(&migrator);
             async move {
-                let req = Request { actor, campaign: "bench".into(), recovery: None, attempts: 1, clears: None };
+                let req = Request { actor, campaign: "bench".into(), recovery: None, attempts: 1, ticket: None };
                 migrator.migrate(&req).await
             }
         })
@@ -76,7 +76,7 @@ pub async fn rivet(report: &mut Report, tiny: u64, concurrency: usize, dbs: &[(u
         let actor = ts.actor("large");
         write_v1(&*ts.store, &actor, &DbFiles { main: main.clone(), ..DbFiles::default() }).await?;
         let migrator = Migrator::new(ts.store(), Arc::new(SystemClock), MigrateConfig::default());
-        let req = Request { actor, campaign: "bench".into(), recovery: None, attempts: 1, clears: None };
+        let req = Request { actor, campaign: "bench".into(), recovery: None, attempts: 1, ticket: None };
         let started = Instant::now();
         let outcome = migrator.migrate(&req).await?;
         let secs = started.elapsed().as_secs_f64();
