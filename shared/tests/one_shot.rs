@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use ferry::ActorId;
+use ferry::budget::MemoryBudget;
 use ferry::clock::ManualClock;
 use ferry::keys;
 use ferry::migrate::lease::Lease;
 use ferry::migrate::{Cause, Fate, MigrateConfig, Migrator, OutcomeKind, Request};
 use ferry::store::{DynStore, KeyRange, KeyValue, Store, StoreError, Txn};
-use ferry::synth::sqlite::{DbSpec, database};
+use ferry::synth::sqlite::{DbSpec, database, hot_journal};
 use ferry::synth::{DbFiles, write_v1};
 use ferry::testing::{Backend, TestStore};
 use ferry::v1::FileTag;
@@ -159,9 +160,40 @@ async fn live_lease_of_another_holder_is_in_progress_elsewhere(backend: Backend)
     assert_eq!(err.fate(), Fate::Retry);
 }
 
+/// A prefetch, then the migration from it, as a worker's job does.
+async fn prefetched(m: &Migrator, actor: &ActorId, budget: u64) -> (bool, Result<OutcomeKind, Fate>) {
+    let entered = m.enter();
+    let p = m.prefetch(actor, budget).await.unwrap();
+    let validated = p.validated_with_read();
+    (validated, m.migrate_from(&req(actor), Some(p), entered).await.map(|o| o.kind()).map_err(|e| e.fate()))
+}
+
+async fn a_small_fresh_actor_is_validated_with_its_read_and_anything_else_as_without_a_prefetch(backend: Backend) {
+    let (ts, actor, main) = seeded(backend, "prefetched").await;
+    let budget = MemoryBudget::first_read_footprint();
+    let m = migrator(ts.store(), ManualClock::new(START_MS), "w");
+    assert_eq!(prefetched(&m, &actor, budget).await, (true, Ok(OutcomeKind::Migrated)));
+    assert_eq!(read_v2(&*ts.store, &actor).await.unwrap().file, main);
+    let h = head(&ts.store, &actor).await.unwrap();
+    assert_eq!((h.origin, h.generation, h.head_txid, h.next_txid), (Origin::MigratedFromV1, 1, 1, 2));
+    // With a head, the actor's state is inspect's to judge: here, migrated already.
+    assert_eq!(prefetched(&m, &actor, budget).await, (false, Ok(OutcomeKind::SkippedAlreadyMigrated)));
+    // A sidecar is rejected as without a prefetch, by the normal read.
+    let journal = ts.actor("prefetched-journal");
+    write_v1(&*ts.store, &journal, &hot_journal(&DbSpec::small(8), 20).unwrap()).await.unwrap();
+    let rejected = (false, Err(Fate::DeadLetter(ferry::DeadLetterReason::JournalSidecar)));
+    assert_eq!(prefetched(&m, &journal, budget).await, rejected);
+    // A main file whose footprint is over what the job reserved is not validated with the read.
+    let (ts, actor, main) = seeded(backend, "prefetched-budget").await;
+    let m = migrator(ts.store(), ManualClock::new(START_MS), "w");
+    assert_eq!(prefetched(&m, &actor, 0).await, (false, Ok(OutcomeKind::Migrated)));
+    assert_eq!(read_v2(&*ts.store, &actor).await.unwrap().file, main);
+}
+
 per_backend!(
     backends: [sqlite: Sqlite, postgres: Postgres, rivet: Rivet],
     tests: [
+        a_small_fresh_actor_is_validated_with_its_read_and_anything_else_as_without_a_prefetch,
         small_database_migrates_in_one_transaction,
         racing_one_shot_migrations_end_with_one_copy,
         v1_rewritten_before_the_commit_is_v1_changed_and_nothing_commits,

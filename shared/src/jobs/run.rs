@@ -286,15 +286,15 @@ impl JobRunner {
 
     /// Reserves the job's memory and migrates. A job without a recovery first reserves what one
     /// batched read can hold and reads its range, head and lease in one call
-    /// ([`Migrator::prefetch`]): a small actor then needs no other read. One the read shows to be
-    /// larger lets it go, reserves its real footprint and reads again.
+    /// ([`Migrator::prefetch`], which validates a small fresh actor with the read, within that
+    /// reservation): a small actor then needs no other read. One the read shows to be larger
+    /// lets it go, reserves its real footprint and reads again.
     async fn migrate(&self, job: &Job, req: &Request) -> Result<Outcome, MigrateError> {
         if job.recovery.is_none() {
             let first = self.budget.reserve(MemoryBudget::first_read_footprint()).await;
             let entered = self.migrator.enter();
-            let read_started = std::time::Instant::now();
-            let prefetched = self.migrator.prefetch(&job.actor_id).await?;
-            let prefetch = read_started.elapsed();
+            let prefetched = self.migrator.prefetch(&job.actor_id, first.bytes).await?;
+            let prefetch = prefetched.read_time();
             let max = self.migrator.config().max_size;
             let main = prefetched.main_size(&job.actor_id).unwrap_or(0).min(max);
             if prefetched.is_whole() && MemoryBudget::footprint(main, 0, false) <= first.bytes {

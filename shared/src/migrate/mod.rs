@@ -193,15 +193,32 @@ struct Encoded {
 }
 
 /// What one batched read found for an actor ([`Migrator::prefetch`]): the first batch of its
-/// SQLite range (all of it for a small actor), its v2 head, its lease and its dead letter.
+/// SQLite range (all of it for a small actor), its v2 head, its lease and its dead letter;
+/// for a small fresh actor, its image validated (and encoded) with the read.
 pub struct Prefetched {
     first: v1::read::FirstBatch,
     head: Option<Vec<u8>>,
     lease: Option<Vec<u8>>,
     dead: Option<Vec<u8>>,
+    validated: Option<Box<Validated>>,
+    /// When the migration started: just before the read (the encoded blob carries it).
+    started: i64,
+    /// The reads' own time, the validation's left out.
+    read_time: std::time::Duration,
 }
 
 impl Prefetched {
+    /// Whether the image was validated with the read (a small fresh actor), so that
+    /// [`Migrator::migrate_from`] neither reads nor validates it again.
+    pub fn validated_with_read(&self) -> bool {
+        self.validated.is_some()
+    }
+
+    /// How long the reads took (without the validation done with them).
+    pub fn read_time(&self) -> std::time::Duration {
+        self.read_time
+    }
+
     /// Whether the read holds the actor's whole SQLite range (nothing more to read).
     pub fn is_whole(&self) -> bool {
         self.first.is_whole()
@@ -229,24 +246,36 @@ impl Migrator {
     }
 
     /// The actor's first SQLite batch, head, lease and dead letter (which a finalize removes),
-    /// in one call to the store.
-    pub async fn prefetch(&self, actor: &ActorId) -> Result<Prefetched, MigrateError> {
+    /// in one call to the store. An actor the batch holds whole, with no v2 head (a campaign's
+    /// usual actor) and a main file whose footprint fits `validate_up_to` bytes is also
+    /// validated, and encoded for a one-shot commit as a fresh actor's, right after the reads
+    /// and off the async threads: in the same blocking call on SQLite
+    /// ([`Store::read_many_then`](crate::store::Store::read_many_then)). Anything else (a head, a
+    /// rejection, a sidecar) is left to [`Migrator::migrate_from`], which reads and validates
+    /// as it does without a prefetch, with the same checks and errors.
+    pub async fn prefetch(&self, actor: &ActorId, validate_up_to: u64) -> Result<Prefetched, MigrateError> {
         let reads = [
             v1::read::first_batch_read(actor),
             Read::Get(v2keys::meta(actor)),
             Read::Get(keys::lease(actor)),
             Read::Get(keys::dead(actor)),
         ];
-        let read = self.store.read_many(&reads).await.map_err(|e| MigrateError {
+        let speculation = Speculation {
             actor: actor.clone(),
-            phase: Phase::Inspect,
-            cause: e.into(),
-            files: None,
-        })?;
-        let mut read = read.into_iter();
-        let mut next = || read.next().unwrap_or(ReadResult::Value(None));
-        let first = v1::read::FirstBatch::from_rows(next().into_rows());
-        Ok(Prefetched { first, head: next().into_value(), lease: next().into_value(), dead: next().into_value() })
+            validate_up_to,
+            max_size: self.cfg.max_size,
+            quick_check: self.cfg.quick_check,
+            one_shot_max: self.cfg.one_shot_limit(),
+            started: self.clock.now_ms(),
+        };
+        let read_started = std::time::Instant::now();
+        let mut prefetched = crate::store::read_then(&*self.store, &reads, move |answers| speculation.read(answers))
+            .await
+            .map_err(|e| MigrateError { actor: actor.clone(), phase: Phase::Inspect, cause: e.into(), files: None })?;
+        let worked =
+            prefetched.validated.as_ref().map_or(Default::default(), |v| v.timings.validate + v.timings.encode);
+        prefetched.read_time = read_started.elapsed().saturating_sub(worked);
+        Ok(prefetched)
     }
 
     pub fn store(&self) -> &DynStore {
@@ -283,28 +312,29 @@ impl Migrator {
         entered: Entered,
     ) -> Result<Outcome, MigrateError> {
         let mut entered = Some(entered);
-        let started = self.clock.now_ms();
+        let started = prefetched.as_ref().map_or_else(|| self.clock.now_ms(), |p| p.started);
         let fail = |phase: Phase, cause: Cause, files: Option<V1Files>| MigrateError {
             actor: req.actor.clone(),
             phase,
             cause,
             files,
         };
-        let (first, mut read_at_start) = match prefetched {
-            Some(p) => (p.first, Some((p.head, p.lease, p.dead))),
+        let (first, mut read_at_start, mut validated) = match prefetched {
+            Some(p) => (p.first, Some((p.head, p.lease, p.dead)), p.validated.map(|v| *v)),
             None => (
                 v1::read::first_batch(&*self.store, &req.actor)
                     .await
                     .map_err(|e| fail(Phase::Inspect, e.into(), None))?,
                 None,
+                None,
             ),
         };
-        if first.is_empty() {
+        if validated.is_none() && first.is_empty() {
             entered.take();
             return self.skip(req, OutcomeKind::SkippedNoV1, None, started).await;
         }
-        let mut first = Some(first);
-        let mut validated: Option<Validated> = None;
+        // An image validated with the read holds the batch's rows already.
+        let mut first = validated.is_none().then_some(first);
         for attempt in 0..BEGIN_ATTEMPTS {
             let inspected = match read_at_start.take() {
                 Some((head, lease, dead)) => {
@@ -806,6 +836,55 @@ impl Migrator {
         })?;
         debug!(outcome = %kind, "skipped");
         Ok(Outcome { audit, bytes_written: 0, timings: Timings::default() })
+    }
+}
+
+/// What [`Migrator::prefetch`] does with its reads, off the async threads: the validation of
+/// a small fresh actor, done as `migrate_from` would do it for a fresh actor (no recovery: a
+/// prefetch is only for jobs without one).
+struct Speculation {
+    actor: ActorId,
+    validate_up_to: u64,
+    max_size: u64,
+    quick_check: bool,
+    one_shot_max: u32,
+    started: i64,
+}
+
+impl Speculation {
+    /// The prefetch from the answers to its four reads, in their order.
+    fn read(self, answers: Vec<ReadResult>) -> Prefetched {
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(ReadResult::Value(None));
+        let first = v1::read::FirstBatch::from_rows(next().into_rows());
+        let (head, lease, dead) = (next().into_value(), next().into_value(), next().into_value());
+        // With a head the actor is not fresh: its txid, and whether it migrates at all, come
+        // from inspect.
+        let validated = if head.is_none() { self.validate(&first).map(Box::new) } else { None };
+        Prefetched { first, head, lease, dead, validated, started: self.started, read_time: Default::default() }
+    }
+
+    /// The image of a whole batch, validated and, if small enough, encoded as txid 1; `None`
+    /// whenever anything is not plain (the normal path then does it, errors included).
+    fn validate(&self, first: &v1::read::FirstBatch) -> Option<Validated> {
+        let main = first.declared_size(&self.actor, FileTag::Main)?.min(self.max_size);
+        if !first.is_whole() || crate::budget::MemoryBudget::footprint(main, 0, false) > self.validate_up_to {
+            return None;
+        }
+        let validate_started = std::time::Instant::now();
+        let opts = ReadOptions { max_size: self.max_size, recovery: None, ignore_sidecars: false };
+        let image = first.rebuild(&self.actor, opts).ok()?;
+        let mut validated = validate(image, self.quick_check, None).ok()?;
+        validated.timings.validate = validate_started.elapsed();
+        if validated.pages <= self.one_shot_max {
+            let encode_started = std::time::Instant::now();
+            let main = std::mem::take(&mut validated.main);
+            let (main, blob, checksum) = stage::encode_whole(main, validated.pages, 1, self.started);
+            validated.main = main;
+            validated.encoded = Some(Encoded { txid: 1, blob, checksum });
+            validated.timings.encode = encode_started.elapsed();
+        }
+        Some(validated)
     }
 }
 

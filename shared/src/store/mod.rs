@@ -46,6 +46,34 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// A shared handle on any backend.
 pub type DynStore = Arc<dyn Store>;
 
+/// The work [`Store::read_many_then`] runs on what its reads answered.
+pub type AfterRead = Box<dyn FnOnce(Vec<ReadResult>) + Send + 'static>;
+
+/// [`Store::read_many_then`] with `then`'s result: `reads`, then `then` on their answers off
+/// the async threads (in the same blocking call as the reads where the backend has one).
+pub async fn read_then<T: Send + 'static>(
+    store: &dyn Store,
+    reads: &[Read],
+    then: impl FnOnce(Vec<ReadResult>) -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store
+        .read_many_then(
+            reads,
+            Box::new(move |answers| {
+                // The receiver waits below, so the send cannot fail.
+                let _ = tx.send(then(answers));
+            }),
+        )
+        .await?;
+    rx.await.map_err(|_| StoreError::Failed { backend: "store", message: "the work after a read did not run".into() })
+}
+
+/// The failure of [`Store::read_many_then`]'s work (it panicked): no answer of the store's.
+pub(crate) fn after_read_failed(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Failed { backend: "store", message: format!("the work after a read failed: {e}") }
+}
+
 /// A half-open key range `[start, end)`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRange {
@@ -309,6 +337,17 @@ pub trait Store: Send + Sync + 'static {
             });
         }
         Ok(out)
+    }
+
+    /// Reads `reads` as [`Store::read_many`] does and hands the answers to `then`, which runs
+    /// off the async threads (CPU work on what was read: a small actor's validation). The
+    /// default reads, then runs `then` in a blocking call of its own; a backend whose reads are
+    /// a blocking call already (SQLite) runs `then` at the end of that call, after it let its
+    /// connection go, saving a thread hop per job. `then` runs only when every read succeeded,
+    /// and [`read_then`] gives its result back.
+    async fn read_many_then(&self, reads: &[Read], then: AfterRead) -> Result<(), StoreError> {
+        let answers = self.read_many(reads).await?;
+        tokio::task::spawn_blocking(move || then(answers)).await.map_err(after_read_failed)
     }
 
     /// Commits each transaction of `txns` as [`Store::commit`] would, in order, as if one after

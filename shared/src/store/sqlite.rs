@@ -80,13 +80,17 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let i = inner.next_reader.fetch_add(1, Ordering::Relaxed) % inner.readers.len();
-            let conn = inner.readers[i].lock().unwrap_or_else(|p| p.into_inner());
-            f(&conn).map_err(map_err)
-        })
-        .await
-        .map_err(join_err)?
+        tokio::task::spawn_blocking(move || inner.read(f)).await.map_err(join_err)?
+    }
+}
+
+impl Inner {
+    /// Runs `f` on the next reader connection, on the calling (blocking) thread; the connection
+    /// is free again when it returns.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(map_err)
     }
 }
 
@@ -142,6 +146,21 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 
 fn join_err(e: tokio::task::JoinError) -> StoreError {
     StoreError::Failed { backend: BACKEND, message: format!("blocking task failed: {e}") }
+}
+
+/// Every read of `reads` in one read transaction: the batch sees one snapshot (not promised
+/// by the contract).
+fn read_batch(c: &Connection, reads: &[Read]) -> rusqlite::Result<Vec<ReadResult>> {
+    let tx = c.unchecked_transaction()?;
+    let mut out = Vec::with_capacity(reads.len());
+    for read in reads {
+        out.push(match read {
+            Read::Get(key) => ReadResult::Value(get_value(&tx, key)?),
+            Read::Scan { range, limit } => ReadResult::Rows(scan_rows(&tx, range, *limit)?),
+        });
+    }
+    tx.commit()?;
+    Ok(out)
 }
 
 fn scan_rows(conn: &Connection, range: &KeyRange, limit: usize) -> rusqlite::Result<Vec<KeyValue>> {
@@ -298,20 +317,19 @@ impl Store for SqliteStore {
 
     async fn read_many(&self, reads: &[Read]) -> Result<Vec<ReadResult>, StoreError> {
         let reads = reads.to_vec();
-        self.with_reader(move |c| {
-            // One read transaction: the batch sees one snapshot (not promised by the contract).
-            let tx = c.unchecked_transaction()?;
-            let mut out = Vec::with_capacity(reads.len());
-            for read in &reads {
-                out.push(match read {
-                    Read::Get(key) => ReadResult::Value(get_value(&tx, key)?),
-                    Read::Scan { range, limit } => ReadResult::Rows(scan_rows(&tx, range, *limit)?),
-                });
-            }
-            tx.commit()?;
-            Ok(out)
+        self.with_reader(move |c| read_batch(c, &reads)).await
+    }
+
+    async fn read_many_then(&self, reads: &[Read], then: super::AfterRead) -> Result<(), StoreError> {
+        let (reads, inner) = (reads.to_vec(), self.inner.clone());
+        tokio::task::spawn_blocking(move || {
+            let answers = inner.read(|c| read_batch(c, &reads))?;
+            // The reader connection is free again: `then` holds none.
+            then(answers);
+            Ok(())
         })
         .await
+        .map_err(join_err)?
     }
 
     async fn commit_many(&self, txns: Vec<Txn>) -> Vec<Result<(), StoreError>> {

@@ -342,6 +342,12 @@ impl FirstBatch {
         self.whole
     }
 
+    /// The image of a whole batch ([`rebuild_rows`] on a copy of its rows: the batch stays for
+    /// a read that starts over).
+    pub fn rebuild(&self, actor: &ActorId, opts: ReadOptions) -> Result<V1Image, ReadError> {
+        rebuild_rows(actor, opts, self.rows.clone())
+    }
+
     /// The size the meta of `tag` declares, if the batch holds a readable one. Metas sort
     /// before every chunk, so a batch holds all of the actor's metas.
     pub fn declared_size(&self, actor: &ActorId, tag: FileTag) -> Option<u64> {
