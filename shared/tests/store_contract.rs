@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ferry::store::limits::{MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES};
 use ferry::store::{
-    DynStore, KeyRange, KeyValue, RangeDigest, Read, ReadResult, Store, StoreError, Txn, for_each_row, prefix_end,
-    read_then,
+    DynStore, KeyRange, KeyValue, RangeDigest, Read, ReadResult, Store, StoreError, Then, Txn, for_each_row,
+    prefix_end, read_then,
 };
 use ferry::testing::{Backend, TestStore};
 
@@ -146,7 +146,7 @@ contract!(
         racing_inserts_on_the_same_absent_key_exactly_one_wins,
         optimistic_increments_from_concurrent_tasks_are_never_lost,
         read_many_answers_each_read_as_get_and_scan_would_in_order,
-        read_then_hands_its_work_what_read_many_answers_and_a_work_that_fails_is_an_error,
+        read_then_gives_what_read_many_answers_with_or_without_work_and_a_work_that_fails_is_an_error,
         commit_many_a_failing_check_fails_only_its_own_transaction,
         commit_many_checks_see_the_writes_of_earlier_transactions_of_the_group,
         commit_many_judges_each_digest_check_on_its_own_range_alone,
@@ -878,7 +878,9 @@ async fn read_many_answers_each_read_as_get_and_scan_would_in_order(store: DynSt
     assert!(store.read_many(&[]).await.unwrap().is_empty());
 }
 
-async fn read_then_hands_its_work_what_read_many_answers_and_a_work_that_fails_is_an_error(store: DynStore) {
+async fn read_then_gives_what_read_many_answers_with_or_without_work_and_a_work_that_fails_is_an_error(
+    store: DynStore,
+) {
     let rows = numbered("w", 6);
     set_all(&*store, &rows).await;
     let reads = vec![
@@ -887,11 +889,14 @@ async fn read_then_hands_its_work_what_read_many_answers_and_a_work_that_fails_i
         Read::Get(b"absent".to_vec()),
     ];
     let expected = store.read_many(&reads).await.expect("read_many");
-    let (seen, count) =
-        read_then(&*store, &reads, |answers| (answers.clone(), answers.len())).await.expect("read_then");
-    assert_eq!((seen, count), (expected, 3));
+    let done = read_then(&*store, &reads, Then::Done).await.expect("read_then, done");
+    assert_eq!(done, expected);
+    let worked = read_then(&*store, &reads, |answers| Then::Work(Box::new(move || (answers.len(), answers))))
+        .await
+        .expect("read_then, with work");
+    assert_eq!(worked, (3, expected));
     // A work that panics is the caller's error, not its panic; the store answers on.
-    let failed = read_then(&*store, &reads, |_| -> () { panic!("the work after the read") }).await;
+    let failed = read_then(&*store, &reads, |_| Then::<()>::Work(Box::new(|| panic!("the work after the read")))).await;
     assert!(matches!(failed, Err(StoreError::Failed { .. })), "{failed:?}");
     assert_eq!(store.get(b"w004").await.unwrap(), Some(rows[4].1.clone()));
 }

@@ -40,7 +40,7 @@ use crate::keys;
 use crate::metrics as m;
 use crate::recovery::Recovery;
 use crate::store::group::{Entered, GroupCommitter, GroupConfig};
-use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
+use crate::store::{DynStore, Read, ReadResult, StoreError, Then, Txn};
 use crate::triage::{index, ticket};
 use crate::v1::{self, FileTag, ReadError, ReadOptions, V1Files, V1Image, V1Rejection};
 use crate::v2::head::{DBHead, Origin};
@@ -320,7 +320,10 @@ impl Migrator {
             files,
         };
         let (first, mut read_at_start, mut validated) = match prefetched {
-            Some(p) => (p.first, Some((p.head, p.lease, p.dead)), p.validated.map(|v| *v)),
+            // Validated as a job without a recovery (the only kind a worker prefetches for).
+            Some(p) => {
+                (p.first, Some((p.head, p.lease, p.dead)), p.validated.filter(|_| req.recovery.is_none()).map(|v| *v))
+            }
             None => (
                 v1::read::first_batch(&*self.store, &req.actor)
                     .await
@@ -852,25 +855,46 @@ struct Speculation {
 }
 
 impl Speculation {
-    /// The prefetch from the answers to its four reads, in their order.
-    fn read(self, answers: Vec<ReadResult>) -> Prefetched {
+    /// The prefetch from the answers to its four reads, in their order; for a small fresh
+    /// actor, with the work that validates it.
+    fn read(self, answers: Vec<ReadResult>) -> Then<Prefetched> {
         let mut answers = answers.into_iter();
         let mut next = || answers.next().unwrap_or(ReadResult::Value(None));
         let first = v1::read::FirstBatch::from_rows(next().into_rows());
         let (head, lease, dead) = (next().into_value(), next().into_value(), next().into_value());
+        let prefetched = Prefetched {
+            first,
+            head,
+            lease,
+            dead,
+            validated: None,
+            started: self.started,
+            read_time: Default::default(),
+        };
         // With a head the actor is not fresh: its txid, and whether it migrates at all, come
         // from inspect.
-        let validated = if head.is_none() { self.validate(&first).map(Box::new) } else { None };
-        Prefetched { first, head, lease, dead, validated, started: self.started, read_time: Default::default() }
+        if prefetched.head.is_some() || !self.fits(&prefetched.first) {
+            return Then::Done(prefetched);
+        }
+        Then::Work(Box::new(move || {
+            // A panic here is left to the normal path's validation, which reports it as its own
+            // (an internal error of the validate phase), as without a prefetch.
+            let validated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.validate(&prefetched.first)));
+            Prefetched { validated: validated.ok().flatten().map(Box::new), ..prefetched }
+        }))
+    }
+
+    /// Whether the batch is the whole range and its main file's footprint fits the job's
+    /// reservation.
+    fn fits(&self, first: &v1::read::FirstBatch) -> bool {
+        let main = first.declared_size(&self.actor, FileTag::Main).map(|m| m.min(self.max_size));
+        first.is_whole()
+            && main.is_some_and(|m| crate::budget::MemoryBudget::footprint(m, 0, false) <= self.validate_up_to)
     }
 
     /// The image of a whole batch, validated and, if small enough, encoded as txid 1; `None`
     /// whenever anything is not plain (the normal path then does it, errors included).
     fn validate(&self, first: &v1::read::FirstBatch) -> Option<Validated> {
-        let main = first.declared_size(&self.actor, FileTag::Main)?.min(self.max_size);
-        if !first.is_whole() || crate::budget::MemoryBudget::footprint(main, 0, false) > self.validate_up_to {
-            return None;
-        }
         let validate_started = std::time::Instant::now();
         let opts = ReadOptions { max_size: self.max_size, recovery: None, ignore_sidecars: false };
         let image = first.rebuild(&self.actor, opts).ok()?;

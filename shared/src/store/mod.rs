@@ -46,26 +46,41 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// A shared handle on any backend.
 pub type DynStore = Arc<dyn Store>;
 
-/// The work [`Store::read_many_then`] runs on what its reads answered.
-pub type AfterRead = Box<dyn FnOnce(Vec<ReadResult>) + Send + 'static>;
+/// What [`Store::read_many_then`] does with its reads' answers: a cheap look at them, which
+/// may hand back CPU work to run off the async threads.
+pub type AfterRead = Box<dyn FnOnce(Vec<ReadResult>) -> Option<Work> + Send + 'static>;
 
-/// [`Store::read_many_then`] with `then`'s result: `reads`, then `then` on their answers off
-/// the async threads (in the same blocking call as the reads where the backend has one).
+/// CPU work on what a read answered ([`AfterRead`]).
+pub type Work = Box<dyn FnOnce() + Send + 'static>;
+
+/// What the look at a read's answers decided ([`read_then`]).
+pub enum Then<T> {
+    /// Nothing more to do: the result.
+    Done(T),
+    /// CPU work that makes the result, run off the async threads.
+    Work(Box<dyn FnOnce() -> T + Send + 'static>),
+}
+
+/// [`Store::read_many_then`] with a result: `reads`, then `then` on their answers, then the
+/// work `then` hands back (if any) off the async threads, in the same blocking call as the
+/// reads where the backend has one.
 pub async fn read_then<T: Send + 'static>(
     store: &dyn Store,
     reads: &[Read],
-    then: impl FnOnce(Vec<ReadResult>) -> T + Send + 'static,
+    then: impl FnOnce(Vec<ReadResult>) -> Then<T> + Send + 'static,
 ) -> Result<T, StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    store
-        .read_many_then(
-            reads,
-            Box::new(move |answers| {
-                // The receiver waits below, so the send cannot fail.
-                let _ = tx.send(then(answers));
-            }),
-        )
-        .await?;
+    let after: AfterRead = Box::new(move |answers| match then(answers) {
+        // The receiver waits below, so neither send can fail.
+        Then::Done(result) => {
+            let _ = tx.send(result);
+            None
+        }
+        Then::Work(work) => Some(Box::new(move || {
+            let _ = tx.send(work());
+        })),
+    });
+    store.read_many_then(reads, after).await?;
     rx.await.map_err(|_| StoreError::Failed { backend: "store", message: "the work after a read did not run".into() })
 }
 
@@ -339,15 +354,18 @@ pub trait Store: Send + Sync + 'static {
         Ok(out)
     }
 
-    /// Reads `reads` as [`Store::read_many`] does and hands the answers to `then`, which runs
-    /// off the async threads (CPU work on what was read: a small actor's validation). The
-    /// default reads, then runs `then` in a blocking call of its own; a backend whose reads are
-    /// a blocking call already (SQLite) runs `then` at the end of that call, after it let its
-    /// connection go, saving a thread hop per job. `then` runs only when every read succeeded,
-    /// and [`read_then`] gives its result back.
+    /// Reads `reads` as [`Store::read_many`] does, hands the answers to `then` (a cheap look),
+    /// and runs the CPU work `then` hands back, if any (a small actor's validation), off the
+    /// async threads. The default reads, runs `then` where it is, and the work in a blocking
+    /// call of its own; a backend whose reads are a blocking call already (SQLite) runs both at
+    /// the end of that call, after it let its connection go, saving a thread hop per job.
+    /// Nothing runs unless every read succeeded; [`read_then`] gives the result back.
     async fn read_many_then(&self, reads: &[Read], then: AfterRead) -> Result<(), StoreError> {
         let answers = self.read_many(reads).await?;
-        tokio::task::spawn_blocking(move || then(answers)).await.map_err(after_read_failed)
+        match then(answers) {
+            Some(work) => tokio::task::spawn_blocking(work).await.map_err(after_read_failed),
+            None => Ok(()),
+        }
     }
 
     /// Commits each transaction of `txns` as [`Store::commit`] would, in order, as if one after

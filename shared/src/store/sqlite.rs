@@ -324,8 +324,10 @@ impl Store for SqliteStore {
         let (reads, inner) = (reads.to_vec(), self.inner.clone());
         tokio::task::spawn_blocking(move || {
             let answers = inner.read(|c| read_batch(c, &reads))?;
-            // The reader connection is free again: `then` holds none.
-            then(answers);
+            // The reader connection is free again: the work holds none.
+            if let Some(work) = then(answers) {
+                work();
+            }
             Ok(())
         })
         .await

@@ -62,7 +62,7 @@ pub fn key(actor: &ActorId) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The actor's ticket has the job's token: run the job; its outcome clears the ticket
-    /// (a dead letter with [`settle`] on this raw ticket).
+    /// (a dead letter or a skip with [`settle`] on this raw ticket, a finalize unchecked).
     Current(Vec<u8>),
     /// No ticket, or one with another token: this job is a second copy of a requeue already
     /// run (or replaced by a newer one) and must not run.
