@@ -72,6 +72,8 @@ contract!(
     sweep_removes_only_the_letters_of_settled_actors_and_records_their_skips,
     sweep_leaves_a_letter_whose_letter_head_or_audit_changed_while_it_sweeps_and_removes_the_others,
     sweep_walks_every_page_and_touches_no_actor_unsettled_or_with_a_head_that_does_not_decode,
+    purge_walks_every_page_drops_only_the_selection_and_notes_each_purge_in_its_audit,
+    purge_leaves_a_letter_whose_record_or_audit_changed_while_it_purges_and_drops_the_others,
 );
 
 fn id(s: &str) -> ActorId {
@@ -792,4 +794,72 @@ async fn sweep_walks_every_page_and_touches_no_actor_unsettled_or_with_a_head_th
     assert_index_holds(&*store, &left).await;
     let again = triage::sweep(&store, &triage::Filter::default(), false, "sweeper").await.unwrap();
     assert_eq!((again.checked, again.removed()), (left.len() as u64, 0));
+}
+
+async fn purge_walks_every_page_drops_only_the_selection_and_notes_each_purge_in_its_audit(store: DynStore) {
+    // More letters than one page of a move (500), in groups of many commits each: every other
+    // one journal_sidecar (the selection), the rest delivery_limit; every fifth actor already
+    // has an audit record (of its dead letter), whose fields the purge keeps.
+    let n = 1_100;
+    let actors: Vec<ActorId> =
+        (0..n).map(|i| ferry::testing::actor_for(store.layout(), &format!("g-{i:04}"))).collect();
+    let reason =
+        |i: usize| if i.is_multiple_of(2) { DeadLetterReason::JournalSidecar } else { DeadLetterReason::DeliveryLimit };
+    let letters: Vec<DeadLetter> = actors
+        .iter()
+        .enumerate()
+        .map(|(i, a)| letter(&a.to_string(), "camp", reason(i), 4_000 + i as i64, 0))
+        .collect();
+    write_all(&*store, &letters).await;
+    let mut earlier = BTreeMap::new();
+    for (i, d) in letters.iter().enumerate().filter(|(i, _)| i % 5 == 0) {
+        let mut audit = d.audit(&actors[i], 1);
+        audit.worker = format!("worker-{i}");
+        set_audit(&*store, &audit).await;
+        earlier.insert(i, audit);
+    }
+    let filter = triage::Filter { reason: Some(DeadLetterReason::JournalSidecar), ..triage::Filter::default() };
+    let purged = triage::purge(&store, &filter).await.unwrap();
+    assert_eq!(purged, (n / 2) as u64);
+    let left: Vec<&DeadLetter> = letters.iter().enumerate().filter(|(i, _)| i % 2 == 1).map(|(_, d)| d).collect();
+    assert_index_holds(&*store, &left).await;
+    for (i, a) in actors.iter().enumerate() {
+        let audit = audit_of(&*store, a).await;
+        if i % 2 == 1 {
+            assert_eq!(audit, earlier.get(&i).cloned(), "{a}: not selected, not touched");
+            continue;
+        }
+        let audit = audit.unwrap_or_else(|| panic!("{a}: no audit noting the purge"));
+        assert!(audit.purged_at_ms.is_some(), "{a}: the purge is not noted");
+        let kept = earlier.get(&i).cloned().unwrap_or_else(|| letters[i].audit(a, letters[i].at_ms));
+        assert_eq!(AuditRecord { purged_at_ms: None, ..audit }, kept, "{a}: the record's other fields");
+    }
+    assert_eq!(triage::purge(&store, &filter).await.unwrap(), 0, "nothing left to purge");
+}
+
+async fn purge_leaves_a_letter_whose_record_or_audit_changed_while_it_purges_and_drops_the_others(store: DynStore) {
+    let actor = |name| ferry::testing::actor_for(store.layout(), name);
+    let actors = [actor("u-1"), actor("u-2"), actor("u-3"), actor("u-4")];
+    let letters: Vec<DeadLetter> =
+        actors.iter().map(|a| letter(&a.to_string(), "camp", DeadLetterReason::WalSidecar, 5_000, 0)).collect();
+    write_all(&*store, &letters).await;
+    // After the purge read them, before it commits: an operator's requeue moves u-2's letter
+    // to a ticket, and a job records u-3's migration in its audit.
+    let stored = index::get(&*store, &LetterId::of(&letters[1])).await.unwrap().unwrap();
+    let mut meanwhile = Txn::new();
+    index::remove(&mut meanwhile, &stored.raw, &stored.letter);
+    let ticket = Ticket::new(letters[1].clone(), None, 5);
+    meanwhile.set(triage::ticket::key(&actors[1]), ticket.encode());
+    let job = AuditRecord::skipped(&actors[2], "camp", OutcomeKind::SkippedNoV1, None, "job", (8, 9));
+    meanwhile.set(keys::audit(&actors[2]), job.encode());
+    let racing: DynStore =
+        Arc::new(CommitsFirst { inner: store.clone(), first: tokio::sync::Mutex::new(Some(meanwhile)) });
+    assert_eq!(triage::purge(&racing, &triage::Filter::default()).await.unwrap(), 2);
+    assert_index_holds(&*store, &[&letters[2]]).await;
+    assert_eq!(store.get(&triage::ticket::key(&actors[1])).await.unwrap(), Some(ticket.encode()), "the ticket stands");
+    assert_eq!(audit_of(&*store, &actors[1]).await, None, "u-2's audit is its requeue's to write");
+    assert_eq!(audit_of(&*store, &actors[2]).await, Some(job), "u-3: the job's audit stands");
+    for a in [&actors[0], &actors[3]] {
+        assert!(audit_of(&*store, a).await.is_some_and(|r| r.purged_at_ms.is_some()), "{a}: not purged");
+    }
 }

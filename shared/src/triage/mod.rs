@@ -29,7 +29,8 @@ use crate::queue::Topology;
 use crate::queue::amqp::{self, AmqpError};
 use crate::reason::DeadLetterReason;
 use crate::recovery::Recovery;
-use crate::store::{DynStore, StoreError, Txn};
+use crate::store::group::{DEFAULT_GROUP_MAX, commit_each};
+use crate::store::{DynStore, Read, ReadResult, StoreError, Txn};
 
 pub use self::index::{Group, LetterId, Page, Selection, Stored, StoredPage};
 pub use self::requeue::{Requeued, requeue};
@@ -285,16 +286,25 @@ fn check_requeue(d: &DeadLetter, recovery: Option<Recovery>, force: bool) -> Res
 const MOVE_BATCH: usize = 500;
 
 /// Drops the selected dead letters, noting the purge in each actor's audit record: one
-/// transaction per letter (record, index entries and audit together), so a killed purge leaves
-/// every letter either dropped and noted or untouched.
+/// transaction per letter (record, index entries and audit together, checking the record and
+/// the audit as read), so a killed purge leaves every letter either dropped and noted or
+/// untouched, and a letter or audit changed meanwhile is left as it is now. Per page of
+/// letters, the actors' audits are read in one call and the transactions committed in groups
+/// of the group committer's size ([`commit_each`]: each still fails only itself).
 pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError> {
     let mut purged = 0;
     let mut after: Option<String> = None;
     loop {
         let page = page_stored(store, filter, MOVE_BATCH, after.as_deref()).await?;
-        for s in &page.stored {
-            if purge_one(store, s).await? {
-                purged += 1;
+        let txns = purges(store, &page.stored).await?;
+        for group in txns.chunks(DEFAULT_GROUP_MAX) {
+            for result in commit_each(&**store, group.to_vec()).await {
+                match result {
+                    Ok(()) => purged += 1,
+                    // Changed since the read: left as it is now.
+                    Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         match page.next {
@@ -304,26 +314,34 @@ pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError>
     }
 }
 
-/// Purges one letter as it was read; false when it changed since (left as it is now: the
-/// transaction checks the record).
-async fn purge_one(store: &DynStore, stored: &Stored) -> Result<bool, StoreError> {
-    let d = &stored.letter;
-    let id = LetterId::of(d);
-    let mut txn = Txn::new();
-    index::remove(&mut txn, &stored.raw, d);
-    match &id {
-        LetterId::Actor(actor) => {
-            let raw = store.get(&keys::audit(actor)).await?;
-            txn.check_value(keys::audit(actor), raw.clone());
-            txn.set(keys::audit(actor), purged_audit(actor, d, raw.as_deref()).encode());
+/// The transaction purging each letter of `page` as it was read, the actors' audit records
+/// read in one call.
+async fn purges(store: &DynStore, page: &[Stored]) -> Result<Vec<Txn>, StoreError> {
+    let actors: Vec<Option<ActorId>> = page
+        .iter()
+        .map(|s| match LetterId::of(&s.letter) {
+            LetterId::Actor(actor) => Some(actor),
+            LetterId::Bad(_) => None,
+        })
+        .collect();
+    let reads: Vec<Read> = actors.iter().flatten().map(|a| Read::Get(keys::audit(a))).collect();
+    let mut audits = store.read_many(&reads).await?.into_iter().map(ReadResult::into_value);
+    let mut txns = Vec::with_capacity(page.len());
+    for (stored, actor) in page.iter().zip(&actors) {
+        let d = &stored.letter;
+        let mut txn = Txn::new();
+        index::remove(&mut txn, &stored.raw, d);
+        match actor {
+            Some(actor) => {
+                let raw = audits.next().flatten();
+                txn.check_value(keys::audit(actor), raw.clone());
+                txn.set(keys::audit(actor), purged_audit(actor, d, raw.as_deref()).encode());
+            }
+            None => tracing::warn!(error = %d.error, "purging a bad message"),
         }
-        LetterId::Bad(_) => tracing::warn!(error = %d.error, "purged a bad message"),
+        txns.push(txn);
     }
-    match store.commit(txn).await {
-        Ok(()) => Ok(true),
-        Err(StoreError::Conflict { .. }) => Ok(false),
-        Err(e) => Err(e),
-    }
+    Ok(txns)
 }
 
 /// The actor's audit record noting the purge of `d` (the dead letter's fields when the actor
