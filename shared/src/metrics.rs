@@ -1,5 +1,5 @@
 //! Metric names (all prefixed `ferry_`), declared once so the code, the dashboard and the
-//! tests agree, with their help text. Labels: `outcome`, `reason`, `phase`, `kind`.
+//! tests agree, with their help text. Labels: `outcome`, `reason`, `phase`, `kind`, `at`.
 //!
 //! Invariant: [`register`] describes every metric and creates every series it can have (each
 //! outcome, dead-letter reason, phase and failure kind) at zero, so a fresh worker exports
@@ -22,6 +22,11 @@ pub const ATTEMPTS: &str = "ferry_attempts_total";
 pub const FAILURES: &str = "ferry_failures_total";
 /// Retries scheduled.
 pub const RETRIES: &str = "ferry_retries_total";
+/// Copies of requeued jobs acked without an outcome of their own, by `at` ([`SUPERSEDED_AT`]).
+pub const SUPERSEDED: &str = "ferry_superseded_total";
+/// Where a copy was found superseded: `claim` (its ticket was gone when it was delivered: never
+/// run) or `record` (another copy's outcome cleared the ticket while it ran: nothing written).
+pub const SUPERSEDED_AT: [&str; 2] = ["claim", "record"];
 /// Seconds per successful migration.
 pub const MIGRATION_SECONDS: &str = "ferry_migration_duration_seconds";
 /// v1 main-file bytes per job (histogram of sizes).
@@ -81,6 +86,7 @@ pub const ALL: &[&str] = &[
     ATTEMPTS,
     FAILURES,
     RETRIES,
+    SUPERSEDED,
     MIGRATION_SECONDS,
     JOB_V1_BYTES,
     PAGES_MIGRATED,
@@ -107,6 +113,11 @@ pub fn register() {
     describe_counter!(ATTEMPTS, "Migration attempts started (a retried job counts once per attempt).");
     describe_counter!(FAILURES, "Failed migration attempts, by phase and kind (a transient cause or a reason).");
     describe_counter!(RETRIES, "Retries scheduled after a transient failure.");
+    describe_counter!(
+        SUPERSEDED,
+        "Copies of requeued jobs acked without an outcome of their own, another copy's standing, by where it \
+         was found (claim: never run; record: ran, wrote nothing)."
+    );
     describe_histogram!(MIGRATION_SECONDS, Unit::Seconds, "Wall time of each successful migration.");
     describe_histogram!(JOB_V1_BYTES, Unit::Bytes, "Size of the v1 main file of each migrated job.");
     describe_counter!(PAGES_MIGRATED, "SQLite pages written to v2.");
@@ -142,6 +153,9 @@ pub fn register() {
     }
     for reason in DeadLetterReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+    for at in SUPERSEDED_AT {
+        metrics::counter!(SUPERSEDED, "at" => at).increment(0);
     }
     for kind in Settled::ALL {
         metrics::counter!(DEAD_INBOX, "kind" => kind.as_str()).increment(0);

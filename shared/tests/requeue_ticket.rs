@@ -190,7 +190,7 @@ async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend
     Ok(())
 }
 
-async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_retried_then_acked_unrun_and_keeps_the_migration(
+async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_unrun_and_keeps_the_migration(
     backend: Backend,
 ) -> Result<()> {
     let ts = TestStore::new(backend).await;
@@ -211,9 +211,9 @@ async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_retrie
         anyhow::bail!("the other copy did not migrate")
     };
     assert_eq!(other.kind(), OutcomeKind::Migrated);
-    assert!(matches!(d, Disposition::Retry { uses_attempt: true, .. }), "a second outcome: {d:?}");
+    assert!(matches!(d, Disposition::Superseded), "a second outcome: {d:?}");
     assert_eq!(audit(&store, &actor).await?, other.audit, "the other copy's migration is the actor's outcome");
-    // Its redelivery finds the ticket gone: acked without running, the audit as it was.
+    // A redelivery finds the ticket gone: acked without running, the audit as it was.
     let again = runner(&store).run_delivery_in_current_span(&body(&actor), 2, Some(&t.token)).await;
     assert!(matches!(again, Disposition::Superseded), "{again:?}");
     assert_eq!(audit(&store, &actor).await?, other.audit);
@@ -510,7 +510,7 @@ per_backend!(
     tests: [
         stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
         current_requeue_runs_and_its_outcome_clears_the_ticket,
-        a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_retried_then_acked_unrun_and_keeps_the_migration,
+        a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_unrun_and_keeps_the_migration,
         requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
         delivery_limit_is_dead_lettered_into_the_index_without_running,
         bad_message_is_indexed_once_however_often_it_is_delivered,

@@ -579,6 +579,8 @@ async fn migrate_while_the_writer_rewrites(backend: Backend, sc: Scenario) -> Re
                     Fate::DeadLetter(_) => 1,
                     // Deferred jobs come only from a fleet worker's campaign gate, not here.
                     Fate::Defer => unreachable!("a migration is never deferred: {err}"),
+                    // Superseded jobs come only from requeue tickets, not here.
+                    Fate::Superseded => unreachable!("a job without a ticket is never superseded: {err}"),
                 };
             }
         }

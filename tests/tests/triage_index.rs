@@ -681,12 +681,14 @@ async fn killed_requeue_at_random_points_loses_and_duplicates_nothing(backend: B
         worker.stop(Duration::from_secs(30)).await?;
         let attempts = ferry_tests::sample(&metrics, "ferry_attempts_total", "") as usize;
         // Two copies of one requeue delivered at once may both start; the one that finds the
-        // other's lease, or the other's outcome landed (its skip checks the ticket), retries,
-        // then finds the ticket gone and is acked unrun: a retry, not a second run to an
-        // outcome.
+        // other's lease retries (then finds the ticket gone and is acked unrun), the one that
+        // finds the other's outcome recorded (its skip checks the ticket) writes nothing and is
+        // acked: neither is a second run to an outcome.
         let retries = ferry_tests::sample(&metrics, "ferry_retries_total", "") as usize;
+        let superseded = ferry_tests::sample(&metrics, "ferry_superseded_total", "at=\"record\"") as usize;
         eprintln!(
-            "outcomes: {migrated} migrated, {dead_lettered} dead-lettered, {attempts} runs ({retries} retried), {queued} jobs queued"
+            "outcomes: {migrated} migrated, {dead_lettered} dead-lettered, {attempts} runs ({retries} retried, \
+             {superseded} superseded), {queued} jobs queued"
         );
 
         // Every ticket consumed; the still-rejected actors are dead again, once each.
@@ -699,7 +701,11 @@ async fn killed_requeue_at_random_points_loses_and_duplicates_nothing(backend: B
         // Each job ran at most once: one outcome per actor in all, and an actor that migrated
         // has the migration's audit (a second run records skipped_already_migrated).
         assert_eq!((migrated, dead_lettered), (actors.len() - still_rejected.len(), still_rejected.len()));
-        assert_eq!(attempts - retries, actors.len(), "one run to an outcome per actor ({retries} retried)");
+        assert_eq!(
+            attempts - retries - superseded,
+            actors.len(),
+            "one run to an outcome per actor ({retries} retried, {superseded} superseded)"
+        );
         let audits = ferry_tests::audits(&store).await?;
         for a in &actors {
             let want = if still_rejected.contains(a) { OutcomeKind::DeadLettered } else { OutcomeKind::Migrated };

@@ -155,6 +155,7 @@ impl JobRunner {
             match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
                 Ok(Claim::Current(raw)) => job.ticket = Some(raw),
                 Ok(Claim::Stale) => {
+                    metrics::counter!(m::SUPERSEDED, "at" => "claim").increment(1);
                     info!("a second copy of a requeued job whose requeue already ran; acked without running");
                     return Err(Disposition::Superseded);
                 }
@@ -187,6 +188,7 @@ impl JobRunner {
         match self.record(&job, &dead).await {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(&job, (head, kind), attempts, false).await,
+            Err(e) if ticket::is_ticket_conflict(&e) => return Self::superseded(&e),
             Err(e) => {
                 return self.retry_later(attempts, format!("recording dead letter: {e}"), false);
             }
@@ -355,6 +357,7 @@ impl JobRunner {
                 // it hands back.
                 return Disposition::Retry { delay: self.retry.max_delay, error: e.to_string(), uses_attempt: false };
             }
+            Fate::Superseded => return Self::superseded(&e),
             Fate::DeadLetter(reason) => reason,
             Fate::Retry if attempts < self.retry.max_attempts => {
                 info!(attempts, delay = ?self.retry.delay(attempts), error = %e, "transient failure; retrying later");
@@ -368,6 +371,7 @@ impl JobRunner {
         match self.record(job, &dead).await {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(job, (head, kind), attempts, true).await,
+            Err(err) if ticket::is_ticket_conflict(&err) => return Self::superseded(&err),
             Err(err) => return self.retry_later(attempts, format!("recording dead letter: {err}"), true),
         }
         if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
@@ -428,8 +432,18 @@ impl JobRunner {
                 metrics::counter!(m::OUTCOMES, "outcome" => kind.as_str()).increment(1);
                 Disposition::Ack(Outcome { audit, bytes_written: 0, timings: Default::default() })
             }
+            Err(e) if ticket::is_ticket_conflict(&e) => Self::superseded(&e),
             Err(e) => self.retry_later(attempts, format!("recording the skip of a settled actor: {e}"), uses_attempt),
         }
+    }
+
+    /// The end of a copy of a requeued job that claimed its ticket while another copy ran,
+    /// and found the other's outcome recorded when it came to record its own (`why`): acked
+    /// with nothing written, the other copy's outcome standing.
+    fn superseded(why: &dyn std::fmt::Display) -> Disposition {
+        metrics::counter!(m::SUPERSEDED, "at" => "record").increment(1);
+        info!(error = %why, "another copy of this requeued job recorded its outcome first; acked without one");
+        Disposition::Superseded
     }
 
     /// The job's retry after a transient failure (`error`, on its `attempts`-th delivery),

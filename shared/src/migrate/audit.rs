@@ -199,7 +199,9 @@ pub async fn record_skip(
         match store.commit(txn).await {
             Ok(()) => return Ok(audit),
             // Raced another writer of the record: read it again, a few times at most.
-            Err(StoreError::Conflict { key, .. }) if attempts < SKIP_ATTEMPTS && !is_ticket(&key) => attempts += 1,
+            Err(e @ StoreError::Conflict { .. }) if attempts < SKIP_ATTEMPTS && !ticket::is_ticket_conflict(&e) => {
+                attempts += 1
+            }
             Err(e) => return Err(e),
         }
     }
@@ -221,16 +223,12 @@ async fn record_native_skip(
         match store.commit(txn).await {
             Ok(()) => return Ok(skip),
             // A letter listed or changed since the read: read it again, a few times at most.
-            Err(StoreError::Conflict { key, .. }) if attempts < SKIP_ATTEMPTS && !is_ticket(&key) => attempts += 1,
+            Err(e @ StoreError::Conflict { .. }) if attempts < SKIP_ATTEMPTS && !ticket::is_ticket_conflict(&e) => {
+                attempts += 1
+            }
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Whether a conflict is on the job's requeue ticket: gone for good (another copy's outcome
-/// cleared it), so the skip is not tried again.
-fn is_ticket(key: &[u8]) -> bool {
-    key.starts_with(ticket::REQUEUE_PREFIX)
 }
 
 /// Tries of a skip's read-check-write before the conflict is reported (a transient error).

@@ -54,6 +54,9 @@ pub enum Fate {
     /// campaign): hand it back for later without using an attempt, so a misdirected worker
     /// can neither ack nor exhaust it.
     Defer,
+    /// Another copy of the requeued job recorded its outcome first (it cleared the ticket this
+    /// copy claimed): ack without an outcome of this copy's; the other's stands.
+    Superseded,
 }
 
 /// The cause of a failed migration.
@@ -78,6 +81,8 @@ pub enum Cause {
          campaign's store? (handed back for later, no attempt used)"
     )]
     UnknownCampaign { campaign: String, store: String },
+    #[error("another copy of this requeued job recorded its outcome first (its ticket is gone)")]
+    Superseded,
 }
 
 impl From<StoreError> for Cause {
@@ -86,6 +91,9 @@ impl From<StoreError> for Cause {
     fn from(e: StoreError) -> Cause {
         if let Some(r) = crate::v1::read::corrupt_rejection(&e) {
             return Cause::Rejected(r);
+        }
+        if crate::triage::ticket::is_ticket_conflict(&e) {
+            return Cause::Superseded;
         }
         match e {
             StoreError::Corrupt { key, detail }
@@ -110,6 +118,7 @@ impl Cause {
             Cause::Store(_) => Fate::Retry,
             Cause::Internal(_) => Fate::Retry,
             Cause::UnknownCampaign { .. } => Fate::Defer,
+            Cause::Superseded => Fate::Superseded,
         }
     }
 
@@ -125,6 +134,7 @@ impl Cause {
             "store_failed",
             "internal",
             "unknown_campaign",
+            "superseded",
         ];
         kinds.extend(
             DeadLetterReason::ALL
@@ -157,6 +167,7 @@ impl Cause {
             Cause::Store(_) => "store_failed",
             Cause::Internal(_) => "internal",
             Cause::UnknownCampaign { .. } => "unknown_campaign",
+            Cause::Superseded => "superseded",
         }
     }
 }
@@ -201,6 +212,11 @@ mod tests {
         }
         let misdirected = Cause::UnknownCampaign { campaign: "nov".into(), store: "sqlite:x.db".into() };
         assert_eq!(misdirected.fate(), Fate::Defer);
+        let ticket = crate::triage::ticket::key(&crate::ActorId::parse("a-1").unwrap());
+        let twin = Cause::from(StoreError::Conflict { index: 2, key: ticket });
+        assert_eq!(twin.fate(), Fate::Superseded, "{twin}");
+        let other = Cause::from(StoreError::Conflict { index: 0, key: b"ferry/audit/a-1".to_vec() });
+        assert_eq!(other.fate(), Fate::Retry, "{other}");
     }
 
     #[test]
@@ -226,6 +242,7 @@ mod tests {
             Cause::Store(StoreError::Failed { backend: "postgres", message: "permission denied".into() }),
             Cause::Internal("x".into()),
             Cause::UnknownCampaign { campaign: "c".into(), store: "sqlite:x.db".into() },
+            Cause::Superseded,
         ] {
             // A new variant does not compile here until it gets a sample above.
             match &cause {
@@ -236,10 +253,11 @@ mod tests {
                 | Cause::Fenced
                 | Cause::Store(_)
                 | Cause::Internal(_)
-                | Cause::UnknownCampaign { .. } => {}
+                | Cause::UnknownCampaign { .. }
+                | Cause::Superseded => {}
             }
             assert!(kinds.contains(&cause.kind()), "{} is not in Cause::kinds()", cause.kind());
         }
-        assert_eq!(kinds.len(), 19, "one entry per kind: {kinds:?}");
+        assert_eq!(kinds.len(), 20, "one entry per kind: {kinds:?}");
     }
 }

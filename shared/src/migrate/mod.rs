@@ -115,7 +115,7 @@ pub struct Request {
     /// are one commit. A finalize clears it whatever it is now (a migration wins over a twin's
     /// dead letter, as it takes the letter out); a skip checks it unchanged, so a second copy
     /// that claimed it before the first copy's outcome landed records nothing over that outcome
-    /// (a conflict: retried, and then acked unrun as stale).
+    /// (a conflict on the ticket: `Cause::Superseded`, acked with nothing written).
     pub ticket: Option<Vec<u8>>,
 }
 

@@ -77,6 +77,13 @@ pub async fn claim(store: &dyn Store, actor: &ActorId, token: &str) -> Result<Cl
     })
 }
 
+/// Whether `e` is the failed check of a requeue ticket: the ticket a job claimed is gone or
+/// replaced (another copy's outcome cleared it), for good, so the job's own outcome is not
+/// written and the job is not tried again.
+pub fn is_ticket_conflict(e: &StoreError) -> bool {
+    matches!(e, StoreError::Conflict { key, .. } if key.starts_with(REQUEUE_PREFIX))
+}
+
 /// Adds to `txn` the clearing of the ticket `raw`, checked unchanged.
 pub fn settle(txn: &mut Txn, actor: &ActorId, raw: &[u8]) {
     txn.check_value(key(actor), Some(raw.to_vec()));
