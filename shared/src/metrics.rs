@@ -22,11 +22,9 @@ pub const ATTEMPTS: &str = "ferry_attempts_total";
 pub const FAILURES: &str = "ferry_failures_total";
 /// Retries scheduled.
 pub const RETRIES: &str = "ferry_retries_total";
-/// Copies of requeued jobs acked without an outcome of their own, by `at` ([`SUPERSEDED_AT`]).
+/// Copies of requeued jobs acked without an outcome of their own, by `at`
+/// ([`crate::jobs::Superseded`]).
 pub const SUPERSEDED: &str = "ferry_superseded_total";
-/// Where a copy was found superseded: `claim` (its ticket was gone when it was delivered: never
-/// run) or `record` (another copy's outcome cleared the ticket while it ran: nothing written).
-pub const SUPERSEDED_AT: [&str; 2] = ["claim", "record"];
 /// Seconds per successful migration.
 pub const MIGRATION_SECONDS: &str = "ferry_migration_duration_seconds";
 /// v1 main-file bytes per job (histogram of sizes).
@@ -116,7 +114,8 @@ pub fn register() {
     describe_counter!(
         SUPERSEDED,
         "Copies of requeued jobs acked without an outcome of their own, another copy's standing, by where it \
-         was found (claim: never run; record: ran, wrote nothing)."
+         was found (claim: never run; record: ran, wrote nothing; delivery_limit: dead-lettered at its \
+         delivery limit, never run)."
     );
     describe_histogram!(MIGRATION_SECONDS, Unit::Seconds, "Wall time of each successful migration.");
     describe_histogram!(JOB_V1_BYTES, Unit::Bytes, "Size of the v1 main file of each migrated job.");
@@ -154,8 +153,8 @@ pub fn register() {
     for reason in DeadLetterReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
     }
-    for at in SUPERSEDED_AT {
-        metrics::counter!(SUPERSEDED, "at" => at).increment(0);
+    for at in crate::jobs::Superseded::ALL {
+        metrics::counter!(SUPERSEDED, "at" => at.as_str()).increment(0);
     }
     for kind in Settled::ALL {
         metrics::counter!(DEAD_INBOX, "kind" => kind.as_str()).increment(0);

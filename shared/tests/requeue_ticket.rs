@@ -190,6 +190,21 @@ async fn current_requeue_runs_and_its_outcome_clears_the_ticket(backend: Backend
     Ok(())
 }
 
+/// Two copies of one requeue of `actor` delivered at once: this one claims the ticket, then
+/// the other runs to its outcome (clearing the ticket) before this one reads the actor. The
+/// other's disposition, then this one's.
+async fn twin_copies(store: &DynStore, actor: &ActorId, t: &Ticket) -> Result<(Disposition, Disposition)> {
+    let (inner, other_actor, token) = (store.clone(), actor.clone(), t.token.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let other = async move {
+        let d = runner(&inner).run_delivery_in_current_span(&body(&other_actor), 1, Some(&token)).await;
+        let _ = tx.send(d);
+    };
+    let hooked = Faulty::other_copy_after_claim(store, other);
+    let d = runner(&hooked).run_delivery_in_current_span(&body(actor), 1, Some(&t.token)).await;
+    Ok((rx.await.context("the other copy did not run")?, d))
+}
+
 async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_unrun_and_keeps_the_migration(
     backend: Backend,
 ) -> Result<()> {
@@ -197,19 +212,8 @@ async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_
     let store = ts.store();
     let actor = ts.actor("twins-1");
     let t = requeued(&store, &actor, &plain()?, DeadLetterReason::RetriesExhausted).await?;
-    // Two copies of one requeue delivered at once: this one claims the ticket, then the other
-    // runs to its migration (clearing the ticket) before this one reads the actor.
-    let (inner, other_actor, token) = (store.clone(), actor.clone(), t.token.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let other = async move {
-        let d = runner(&inner).run_delivery_in_current_span(&body(&other_actor), 1, Some(&token)).await;
-        let _ = tx.send(d);
-    };
-    let hooked = Faulty::other_copy_after_claim(&store, other);
-    let d = runner(&hooked).run_delivery_in_current_span(&body(&actor), 1, Some(&t.token)).await;
-    let Disposition::Ack(other) = rx.await.context("the other copy did not run")? else {
-        anyhow::bail!("the other copy did not migrate")
-    };
+    let (other, d) = twin_copies(&store, &actor, &t).await?;
+    let Disposition::Ack(other) = other else { anyhow::bail!("the other copy did not migrate: {other:?}") };
     assert_eq!(other.kind(), OutcomeKind::Migrated);
     assert!(matches!(d, Disposition::Superseded), "a second outcome: {d:?}");
     assert_eq!(audit(&store, &actor).await?, other.audit, "the other copy's migration is the actor's outcome");
@@ -217,6 +221,25 @@ async fn a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_
     let again = runner(&store).run_delivery_in_current_span(&body(&actor), 2, Some(&t.token)).await;
     assert!(matches!(again, Disposition::Superseded), "{again:?}");
     assert_eq!(audit(&store, &actor).await?, other.audit);
+    Ok(())
+}
+
+async fn a_copy_that_claimed_its_ticket_before_the_other_copy_dead_lettered_is_acked_and_lists_nothing_twice(
+    backend: Backend,
+) -> Result<()> {
+    let ts = TestStore::new(backend).await;
+    let store = ts.store();
+    let actor = ts.actor("twins-2");
+    let files = hot_journal(&DbSpec::small(8), 20).map_err(anyhow::Error::msg)?;
+    let t = requeued(&store, &actor, &files, DeadLetterReason::JournalSidecar).await?;
+    let (other, d) = twin_copies(&store, &actor, &t).await?;
+    let Disposition::DeadLetter(listed) = other else { anyhow::bail!("the other copy was not rejected: {other:?}") };
+    // This copy is rejected too, and finds the other's letter recorded when it records its own.
+    assert!(matches!(d, Disposition::Superseded), "a second dead letter: {d:?}");
+    let kept = index::get(&*store, &LetterId::Actor(actor.clone())).await?.context("no index record")?;
+    assert_eq!(kept.letter, listed, "the other copy's letter is the one listed");
+    assert_eq!(audit(&store, &actor).await?.outcome, OutcomeKind::DeadLettered);
+    assert!(store.get(&ticket::key(&actor)).await?.is_none());
     Ok(())
 }
 
@@ -511,6 +534,7 @@ per_backend!(
         stale_copy_of_a_requeue_is_acked_without_running_and_changes_nothing,
         current_requeue_runs_and_its_outcome_clears_the_ticket,
         a_copy_that_claimed_its_ticket_before_the_other_copy_migrated_is_acked_unrun_and_keeps_the_migration,
+        a_copy_that_claimed_its_ticket_before_the_other_copy_dead_lettered_is_acked_and_lists_nothing_twice,
         requeue_dead_lettered_again_is_listed_and_its_ticket_cleared_together,
         delivery_limit_is_dead_lettered_into_the_index_without_running,
         bad_message_is_indexed_once_however_often_it_is_delivered,

@@ -818,6 +818,16 @@ async fn purge_walks_every_page_drops_only_the_selection_and_notes_each_purge_in
         set_audit(&*store, &audit).await;
         earlier.insert(i, audit);
     }
+    // And a bad message, purged with its own selection: no actor, so no audit.
+    let bad = DeadLetter {
+        actor_id: "not an actor!".into(),
+        reason: DeadLetterReason::BadMessage,
+        message: "{\"garbage\": 3}".into(),
+        ..letter("g-0000", "camp", DeadLetterReason::BadMessage, 3_999, 0)
+    };
+    write_all(&*store, std::slice::from_ref(&bad)).await;
+    let bad_only = triage::Filter { reason: Some(DeadLetterReason::BadMessage), ..triage::Filter::default() };
+    assert_eq!(triage::purge(&store, &bad_only).await.unwrap(), 1);
     let filter = triage::Filter { reason: Some(DeadLetterReason::JournalSidecar), ..triage::Filter::default() };
     let purged = triage::purge(&store, &filter).await.unwrap();
     assert_eq!(purged, (n / 2) as u64);

@@ -9,4 +9,4 @@ pub mod run;
 pub use self::dead::DeadLetter;
 pub use self::gate::CampaignGate;
 pub use self::message::{BadMessage, Job};
-pub use self::run::{Disposition, JobRunner, RetryPolicy};
+pub use self::run::{Disposition, JobRunner, RetryPolicy, Superseded};

@@ -73,8 +73,33 @@ pub enum Disposition {
     /// Permanent (or out of retries): the dead letter, already in the triage index.
     DeadLetter(DeadLetter),
     /// A second copy of a requeued job whose requeue already ran (or was replaced): acked
-    /// without running (`triage::ticket`).
+    /// with nothing written, before running or, when another copy's outcome landed while it
+    /// ran, instead of recording its own (`triage::ticket`, [`Superseded`]).
     Superseded,
+}
+
+/// Where a copy of a requeued job was found superseded (the `at` of [`m::SUPERSEDED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Superseded {
+    /// Its ticket was gone when it was delivered: never run.
+    AtClaim,
+    /// Another copy's outcome cleared the ticket while this one ran: it wrote nothing.
+    AtRecord,
+    /// Another copy's outcome cleared the ticket while this one, at its delivery limit, was
+    /// being dead-lettered (never run): nothing written.
+    AtDeliveryLimit,
+}
+
+impl Superseded {
+    pub const ALL: [Superseded; 3] = [Superseded::AtClaim, Superseded::AtRecord, Superseded::AtDeliveryLimit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Superseded::AtClaim => "claim",
+            Superseded::AtRecord => "record",
+            Superseded::AtDeliveryLimit => "delivery_limit",
+        }
+    }
 }
 
 /// What [`JobRunner::record`] did with a dead letter.
@@ -155,7 +180,7 @@ impl JobRunner {
             match ticket::claim(&**self.migrator.store(), &job.actor_id, token).await {
                 Ok(Claim::Current(raw)) => job.ticket = Some(raw),
                 Ok(Claim::Stale) => {
-                    metrics::counter!(m::SUPERSEDED, "at" => "claim").increment(1);
+                    metrics::counter!(m::SUPERSEDED, "at" => Superseded::AtClaim.as_str()).increment(1);
                     info!("a second copy of a requeued job whose requeue already ran; acked without running");
                     return Err(Disposition::Superseded);
                 }
@@ -188,7 +213,7 @@ impl JobRunner {
         match self.record(&job, &dead).await {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(&job, (head, kind), attempts, false).await,
-            Err(e) if ticket::is_ticket_conflict(&e) => return Self::superseded(&e),
+            Err(e) if ticket::is_ticket_conflict(&e) => return Self::superseded(Superseded::AtDeliveryLimit, &e),
             Err(e) => {
                 return self.retry_later(attempts, format!("recording dead letter: {e}"), false);
             }
@@ -357,7 +382,7 @@ impl JobRunner {
                 // it hands back.
                 return Disposition::Retry { delay: self.retry.max_delay, error: e.to_string(), uses_attempt: false };
             }
-            Fate::Superseded => return Self::superseded(&e),
+            Fate::Superseded => return Self::superseded(Superseded::AtRecord, &e),
             Fate::DeadLetter(reason) => reason,
             Fate::Retry if attempts < self.retry.max_attempts => {
                 info!(attempts, delay = ?self.retry.delay(attempts), error = %e, "transient failure; retrying later");
@@ -371,7 +396,7 @@ impl JobRunner {
         match self.record(job, &dead).await {
             Ok(Recorded::Letter) => {}
             Ok(Recorded::Settled(head, kind)) => return self.settled(job, (head, kind), attempts, true).await,
-            Err(err) if ticket::is_ticket_conflict(&err) => return Self::superseded(&err),
+            Err(err) if ticket::is_ticket_conflict(&err) => return Self::superseded(Superseded::AtRecord, &err),
             Err(err) => return self.retry_later(attempts, format!("recording dead letter: {err}"), true),
         }
         if matches!(e.cause, Cause::Rejected(crate::v1::V1Rejection::JournalSidecar { .. })) {
@@ -432,7 +457,10 @@ impl JobRunner {
                 metrics::counter!(m::OUTCOMES, "outcome" => kind.as_str()).increment(1);
                 Disposition::Ack(Outcome { audit, bytes_written: 0, timings: Default::default() })
             }
-            Err(e) if ticket::is_ticket_conflict(&e) => Self::superseded(&e),
+            // `uses_attempt` tells a run's failure from a job dead-lettered at its delivery limit.
+            Err(e) if ticket::is_ticket_conflict(&e) => {
+                Self::superseded(if uses_attempt { Superseded::AtRecord } else { Superseded::AtDeliveryLimit }, &e)
+            }
             Err(e) => self.retry_later(attempts, format!("recording the skip of a settled actor: {e}"), uses_attempt),
         }
     }
@@ -440,8 +468,8 @@ impl JobRunner {
     /// The end of a copy of a requeued job that claimed its ticket while another copy ran,
     /// and found the other's outcome recorded when it came to record its own (`why`): acked
     /// with nothing written, the other copy's outcome standing.
-    fn superseded(why: &dyn std::fmt::Display) -> Disposition {
-        metrics::counter!(m::SUPERSEDED, "at" => "record").increment(1);
+    fn superseded(at: Superseded, why: &dyn std::fmt::Display) -> Disposition {
+        metrics::counter!(m::SUPERSEDED, "at" => at.as_str()).increment(1);
         info!(error = %why, "another copy of this requeued job recorded its outcome first; acked without one");
         Disposition::Superseded
     }

@@ -842,8 +842,9 @@ impl Migrator {
     }
 }
 
-/// What [`Migrator::prefetch`] does with its reads, off the async threads: the validation of
-/// a small fresh actor, done as `migrate_from` would do it for a fresh actor (no recovery: a
+/// What [`Migrator::prefetch`] does with its reads: a cheap look at them (where they land: an
+/// async thread, or SQLite's blocking call), then, off the async threads, the validation of a
+/// small fresh actor, done as `migrate_from` would do it for a fresh actor (no recovery: a
 /// prefetch is only for jobs without one).
 struct Speculation {
     actor: ActorId,

@@ -297,10 +297,16 @@ pub async fn purge(store: &DynStore, filter: &Filter) -> Result<u64, StoreError>
     loop {
         let page = page_stored(store, filter, MOVE_BATCH, after.as_deref()).await?;
         let txns = purges(store, &page.stored).await?;
-        for group in txns.chunks(DEFAULT_GROUP_MAX) {
-            for result in commit_each(&**store, group.to_vec()).await {
+        for (group, letters) in txns.chunks(DEFAULT_GROUP_MAX).zip(page.stored.chunks(DEFAULT_GROUP_MAX)) {
+            for (result, stored) in commit_each(&**store, group.to_vec()).await.into_iter().zip(letters) {
                 match result {
-                    Ok(()) => purged += 1,
+                    Ok(()) => {
+                        purged += 1;
+                        if let LetterId::Bad(hash) = LetterId::of(&stored.letter) {
+                            // Its id only: a bad message's error text may quote its body.
+                            tracing::warn!(letter = %hash, "purged a bad message");
+                        }
+                    }
                     // Changed since the read: left as it is now.
                     Err(StoreError::Conflict { .. }) => {}
                     Err(e) => return Err(e),
@@ -331,13 +337,11 @@ async fn purges(store: &DynStore, page: &[Stored]) -> Result<Vec<Txn>, StoreErro
         let d = &stored.letter;
         let mut txn = Txn::new();
         index::remove(&mut txn, &stored.raw, d);
-        match actor {
-            Some(actor) => {
-                let raw = audits.next().flatten();
-                txn.check_value(keys::audit(actor), raw.clone());
-                txn.set(keys::audit(actor), purged_audit(actor, d, raw.as_deref()).encode());
-            }
-            None => tracing::warn!(error = %d.error, "purging a bad message"),
+        // A bad message has no actor, so no audit to note the purge in.
+        if let Some(actor) = actor {
+            let raw = audits.next().flatten();
+            txn.check_value(keys::audit(actor), raw.clone());
+            txn.set(keys::audit(actor), purged_audit(actor, d, raw.as_deref()).encode());
         }
         txns.push(txn);
     }
