@@ -145,6 +145,7 @@ fn manifests_parse_and_carry_probes_grace_resources_budget_and_autoscaling() -> 
     assert!(console["ports"][0].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")));
     let dockerfile = read("deploy/Dockerfile");
     assert!(dockerfile.contains("AS build") && dockerfile.contains("USER 10001"), "multi-stage, non-root");
+    assert!(dockerfile.contains("COPY .cargo .cargo"), "the image is built with the workspace's build settings");
     Ok(())
 }
 

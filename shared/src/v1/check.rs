@@ -156,6 +156,24 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_is_built_without_its_global_memory_statistics_or_bulk_page_cache() {
+        // Set in .cargo/config.toml (LIBSQLITE3_FLAGS): with the statistics on, every SQLite
+        // allocation on every thread takes one process-wide mutex; the bulk page cache costs
+        // each quick_check ~90 KB allocated and faulted in.
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for wanted in ["DEFAULT_MEMSTATUS=0", "DEFAULT_PCACHE_INITSZ=0"] {
+            assert!(options.iter().any(|o| o == wanted), "{wanted} not in {options:?}");
+        }
+    }
+
+    #[test]
     fn a_report_of_several_rows_of_several_lines_is_one_line() {
         let rows =
             ["*** in database main ***\nPage 5: never used\r\n".to_string(), "row 3 missing from index i".into()];
