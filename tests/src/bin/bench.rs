@@ -489,10 +489,10 @@ async fn actors_of(store: &DynStore) -> Result<Vec<ferry::ActorId>> {
     Ok(out)
 }
 
-/// The small-actor section: raw broker, then per backend the raw store limit and the fleet.
 /// Most slots the small section's widest PostgreSQL run gets (the raw store client's connections).
 const MAX_RAW_STORE_CONNECTIONS: u16 = 64;
 
+/// The small-actor section: raw broker, then per backend the raw store limit and the fleet.
 async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBackend]) -> Result<()> {
     eprintln!("1. tiny actors through the fleet ({tiny} actors, concurrency {concurrency})");
     let (raw_publish, raw_consume) = raw_broker(tiny, concurrency).await?;
