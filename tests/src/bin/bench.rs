@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use ferry::clock::SystemClock;
 use ferry::keys;
@@ -501,15 +501,22 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBa
     // each job alone, on this machine), each against the raw limits at its own concurrency. The raw
     // store client holds a connection per slot: past 64 it would run into PostgreSQL's default
     // 100 connections.
-    let (wide, widest) = (concurrency.saturating_mul(4), concurrency.saturating_mul(8));
-    let widest = (widest <= MAX_RAW_STORE_CONNECTIONS && only.is_empty()).then_some(widest);
-    let (_, raw_consume_wide) = raw_broker(tiny, wide).await?;
-    let raw_consume_widest = match widest {
-        Some(c) => raw_broker(tiny, c).await?.1,
-        None => 0.0,
-    };
-    let mut enqueue_rate = None;
     let all = only.is_empty();
+    if (all || only.contains(&SmallBackend::Postgres)) && concurrency > MAX_RAW_STORE_CONNECTIONS {
+        bail!(
+            "--concurrency {concurrency}: the PostgreSQL raw store client would open more than {MAX_RAW_STORE_CONNECTIONS} connections"
+        );
+    }
+    let wider = |factor: u16| {
+        let c = concurrency.saturating_mul(factor);
+        (all && c <= MAX_RAW_STORE_CONNECTIONS).then_some(c)
+    };
+    let (wide, widest) = (wider(4), wider(8));
+    let mut raw_consume_at = std::collections::HashMap::from([(concurrency, raw_consume)]);
+    for c in [wide, widest].into_iter().flatten() {
+        raw_consume_at.insert(c, raw_broker(tiny, c).await?.1);
+    }
+    let mut enqueue_rate = None;
     let picked = [(Backend::Sqlite, SmallBackend::Sqlite), (Backend::Postgres, SmallBackend::Postgres)]
         .into_iter()
         .filter(|(_, b)| all || only.contains(b))
@@ -517,15 +524,16 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBa
     for backend in picked {
         let name = format!("{backend:?}").to_lowercase();
         // (label, worker flags, concurrency).
-        let wide_label = format!("grouped, concurrency {wide}");
-        let widest_label = widest.map(|c| format!("grouped, concurrency {c}")).unwrap_or_default();
-        let runs: Vec<(&str, &[&str], u16)> = match backend {
-            Backend::Sqlite => vec![("grouped", &[], concurrency)],
-            Backend::Postgres if !all => vec![("grouped", &[], concurrency)],
+        let runs: Vec<(String, &[&str], u16)> = match backend {
+            Backend::Sqlite => vec![("grouped".into(), &[], concurrency)],
             Backend::Postgres => {
-                let mut runs = vec![("grouped", &[][..], concurrency), (wide_label.as_str(), &[][..], wide)];
-                runs.extend(widest.map(|c| (widest_label.as_str(), &[][..], c)));
-                runs.push(("grouping off", &["--group-max", "1"][..], concurrency));
+                let mut runs = vec![("grouped".into(), &[][..], concurrency)];
+                runs.extend(
+                    [wide, widest].into_iter().flatten().map(|c| (format!("grouped, concurrency {c}"), &[][..], c)),
+                );
+                if all {
+                    runs.push(("grouping off".into(), &["--group-max", "1"][..], concurrency));
+                }
                 runs
             }
             Backend::Rivet => Vec::new(),
@@ -549,11 +557,8 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBa
             let grouped = label == "grouped";
             let target = |t: f64| grouped.then_some(t);
             let m = |what: &str| format!("{name} ({label}): {what}");
-            let consume_ack = match concurrency {
-                c if c == wide => raw_consume_wide,
-                c if Some(c) == widest => raw_consume_widest,
-                _ => raw_consume,
-            };
+            // Measured above for every concurrency a run uses.
+            let consume_ack = raw_consume_at.get(&concurrency).copied().unwrap_or_default();
             let jobs = m("jobs/s, 1 worker");
             report.add("tiny", &jobs, run.e2e, "jobs/s", "raw consume+ack", consume_ack, target(0.5));
             let store_target = if backend == Backend::Postgres { target(1.0) } else { None };
