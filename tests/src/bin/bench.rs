@@ -489,7 +489,8 @@ async fn actors_of(store: &DynStore) -> Result<Vec<ferry::ActorId>> {
     Ok(out)
 }
 
-/// Most slots the small section's widest PostgreSQL run gets (the raw store client's connections).
+/// Most slots any PostgreSQL run of the small section gets: the raw store client holds one
+/// connection per slot.
 const MAX_RAW_STORE_CONNECTIONS: u16 = 64;
 
 /// The small-actor section: raw broker, then per backend the raw store limit and the fleet.
@@ -557,8 +558,9 @@ async fn small(report: &mut Report, tiny: u64, concurrency: u16, only: &[SmallBa
             let grouped = label == "grouped";
             let target = |t: f64| grouped.then_some(t);
             let m = |what: &str| format!("{name} ({label}): {what}");
-            // Measured above for every concurrency a run uses.
-            let consume_ack = raw_consume_at.get(&concurrency).copied().unwrap_or_default();
+            let consume_ack = *raw_consume_at
+                .get(&concurrency)
+                .with_context(|| format!("no raw consume+ack run at concurrency {concurrency}"))?;
             let jobs = m("jobs/s, 1 worker");
             report.add("tiny", &jobs, run.e2e, "jobs/s", "raw consume+ack", consume_ack, target(0.5));
             let store_target = if backend == Backend::Postgres { target(1.0) } else { None };
